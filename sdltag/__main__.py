@@ -1,0 +1,3 @@
+from sdltag.cli import main
+
+main()
