@@ -319,3 +319,33 @@ def write_model_folder(out_dir: Path, onnx_file: Path, manifest: Manifest, label
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_model_folder(out_dir)
+
+
+DEFAULT_MODEL = "emoji"
+
+
+def default_model_dir() -> Path:
+    """The model used when ``--model`` is not given: the bundled ``models/emoji``.
+
+    ``SDLTAG_MODEL`` overrides it. The bundled models ship as the ``sdltag_models``
+    package (the repository's top-level ``models/`` folder), so this works for a
+    source checkout, an editable install and a built wheel alike.
+    """
+    override = os.environ.get("SDLTAG_MODEL")
+    if override:
+        return Path(override).expanduser()
+    candidates: list[Path] = []
+    try:
+        from importlib.resources import files
+
+        candidates.append(Path(str(files("sdltag_models"))) / DEFAULT_MODEL)
+    except (ModuleNotFoundError, TypeError):
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL)
+    for candidate in candidates:
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    raise SdltagError(
+        "no model given and the bundled model (models/emoji) is not installed. "
+        "Pass --model MODEL_DIR (a folder written by `sdltag train` or `sdltag export`)."
+    )

@@ -1,0 +1,1 @@
+"""Bundled sdltag models, installed as the ``sdltag_models`` package (model folders only)."""
