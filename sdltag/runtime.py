@@ -1,0 +1,98 @@
+"""The image model at tagging time: an onnxruntime session with an explicitly chosen provider.
+
+``--device cuda`` without a working CUDA provider is an error, never a silent fall back
+to the CPU; ``auto`` takes CUDA when onnxruntime offers it and says which provider is
+active (``ImageModel.provider``) so the CLI can print it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sdltag.errors import SdltagError
+from sdltag.modelfolder import ModelFolder
+
+DEVICES = ("auto", "cpu", "cuda")
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def choose_providers(device: str, available: list[str]) -> list[str]:
+    """The provider list to ask onnxruntime for; raises ``SdltagError`` for an impossible choice."""
+    if device not in DEVICES:
+        raise SdltagError(f"--device {device!r} is not one of {', '.join(DEVICES)}.")
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda":
+        if CUDA not in available:
+            raise SdltagError(
+                "--device cuda: this onnxruntime has no CUDA execution provider "
+                f"(available: {', '.join(available) or 'none'}). Install onnxruntime-gpu or use --device cpu."
+            )
+        return [CUDA, CPU]
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+class ImageModel:
+    """Runs a model folder's ONNX graph: (B, 3, H, W) normalised images -> (B, M, d) principal vectors."""
+
+    def __init__(self, model: ModelFolder, device: str = "auto", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        if threads is not None and threads < 1:
+            raise SdltagError(f"--threads {threads}: must be at least 1.")
+        self.model = model
+        self.spec = model.manifest.input
+        self.rows = model.manifest.rows
+        self.dim = model.manifest.dim
+        providers = choose_providers(device, available_providers())
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # onnxruntime's own warnings would break the one-line-per-problem rule
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(model.onnx_path), sess_options=options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise SdltagError(
+                f"{model.onnx_path}: onnxruntime cannot load the model ({' '.join(str(exc).split())[:300]}). "
+                "Re-export the model folder with `sdltag export`."
+            ) from None
+        active = self.session.get_providers()
+        self.provider: str = active[0] if active else CPU
+        if device == "cuda" and self.provider != CUDA:
+            raise SdltagError(
+                "--device cuda: onnxruntime could not start the CUDA execution provider (check the CUDA and cuDNN "
+                "libraries onnxruntime-gpu needs), or use --device cpu."
+            )
+        inputs = self.session.get_inputs()
+        self.input_name = str(model.manifest.onnx.get("input") or inputs[0].name)
+        self.output_name = str(model.manifest.onnx.get("output") or self.session.get_outputs()[0].name)
+
+    @property
+    def device(self) -> str:
+        """``cuda`` or ``cpu``: where the graph runs."""
+        return "cuda" if self.provider == CUDA else "cpu"
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) float32 -> (B, M, d) float32 principal vectors."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        expected = (3, self.spec.height, self.spec.width)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"images have shape {images.shape}, the model expects (B, *{expected})")
+        if images.shape[0] == 0:
+            return np.zeros((0, self.rows, self.dim), dtype=np.float32)
+        (vectors,) = self.session.run([self.output_name], {self.input_name: images})
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape != (images.shape[0], self.rows, self.dim):
+            raise SdltagError(
+                f"{self.model.onnx_path}: the graph returned shape {vectors.shape}, the manifest says "
+                f"(B, {self.rows}, {self.dim}). Re-export the model folder."
+            )
+        return vectors
