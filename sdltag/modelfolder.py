@@ -68,7 +68,7 @@ class InputSpec:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "InputSpec":
+    def from_json(cls, data: dict[str, Any]) -> InputSpec:
         height, width = (int(v) for v in data["size"])
         return cls(
             height=height,
@@ -97,7 +97,7 @@ class EmbedderSpec:
         return {"kind": self.kind, "name": self.name, "id": self.id, "dim": self.dim}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "EmbedderSpec":
+    def from_json(cls, data: dict[str, Any]) -> EmbedderSpec:
         return cls(kind=str(data["kind"]), name=str(data["name"]), id=str(data["id"]), dim=int(data["dim"]))
 
 
@@ -140,7 +140,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Manifest":
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
         labels = data["labels"]
         return cls(
             name=str(data.get("name", "")),
@@ -252,7 +252,9 @@ def load_model_folder(path: Path | str) -> ModelFolder:
     try:
         manifest = Manifest.from_json(data)
     except (KeyError, TypeError, ValueError) as exc:
-        raise _refuse(manifest_path, f"manifest is missing or has a bad field ({exc})", "Re-export the model.") from None
+        raise _refuse(
+            manifest_path, f"manifest is missing or has a bad field ({exc})", "Re-export the model."
+        ) from None
     if manifest.input.resize not in RESIZE_RULES:
         raise _refuse(manifest_path, f"unknown resize rule {manifest.input.resize!r}", "Upgrade sdltag or re-export.")
     if not manifest.seen_labels and not manifest.unseen_labels:
@@ -273,8 +275,9 @@ def load_model_folder(path: Path | str) -> ModelFolder:
     return ModelFolder(path=path, manifest=manifest)
 
 
-def write_model_folder(out_dir: Path, onnx_file: Path, manifest: Manifest, label_vectors: np.ndarray,
-                       model_card_md: str | None = None) -> ModelFolder:
+def write_model_folder(
+    out_dir: Path, onnx_file: Path, manifest: Manifest, label_vectors: np.ndarray, model_card_md: str | None = None
+) -> ModelFolder:
     """Write a complete model folder atomically: build it beside ``out_dir``, then swap it in.
 
     An existing ``out_dir`` is replaced only if it is a model folder or empty; anything
@@ -303,8 +306,9 @@ def write_model_folder(out_dir: Path, onnx_file: Path, manifest: Manifest, label
             "bytes": (staging / ONNX_FILE).stat().st_size,
         }
         np.save(staging / EMBEDDINGS_FILE, vectors, allow_pickle=False)
-        (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
+        (staging / MANIFEST).write_text(
+            json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         if model_card_md:
             (staging / "MODEL_CARD.md").write_text(model_card_md, encoding="utf-8")
         os.chmod(staging, 0o755)

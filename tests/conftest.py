@@ -45,7 +45,8 @@ def build_tiny_model(
     config = ModelConfig(backbone=backbone, backbone_config={"width": width}, rows=rows, dim=dim)
     model = SDLModel(config)
     spec = EmbedderSpec.from_json(
-        embedder or {"kind": "sentence-transformers", "name": "test-embedder", "id": "test-embedder@sha256:0", "dim": dim}
+        embedder
+        or {"kind": "sentence-transformers", "name": "test-embedder", "id": "test-embedder@sha256:0", "dim": dim}
     )
     return export_model(
         model,

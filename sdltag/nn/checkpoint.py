@@ -61,7 +61,9 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
             "for the official SDL weights use `sdltag import-official`."
         )
     if int(data.get("format_version", 0)) > CHECKPOINT_VERSION:
-        raise SdltagError(f"{path}: checkpoint format {data['format_version']} is newer than this sdltag. Upgrade sdltag.")
+        raise SdltagError(
+            f"{path}: checkpoint format {data['format_version']} is newer than this sdltag. Upgrade sdltag."
+        )
     missing = [key for key in REQUIRED if key not in data]
     if missing:
         raise SdltagError(f"{path}: checkpoint lacks {', '.join(missing)}. Re-save it with `sdltag train`.")

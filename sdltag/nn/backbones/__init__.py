@@ -9,7 +9,8 @@ The SDL head does the global average pooling.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -17,7 +18,9 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
 
 
-def register_backbone(name: str, description: str = "") -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_backbone(
+    name: str, description: str = ""
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register a factory ``f(**config) -> nn.Module`` under ``name``."""
 
     def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

@@ -42,7 +42,7 @@ class SmallCNN(nn.Module):
         )
         stages = []
         in_ch = widths[0]
-        for i, (out_ch, count) in enumerate(zip(widths, blocks)):
+        for i, (out_ch, count) in enumerate(zip(widths, blocks, strict=True)):
             layers = [BasicBlock(in_ch, out_ch, 1 if i == 0 else 2)]
             layers += [BasicBlock(out_ch, out_ch, 1) for _ in range(count - 1)]
             stages.append(nn.Sequential(*layers))
