@@ -5,11 +5,15 @@ Each command group lives in ``sdltag/commands/<name>.py`` and registers itself h
 
 from __future__ import annotations
 
-import importlib
+from sdltag._platform import tune_openblas
 
-import typer
+tune_openblas()  # must run before anything imports numpy
 
-from sdltag import __version__
+import importlib  # noqa: E402
+
+import typer  # noqa: E402
+
+from sdltag import __version__  # noqa: E402
 
 app = typer.Typer(
     name="sdltag",
