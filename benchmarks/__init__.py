@@ -1,0 +1,1 @@
+"""sdltag's benchmarks and model recipes (not part of the installed package)."""
