@@ -1,0 +1,339 @@
+"""Import the official SDL release (Alibaba-MIIL/ZS_SDL): TResNet-M on NUS-WIDE, M=7, d=300.
+
+The official checkpoint ``NUS_mtresnet_224.pth`` is a torch pickle of
+``{"model": state_dict, "num_classes": 1006, "idx_to_class": {...}}``; its state dict is
+the TResNet-M body (``conv1.*``, ``layer1.*`` .. ``layer4.*``) plus the SDL head's
+``embedding.weight`` (2100, 2048) whose output is read interleaved (``out[m::7]``).
+The label side is a fixed table of 300-d word vectors (``nus_wide_wordvec_array.pickle``,
+(300, 1006), one column per class of ``nus_wide_classes.pickle``).
+
+``import_official`` verifies every key and shape, rebuilds the model in sdltag's own
+``SDLModel`` (backbone ``tresnet_m``, head layout ``interleaved``) and writes a model
+folder with the official preprocessing: 224x224 squash resize, [0, 1] scaling, no
+mean/std. Checkpoints are read with ``torch.load(weights_only=True)`` and the pickles
+with ``sdltag.safepickle`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdltag.errors import SdltagError
+from sdltag.modelfolder import EmbedderSpec, InputSpec, ModelFolder, file_sha256
+from sdltag.nn.model import ModelConfig, SDLModel
+from sdltag.safepickle import safe_load
+
+ROWS = 7
+DIM = 300
+INPUT_SIZE = 224
+HEAD_KEY = "embedding.weight"
+WORDVEC_NAME = "nus-wide-wordvec-300"
+REPOSITORY = "https://github.com/Alibaba-MIIL/ZS_SDL"
+PAPER = (
+    "Ben-Cohen, Zamir, Ben Baruch, Friedman, Zelnik-Manor: Semantic Diversity Learning for "
+    "Zero-Shot Multi-label Classification, ICCV 2021 (arXiv 2105.05926)"
+)
+LICENSE = "MIT (Alibaba-MIIL/ZS_SDL)"
+FIX = f"Pass the official NUS_mtresnet_224.pth checkpoint (linked from the README of {REPOSITORY})."
+
+
+def official_config() -> ModelConfig:
+    """The architecture of the official checkpoint in sdltag's terms."""
+    return ModelConfig(backbone="tresnet_m", backbone_config={}, rows=ROWS, dim=DIM, head_layout="interleaved")
+
+
+def to_sdltag_key(key: str) -> str:
+    """Official state-dict key -> ``SDLModel`` key (``embedding.weight`` -> ``head.embedding.weight``)."""
+    return "head." + key if key == HEAD_KEY else "backbone." + key
+
+
+def to_official_key(key: str) -> str:
+    """``SDLModel`` state-dict key -> official key (inverse of ``to_sdltag_key``)."""
+    if key.startswith("head."):
+        return key[len("head.") :]
+    if key.startswith("backbone."):
+        return key[len("backbone.") :]
+    raise ValueError(f"not an SDLModel key: {key!r}")
+
+
+def expected_layout(model: SDLModel | None = None) -> dict[str, tuple[int, ...]]:
+    """Official key -> shape, in state-dict order (373 tensors for TResNet-M)."""
+    model = model if model is not None else SDLModel(official_config())
+    return {to_official_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict inside an official checkpoint (``{"model": sd, ...}``) or a bare state dict.
+
+    A ``module.`` prefix (saved from DataParallel) is removed when every key has it.
+    """
+    state = checkpoint
+    if isinstance(checkpoint, dict):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(checkpoint.get(wrapper), dict):
+                state = checkpoint[wrapper]
+                break
+    if not isinstance(state, dict) or not state:
+        raise SdltagError(
+            f"{source}: holds no state dict (expected {{'model': state_dict, ...}} or a state dict). " + FIX
+        )
+    keys = [str(k) for k in state]
+    if all(k.startswith("module.") for k in keys):
+        state = {str(k)[len("module.") :]: v for k, v in state.items()}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise SdltagError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor. {FIX}")
+    return {str(k): v for k, v in state.items()}
+
+
+def verify_state_dict(
+    state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str = "checkpoint"
+) -> None:
+    """Refuse a state dict whose keys or shapes differ from ``expected``, naming the first bad key of each kind."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    nonfloat = [k for k in expected if k in state and not state[k].is_floating_point()]
+    problems = []
+    if missing:
+        problems.append(f"missing key {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if unexpected:
+        problems.append(
+            f"unexpected key {unexpected[0]!r}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+        )
+    if misshaped:
+        key = misshaped[0]
+        problems.append(
+            f"key {key!r} has shape {tuple(state[key].shape)}, expected {expected[key]}"
+            + (f" ({len(misshaped) - 1} more mis-shaped)" if len(misshaped) > 1 else "")
+        )
+    if nonfloat:
+        problems.append(f"key {nonfloat[0]!r} has dtype {state[nonfloat[0]].dtype}, expected a float tensor")
+    if problems:
+        raise SdltagError(
+            f"{source}: not the official TResNet-M SDL (NUS-WIDE, M={ROWS}, d={DIM}) checkpoint: "
+            + "; ".join(problems)
+            + f". {FIX}"
+        )
+
+
+def build_official_model(state: dict[str, torch.Tensor], source: str = "checkpoint") -> SDLModel:
+    """Verify an official state dict and load it strictly into sdltag's ``SDLModel`` (eval mode)."""
+    model = SDLModel(official_config())
+    verify_state_dict(state, expected_layout(model), source)
+    model.load_state_dict({to_sdltag_key(k): v.detach().to(torch.float32) for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+def load_official_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` -> (state dict, other top-level entries)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SdltagError(f"{path}: checkpoint not found. {FIX}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdltagError(f"{path}: cannot read the checkpoint safely ({first}). {FIX}") from None
+    state = extract_state_dict(checkpoint, str(path))
+    extra: dict[str, Any] = {}
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        extra = {str(k): v for k, v in checkpoint.items() if k != "model"}
+    return state, extra
+
+
+@dataclass
+class LabelTable:
+    """The official word-vector label table split into seen and unseen labels.
+
+    ``vectors`` rows follow ``seen + unseen``; unit length, float32 (L, d).
+    ``table_id`` hashes the whole source array, so the same pickle always gives the same id.
+    """
+
+    seen: list[str]
+    unseen: list[str]
+    vectors: np.ndarray
+    table_id: str
+
+
+def _class_names(classes: Any, source: str) -> list[str]:
+    if isinstance(classes, dict):
+        keys = sorted(classes)
+        if keys != list(range(len(keys))):
+            raise SdltagError(
+                f"{source}: class dict keys must be 0..N-1 (the word-vector columns). "
+                "Pass nus_wide_classes.pickle from the official repository."
+            )
+        names = [classes[i] for i in keys]
+    elif isinstance(classes, (list, tuple)):
+        names = list(classes)
+    else:
+        raise SdltagError(
+            f"{source}: expected a dict index -> class name or a list of names, "
+            f"got {type(classes).__name__}. Pass nus_wide_classes.pickle from the official repository."
+        )
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise SdltagError(f"{source}: every class name must be a non-empty string.")
+    names = [n.strip() for n in names]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise SdltagError(f"{source}: class {name!r} is listed twice.")
+        seen.add(name)
+    return names
+
+
+def label_table(
+    classes: Any,
+    wordvecs: Any,
+    unseen: Any = None,
+    *,
+    classes_source: str = "classes",
+    wordvecs_source: str = "wordvecs",
+    unseen_source: str = "unseen",
+) -> LabelTable:
+    """Build the label table from the official pickles' contents.
+
+    ``wordvecs`` is (d, N) with one column per class (as the official array), or (N, d);
+    ``unseen`` is a list of class names (or None: every class is seen).
+    """
+    names = _class_names(classes, classes_source)
+    if not isinstance(wordvecs, np.ndarray) or wordvecs.ndim != 2 or not np.issubdtype(wordvecs.dtype, np.floating):
+        raise SdltagError(
+            f"{wordvecs_source}: expected a 2-D float array of word vectors. "
+            "Pass nus_wide_wordvec_array.pickle from the official repository."
+        )
+    source_bytes = np.ascontiguousarray(wordvecs, dtype=np.float32).tobytes()
+    table_id = hashlib.sha256(source_bytes).hexdigest()[:16]
+    if wordvecs.shape[1] == len(names) and wordvecs.shape[0] != len(names):
+        by_label = np.asarray(wordvecs, dtype=np.float32).T  # (d, N) -> (N, d)
+    elif wordvecs.shape[0] == len(names):
+        by_label = np.asarray(wordvecs, dtype=np.float32)  # (N, d)
+    else:
+        raise SdltagError(
+            f"{wordvecs_source}: word vectors have shape {wordvecs.shape} but {classes_source} lists "
+            f"{len(names)} classes. Pass the classes and word-vector pickles of the same release."
+        )
+    if by_label.shape[1] != DIM:
+        raise SdltagError(
+            f"{wordvecs_source}: word vectors are {by_label.shape[1]}-d; the official model needs {DIM}-d."
+        )
+    if not np.all(np.isfinite(by_label)):
+        raise SdltagError(f"{wordvecs_source}: word vectors contain NaN or infinity.")
+    norms = np.linalg.norm(by_label, axis=1)
+    if np.any(norms == 0):
+        raise SdltagError(f"{wordvecs_source}: the vector of class {names[int(np.argmin(norms))]!r} is all zeros.")
+    by_label = by_label / norms[:, None]
+    unseen_set: set[str] = set()
+    if unseen is not None:
+        if not isinstance(unseen, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in unseen):
+            raise SdltagError(
+                f"{unseen_source}: expected a list of class names. "
+                "Pass nus_wide_unseen_classes.pickle from the official repository."
+            )
+        index = {n: i for i, n in enumerate(names)}
+        for name in unseen:
+            if name.strip() not in index:
+                raise SdltagError(
+                    f"{unseen_source}: unseen label {name!r} is not in {classes_source}. "
+                    "Pass the classes and unseen pickles of the same release."
+                )
+        unseen_set = {n.strip() for n in unseen}
+    seen_idx = [i for i, n in enumerate(names) if n not in unseen_set]
+    unseen_idx = [i for i, n in enumerate(names) if n in unseen_set]
+    vectors = np.ascontiguousarray(by_label[seen_idx + unseen_idx], dtype=np.float32)  # (L, d)
+    return LabelTable([names[i] for i in seen_idx], [names[i] for i in unseen_idx], vectors, table_id)
+
+
+def wordvec_embedder(table: LabelTable) -> EmbedderSpec:
+    """The manifest's embedder record for the official word-vector table."""
+    return EmbedderSpec(kind="word-vectors", name=WORDVEC_NAME, id=f"{WORDVEC_NAME}@sha256:{table.table_id}", dim=DIM)
+
+
+def official_input_spec() -> InputSpec:
+    """The official preprocessing: squash to 224x224, scale to [0, 1], no mean/std."""
+    return InputSpec(INPUT_SIZE, INPUT_SIZE, resize="squash", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def _file_record(path: Path) -> dict[str, str]:
+    return {"file": path.name, "sha256": file_sha256(path)}
+
+
+def _model_card(table: LabelTable, checkpoint: Path) -> str:
+    return (
+        "# Official SDL model: TResNet-M, NUS-WIDE\n\n"
+        f"Imported by `sdltag import-official` from `{checkpoint.name}`, the checkpoint released with the paper\n"
+        f"{PAPER}\n({REPOSITORY}, licence {LICENSE}).\n\n"
+        f"- Backbone: TResNet-M at {INPUT_SIZE}x{INPUT_SIZE}, M={ROWS} principal vectors of d={DIM}.\n"
+        f"- Labels: {len(table.seen)} seen and {len(table.unseen)} unseen NUS-WIDE labels, each a fixed 300-d word\n"
+        "  vector from the official release. Only labels in this table can be scored: other words need a model\n"
+        "  trained with a text encoder (`sdltag train`).\n"
+        "- Trained on NUS-WIDE (Flickr photos); scores are raw SDL scores (no calibration).\n"
+    )
+
+
+def import_official(
+    checkpoint: Path | str,
+    wordvecs: Path | str,
+    classes: Path | str,
+    out: Path | str,
+    unseen: Path | str | None = None,
+    name: str = "",
+) -> ModelFolder:
+    """``sdltag import-official``: the official checkpoint and pickles -> a verified model folder."""
+    from sdltag.nn.export import export_model
+
+    checkpoint, wordvecs, classes = (Path(p).expanduser() for p in (checkpoint, wordvecs, classes))
+    unseen_path = Path(unseen).expanduser() if unseen is not None else None
+    # Cheap checks first, so a wrong pickle is reported before the slow checkpoint load.
+    class_data = safe_load(classes, "--classes pickle")
+    vector_data = safe_load(wordvecs, "--wordvecs pickle")
+    unseen_data = safe_load(unseen_path, "--unseen pickle") if unseen_path is not None else None
+    table = label_table(
+        class_data,
+        vector_data,
+        unseen_data,
+        classes_source=str(classes),
+        wordvecs_source=str(wordvecs),
+        unseen_source=str(unseen_path),
+    )
+    state, extra = load_official_checkpoint(checkpoint)
+    model = build_official_model(state, str(checkpoint))
+    provenance: dict[str, Any] = {
+        "source": "official SDL release",
+        "repository": REPOSITORY,
+        "paper": PAPER,
+        "license": LICENSE,
+        "checkpoint": _file_record(checkpoint),
+        "wordvecs": _file_record(wordvecs),
+        "classes": _file_record(classes),
+    }
+    if unseen_path is not None:
+        provenance["unseen"] = _file_record(unseen_path)
+    if isinstance(extra.get("num_classes"), int):
+        provenance["checkpoint_num_classes"] = extra["num_classes"]
+    return export_model(
+        model,
+        Path(out),
+        input_spec=official_input_spec(),
+        embedder=wordvec_embedder(table),
+        seen_labels=table.seen,
+        unseen_labels=table.unseen,
+        label_vectors=table.vectors,
+        name=name or "zs-sdl-nus-wide-tresnet-m",
+        provenance=provenance,
+        model_card={
+            "paper": PAPER,
+            "repository": REPOSITORY,
+            "license": LICENSE,
+            "dataset": "NUS-WIDE",
+            "labels": "fixed 300-d word-vector table; other labels cannot be scored",
+        },
+        model_card_md=_model_card(table, checkpoint),
+    )
