@@ -1,0 +1,289 @@
+"""``sdltag tag``: tag folders of photos with seen and zero-shot labels; CSV/JSON/JSONL/table, XMP, index."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import IO
+
+import typer
+
+from sdltag.commands._common import cli_errors, error, info, warn
+from sdltag.errors import SdltagError
+
+FORMATS = ("table", "csv", "json", "jsonl", "paths")
+_EXT_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "paths"}
+
+
+def load_model(model_dir: Path | None):
+    """The model folder from ``--model``, or the bundled default."""
+    from sdltag.modelfolder import default_model_dir, load_model_folder
+
+    return load_model_folder(model_dir if model_dir is not None else default_model_dir())
+
+
+def resolve_label_space(model, label_files: list[Path], inline: list[str], *, no_seen: bool = False,
+                        embedder: str | None = None, cache_dir: Path | None = None,
+                        warn_fn: Callable[[str], None] = warn):
+    """The labels to score: the model's own, plus the user's (``--labels``/``--label``) via ``label_space``."""
+    from sdltag.tagger import LabelSpace
+
+    if not label_files and not inline:
+        if no_seen:
+            raise SdltagError("--no-seen leaves no labels to rank. Add --labels FILE or --label TEXT.")
+        return LabelSpace.from_model(model)
+    from sdltag.labels import build_vocabulary
+
+    entries = build_vocabulary(label_files, inline, warn=warn_fn)
+    try:
+        from sdltag.label_space import resolve_labels
+    except ModuleNotFoundError as exc:  # pragma: no cover - the module ships with sdltag
+        raise SdltagError(f"user labels need sdltag.label_space, which is missing here ({exc}).") from None
+    embedder_obj = None
+    if embedder:
+        from sdltag.embedding import get_text_embedder
+
+        embedder_obj = get_text_embedder(embedder)
+    label_set = resolve_labels(model, entries, include_seen=not no_seen, embedder=embedder_obj, cache_dir=cache_dir)
+    return LabelSpace.from_label_set(label_set)
+
+
+def read_stdin_paths(null: bool, stream: IO[bytes] | None = None) -> list[Path]:
+    """Paths from stdin, newline- (or with ``null`` NUL-) separated; bytes kept exact via ``os.fsdecode``."""
+    data = (stream or sys.stdin.buffer).read()
+    parts = data.split(b"\0") if null else data.split(b"\n")
+    paths = []
+    for part in parts:
+        if not null:
+            part = part.rstrip(b"\r")
+        if part:
+            paths.append(Path(os.fsdecode(part)))
+    return paths
+
+
+def _format_for(fmt: str | None, output: Path | None) -> str:
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise SdltagError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}.")
+        return fmt
+    if output is not None:
+        return _EXT_FORMATS.get(output.suffix.lower(), "jsonl")
+    return "table" if sys.stdout.isatty() else "jsonl"
+
+
+class _ImageModelFactory:
+    """Creates the onnxruntime session on first use and says which execution provider is active."""
+
+    def __init__(self, model, device: str, threads: int | None, quiet: bool) -> None:
+        from sdltag.runtime import available_providers, choose_providers
+
+        choose_providers(device, available_providers())  # refuse an impossible --device before any work
+        self.model, self.device, self.threads, self.quiet = model, device, threads, quiet
+        self.instance = None
+
+    def __call__(self):
+        if self.instance is None:
+            from sdltag.runtime import ImageModel
+
+            self.instance = ImageModel(self.model, device=self.device, threads=self.threads)
+            threads = self.threads or os.cpu_count() or 1
+            info(f"model {self.model.manifest.name or self.model.path.name} on onnxruntime "
+                 f"{self.instance.provider} ({threads} thread{'s' if threads != 1 else ''})")
+        return self.instance
+
+
+def _open_index(no_index: bool, index_path: Path | None, dry_run: bool):
+    from sdltag.index import ImageIndex
+    from sdltag.paths import default_index_path
+
+    if no_index:
+        return None
+    path = Path(index_path).expanduser() if index_path else default_index_path()
+    if dry_run:
+        if not path.exists():
+            return None
+        try:
+            return ImageIndex.open_readonly(path)
+        except SdltagError as exc:
+            warn(f"{exc} (--dry-run: tagging without the index)")
+            return None
+    return ImageIndex.open(path, warn=warn)
+
+
+@cli_errors
+def tag(
+    paths: list[Path] = typer.Argument(..., help="Image files and folders to tag; `-` reads paths from stdin."),
+    model_dir: Path = typer.Option(None, "--model", "-m", help="Model folder (default: the bundled model)."),
+    labels_files: list[Path] = typer.Option([], "--labels", "-l", help="Labels file, one label per line "
+                                            "(repeatable). Adds zero-shot labels."),
+    label: list[str] = typer.Option([], "--label", help="One extra label, e.g. 'red car' (repeatable)."),
+    embedder: str = typer.Option(None, "--embedder", help="Text embedder for new labels (default: the model's)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Label-vector cache folder (default: user cache)."),
+    no_seen: bool = typer.Option(False, "--no-seen", help="Rank only your --labels/--label, not the model's own."),
+    top: int = typer.Option(10, "--top-k", "-k", min=1, help="Tags per image (best first)."),
+    threshold: float = typer.Option(None, "--threshold", "-t", help="Drop tags scoring below this."),
+    raw_scores: bool = typer.Option(False, "--raw-scores", help="Raw SDL scores instead of calibrated confidences."),
+    fmt: str = typer.Option(None, "--format", "-f", help="table, csv, json, jsonl or paths (default: table on a "
+                            "terminal, else jsonl; with --output, from its extension)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write results to this file (atomically)."),
+    xmp: bool = typer.Option(False, "--xmp", help="Merge tags into XMP sidecars (dc:subject, sdltag|label)."),
+    xmp_naming: str = typer.Option("ext", "--xmp-naming", help="Sidecar names: ext (IMG.jpg.xmp) or adobe (IMG.xmp)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print results only: write no index, sidecar or file."),
+    index_path: Path = typer.Option(None, "--index", help="Index file (default: in the user data folder)."),
+    no_index: bool = typer.Option(False, "--no-index", help="Neither read nor write the index."),
+    recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Walk sub-folders (default: yes)."),
+    include_hidden: bool = typer.Option(False, "--include-hidden", help="Also tag hidden files, ._*, @eaDir, .git."),
+    null: bool = typer.Option(False, "--null", "-0", help="Paths on stdin are NUL-separated (find -print0)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per inference batch."),
+    threads: int = typer.Option(None, "--threads", min=1, help="Threads for decoding and for inference "
+                                "(default: all cores)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (cuda without CUDA is an error)."),
+    max_megapixels: float = typer.Option(100.0, "--max-megapixels", min=0.01, help="Refuse larger images."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, provider or summary line."),
+) -> None:
+    """Tag images with the model's labels and your own (zero-shot).
+
+    Walks folders (JPEG, PNG, WebP, TIFF, BMP, GIF, HEIC, camera RAW), runs the model
+    only on images the index does not already hold, and writes the top-k tags per
+    image to stdout (or --output) and optionally to XMP sidecars. Exit 0 when every
+    input was tagged, 1 when some failed (each named on stderr), 2 for usage errors.
+    """
+    from sdltag.images import discover
+    from sdltag.tagger import TagOptions, tag_files
+    from sdltag.writers import make_writer, open_output, stdout_stream
+    from sdltag.xmp import NAMINGS, XmpError, sidecar_path, write_keywords
+
+    if xmp_naming not in NAMINGS:
+        raise SdltagError(f"--xmp-naming {xmp_naming!r} is not one of {', '.join(NAMINGS)}.")
+    fmt = _format_for(fmt, output)
+    model = load_model(model_dir)
+    label_space = resolve_label_space(model, labels_files, label, no_seen=no_seen, embedder=embedder,
+                                      cache_dir=cache_dir)
+    factory = _ImageModelFactory(model, device, threads, quiet)
+
+    inputs: list[Path] = []
+    for path in paths:
+        if str(path) == "-":
+            inputs.extend(read_stdin_paths(null))
+        else:
+            inputs.append(path)
+    found = discover(inputs, recursive=recursive, include_hidden=include_hidden)
+    failures = 0
+    for where, reason in found.problems:
+        error(f"{where}: {reason}")
+        failures += 1
+    files = found.files
+
+    sidecars: dict[Path, Path] = {}
+    if xmp:
+        owners: dict[Path, Path] = {}
+        for path in files:
+            sidecar = sidecar_path(path, xmp_naming)
+            if sidecar in owners:
+                warn(f"{path} and {owners[sidecar]} would share the sidecar {sidecar.name}; writing it for "
+                     f"{owners[sidecar].name} only (use --xmp-naming ext to give each its own)")
+                continue
+            owners[sidecar] = path
+            sidecars[path] = sidecar
+
+    options = TagOptions(top_k=top, threshold=threshold, raw_scores=raw_scores, batch_size=batch_size,
+                         decode_threads=threads, max_megapixels=max_megapixels)
+    xmp_failures = 0
+    xmp_changed = 0
+
+    _install_sigterm()
+    with ExitStack() as stack:
+        index = _open_index(no_index, index_path, dry_run)
+        if index is not None:
+            stack.callback(index.close)
+        stream = None
+        if output is not None and dry_run:
+            info(f"--dry-run: not writing {output}; results go to stdout")
+        elif output is not None:
+            try:
+                stream = stack.enter_context(open_output(output))
+            except OSError as exc:
+                error(f"{output}: cannot write the output ({exc.strerror or exc}); writing the results to stdout "
+                      "instead. Pass --output somewhere writable.")
+                failures += 1
+        if stream is None:
+            stream = stdout_stream()
+        writer = make_writer(fmt, stream)
+
+        def on_result(result) -> None:
+            nonlocal xmp_failures, xmp_changed
+            writer.write(result)
+            sidecar = sidecars.get(result.path)
+            if sidecar is None:
+                return
+            try:
+                if write_keywords(sidecar, [t.label for t in result.tags], dry_run=dry_run):
+                    xmp_changed += 1
+                    if dry_run:
+                        info(f"--dry-run: would update {sidecar}")
+            except XmpError as exc:
+                error(str(exc))
+                xmp_failures += 1
+
+        def on_problem(problem) -> None:
+            error(f"{problem.path}: {problem.reason}")
+
+        progress = _progress(len(files), quiet)
+        with progress or ExitStack():
+            task = progress.add_task("tagging", total=len(files)) if progress else None
+            summary = tag_files(
+                files, model=model, labels=label_space, image_model=factory, on_result=on_result,
+                on_problem=on_problem, options=options, index=index, index_writable=not dry_run,
+                on_progress=(lambda n: progress.advance(task, n)) if progress else None,
+            )
+        writer.close()
+    if found.skipped_raw:
+        summary.skipped["RAW with a same-name JPEG"] += len(found.skipped_raw)
+    if found.problems:
+        summary.skipped["missing or unreadable inputs"] += len(found.problems)
+    if not quiet:
+        extra = f"; {xmp_changed} sidecar{'s' if xmp_changed != 1 else ''} {'to update' if dry_run else 'updated'}" \
+            if xmp else ""
+        info(summary.line() + extra)
+    failures += len(summary.failed) + xmp_failures
+    if failures:
+        raise typer.Exit(1)
+
+
+def _progress(total: int, quiet: bool):
+    """A Rich progress bar on stderr (count, rate, ETA), only when stderr is a terminal."""
+    if quiet or total == 0 or not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.1f} img/s" if task.speed else "")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
+
+
+def _install_sigterm() -> None:
+    """``kill`` ends the run like Ctrl-C: the index keeps every finished batch."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        pass
+
+
+def register(app: typer.Typer) -> None:
+    app.command("tag")(tag)

@@ -1,0 +1,325 @@
+"""The tag pipeline: index look-up, decoding in threads, batched inference, scoring, results in input order.
+
+The image model runs only on images the index does not already hold for this model:
+an unchanged file (same size and mtime) or a renamed/copied one (same content hash)
+reuses its stored (M, d) matrix, so re-tagging with new labels costs one matrix
+product per image. Decoding (Pillow releases the GIL) runs in a thread pool while
+the main thread runs onnxruntime (which also releases it), so both cores stay busy.
+The label set is an input (names, vectors, unseen mask): the pipeline never embeds
+text. Library code: no printing, problems and results go to callbacks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sdltag.images import ImageError, load_image
+from sdltag.index import ImageIndex, file_hash
+from sdltag.modelfolder import InputSpec, ModelFolder
+from sdltag.scoring import calibrate, sdl_scores, top_k
+from sdltag.writers import Tag, TagResult
+
+SCORE_CHUNK = 256  # images scored per matrix product when their vectors come from the index
+
+
+@dataclass
+class LabelSpace:
+    """The labels to score: display names, (L, d) unit vectors, and which are zero-shot (unseen)."""
+
+    names: list[str]
+    vectors: np.ndarray  # (L, d) float32
+    unseen_mask: np.ndarray  # (L,) bool
+
+    def __post_init__(self) -> None:
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        self.unseen_mask = np.asarray(self.unseen_mask, dtype=bool)
+        if self.vectors.ndim != 2 or len(self.names) != self.vectors.shape[0] or self.unseen_mask.shape != (
+            len(self.names),
+        ):
+            raise ValueError(
+                f"label space mismatch: {len(self.names)} names, vectors {self.vectors.shape}, "
+                f"mask {self.unseen_mask.shape}"
+            )
+
+    @classmethod
+    def from_model(cls, model: ModelFolder) -> LabelSpace:
+        """The model's own labels: seen, then the manifest's unseen ones."""
+        manifest = model.manifest
+        mask = np.array([False] * len(manifest.seen_labels) + [True] * len(manifest.unseen_labels), dtype=bool)
+        return cls(list(model.all_labels), model.label_vectors, mask)
+
+    @classmethod
+    def from_label_set(cls, label_set: object) -> LabelSpace:
+        """Adapt ``sdltag.label_space.LabelSet`` (names, vectors, unseen_mask)."""
+        return cls(list(label_set.names), label_set.vectors, label_set.unseen_mask)  # type: ignore[attr-defined]
+
+
+@dataclass
+class TagOptions:
+    """How to tag: ``top_k`` labels per image, optional ``threshold``, raw or calibrated scores, batching."""
+
+    top_k: int = 10
+    threshold: float | None = None
+    raw_scores: bool = False
+    batch_size: int = 16
+    decode_threads: int | None = None
+    max_megapixels: float = 100.0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An input that could not be tagged and why (one stderr line)."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class TagSummary:
+    """Counts for the run's summary line."""
+
+    tagged: int = 0  # images the model ran on
+    unchanged: int = 0  # reused from the index: same path, size and mtime
+    by_hash: int = 0  # reused from the index: same content (renamed or copied file)
+    failed: list[Problem] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)  # reason -> count (not errors: RAW twins, etc.)
+    seconds: float = 0.0
+
+    @property
+    def reused(self) -> int:
+        return self.unchanged + self.by_hash
+
+    @property
+    def done(self) -> int:
+        return self.tagged + self.reused
+
+    def line(self) -> str:
+        rate = self.done / self.seconds if self.seconds > 0 else 0.0
+        parts = [f"{self.tagged} tagged", f"{self.reused} reused from the index"]
+        if self.reused:
+            parts[-1] += f" ({self.unchanged} unchanged, {self.by_hash} by content hash)"
+        skipped = sum(self.skipped.values()) + len(self.failed)
+        if skipped:
+            reasons = [f"{n} {why}" for why, n in sorted(self.skipped.items())]
+            if self.failed:
+                reasons.append(f"{len(self.failed)} failed")
+            parts.append(f"{skipped} skipped ({', '.join(reasons)})")
+        else:
+            parts.append("0 skipped")
+        return f"{', '.join(parts)}; {rate:.1f} images/s in {self.seconds:.1f} s"
+
+
+class Scorer:
+    """(B, M, d) principal vectors -> the top-k ``Tag`` lists, calibrated unless ``raw_scores``."""
+
+    def __init__(self, labels: LabelSpace, calibration: dict | None, options: TagOptions) -> None:
+        self.labels = labels
+        self.calibration = None if options.raw_scores else calibration
+        self.options = options
+        self.kinds = ["unseen" if u else "seen" for u in labels.unseen_mask]
+
+    def scores(self, principal_vectors: np.ndarray) -> np.ndarray:
+        raw = sdl_scores(principal_vectors, self.labels.vectors)  # (B, L)
+        return calibrate(raw, self.labels.unseen_mask, self.calibration)
+
+    def tags(self, principal_vectors: np.ndarray) -> list[list[Tag]]:
+        picked = top_k(self.scores(principal_vectors), self.options.top_k, self.options.threshold)
+        return [[Tag(self.labels.names[i], s, self.kinds[i]) for i, s in row] for row in picked]
+
+
+@dataclass
+class _Prepared:
+    """What a decode thread hands back: the content hash and, unless the index knows it, the input array."""
+
+    content_hash: str | None
+    array: np.ndarray | None  # (3, H, W)
+
+
+def _prepare(path: Path, spec: InputSpec, max_megapixels: float, want_hash: bool, known: frozenset[str]) -> _Prepared:
+    content_hash = None
+    if want_hash:
+        try:
+            content_hash = file_hash(path)
+        except PermissionError:
+            raise ImageError(path, "permission denied (cannot read the file)") from None
+        except OSError as exc:
+            raise ImageError(path, f"cannot read ({exc.strerror or exc})") from None
+        if content_hash in known:
+            return _Prepared(content_hash, None)
+    return _Prepared(content_hash, load_image(path, spec, max_megapixels))
+
+
+@dataclass
+class _Slot:
+    """One input's place in the output order."""
+
+    path: Path
+    result: TagResult | None = None
+    done: bool = False
+
+
+class _Run:
+    """State of one ``tag_files`` call."""
+
+    def __init__(self, files: list[Path], model: ModelFolder, labels: LabelSpace, options: TagOptions,
+                 index: ImageIndex | None, index_writable: bool, image_model: Callable[[], object],
+                 on_result: Callable[[TagResult], None], on_problem: Callable[[Problem], None],
+                 on_progress: Callable[[int], None] | None) -> None:
+        self.files = files
+        self.model_id = model.model_id
+        self.spec = model.manifest.input
+        self.options = options
+        self.index = index
+        self.index_writable = index_writable and index is not None
+        self.image_model = image_model
+        self.on_result, self.on_problem, self.on_progress = on_result, on_problem, on_progress
+        self.scorer = Scorer(labels, model.manifest.calibration, options)
+        self.summary = TagSummary()
+        self.slots: deque[_Slot] = deque()
+        self.ready: list[tuple[_Slot, np.ndarray]] = []  # (slot, (M, d)) waiting to be scored
+        self.batch: list[tuple[_Slot, np.ndarray, os.stat_result, str | None]] = []  # waiting for the model
+        self.inflight: deque[tuple[_Slot, Future, os.stat_result]] = deque()
+
+    def fail(self, slot: _Slot, reason: str) -> None:
+        problem = Problem(os.fsdecode(os.fspath(slot.path)), reason)
+        self.summary.failed.append(problem)
+        self.on_problem(problem)
+        slot.done = True
+
+    def record(self, path: Path, st: os.stat_result, content_hash: str | None, vectors: np.ndarray) -> None:
+        if self.index_writable and content_hash is not None:
+            self.index.put(path, st.st_size, st.st_mtime_ns, content_hash, self.model_id, vectors)
+
+    def run_batch(self) -> None:
+        if not self.batch:
+            return
+        images = np.stack([array for _, array, _, _ in self.batch])  # (B, 3, H, W)
+        vectors = self.image_model().run(images)  # (B, M, d)
+        for (slot, _, st, content_hash), matrix in zip(self.batch, vectors, strict=True):
+            self.record(slot.path, st, content_hash, matrix)
+            self.ready.append((slot, matrix))
+        self.summary.tagged += len(self.batch)
+        self.batch = []
+        self.score_ready()
+
+    def score_ready(self) -> None:
+        if not self.ready:
+            return
+        stacked = np.stack([matrix for _, matrix in self.ready])  # (B, M, d)
+        for (slot, _), tags in zip(self.ready, self.scorer.tags(stacked), strict=True):
+            slot.result = TagResult(slot.path, tags)
+            slot.done = True
+        self.ready = []
+        self.flush()
+
+    def flush(self) -> None:
+        """Emit finished results from the front, keeping input order."""
+        while self.slots and self.slots[0].done:
+            slot = self.slots.popleft()
+            if slot.result is not None:
+                self.on_result(slot.result)
+            if self.on_progress is not None:
+                self.on_progress(1)
+
+    def drain_one(self) -> None:
+        slot, future, st = self.inflight.popleft()
+        try:
+            prepared: _Prepared = future.result()
+        except ImageError as exc:
+            self.fail(slot, exc.reason)
+            return
+        if prepared.array is None:
+            vectors = self.index.vectors_for_hash(prepared.content_hash, self.model_id) if self.index else None
+            if vectors is not None:
+                self.record(slot.path, st, prepared.content_hash, vectors)
+                self.summary.by_hash += 1
+                self.ready.append((slot, vectors))
+                return
+            try:  # the hash vanished from the index meanwhile: decode here
+                prepared = _Prepared(prepared.content_hash, load_image(slot.path, self.spec,
+                                                                       self.options.max_megapixels))
+            except ImageError as exc:
+                self.fail(slot, exc.reason)
+                return
+        self.batch.append((slot, prepared.array, st, prepared.content_hash))
+        if len(self.batch) >= self.options.batch_size:
+            self.run_batch()
+
+    def execute(self) -> TagSummary:
+        start = time.perf_counter()
+        workers = self.options.decode_threads or os.cpu_count() or 2
+        window = max(2 * self.options.batch_size, 4 * workers)
+        known = frozenset(self.index.known_hashes(self.model_id)) if self.index is not None else frozenset()
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdltag-decode")
+        try:
+            for path in self.files:
+                slot = _Slot(path)
+                self.slots.append(slot)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    self.fail(slot, "no such file")
+                    continue
+                except OSError as exc:
+                    self.fail(slot, f"cannot access ({exc.strerror or exc})")
+                    continue
+                if self.index is not None:
+                    vectors = self.index.lookup(path, st.st_size, st.st_mtime_ns, self.model_id)
+                    if vectors is not None:
+                        self.summary.unchanged += 1
+                        self.ready.append((slot, vectors))
+                        if len(self.ready) >= SCORE_CHUNK:
+                            self.score_ready()
+                        continue
+                future = pool.submit(_prepare, path, self.spec, self.options.max_megapixels,
+                                     self.index is not None, known)
+                self.inflight.append((slot, future, st))
+                while len(self.inflight) >= window:
+                    self.drain_one()
+                    self.flush()
+            while self.inflight:
+                self.drain_one()
+            self.run_batch()
+            self.score_ready()
+            self.flush()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if self.index_writable:
+                self.index.commit()
+            self.summary.seconds = time.perf_counter() - start
+        return self.summary
+
+
+def tag_files(
+    files: list[Path],
+    *,
+    model: ModelFolder,
+    labels: LabelSpace,
+    image_model: Callable[[], object],
+    on_result: Callable[[TagResult], None],
+    on_problem: Callable[[Problem], None],
+    options: TagOptions | None = None,
+    index: ImageIndex | None = None,
+    index_writable: bool = True,
+    on_progress: Callable[[int], None] | None = None,
+) -> TagSummary:
+    """Tag ``files`` in order; results go to ``on_result`` in input order, failures to ``on_problem``.
+
+    ``image_model`` is a zero-argument factory returning an object with
+    ``run((B, 3, H, W)) -> (B, M, d)`` (``sdltag.runtime.ImageModel``); it is called
+    only when some image is not in the index, so a pure re-tag never loads onnxruntime.
+    ``index`` (optional) supplies stored matrices and receives new ones unless
+    ``index_writable`` is False (a dry run). Work is committed in batches, so an
+    interrupted call keeps what it finished.
+    """
+    run = _Run(files, model, labels, options or TagOptions(), index, index_writable, image_model, on_result,
+               on_problem, on_progress)
+    return run.execute()
