@@ -1,0 +1,113 @@
+"""``sdltag labels``: pre-embed labels into the cache, list a model's labels, inspect the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from sdltag.commands._common import cli_errors, info, warn
+
+labels_app = typer.Typer(
+    name="labels",
+    help="Labels files, the label-vector cache and a model's labels.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+CACHE_DIR_HELP = "Label-vector cache folder (default: $SDLTAG_HOME/cache, else the user cache folder)."
+
+
+@labels_app.command("embed")
+@cli_errors
+def embed(
+    files: list[Path] = typer.Argument(None, help="Labels files: UTF-8, one label per line, `label: description`."),
+    label: list[str] = typer.Option([], "--label", "-l", help="A label to embed (repeatable)."),
+    embedder: str = typer.Option(None, "--embedder", help="sentence-transformers model name or folder "
+                                 "(default: the bundled all-MiniLM-L6-v2)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+) -> None:
+    """Embed labels into the cache ahead of time, so tagging with them needs no text model.
+
+    Reports how many labels were new (embedded now) and how many were already cached.
+    """
+    from sdltag.embedding import get_text_embedder
+    from sdltag.labels import build_vocabulary
+
+    entries = build_vocabulary(files or [], label, warn=warn)
+    text_embedder = get_text_embedder(embedder, cache_dir, warn=warn)
+    text_embedder.embed([entry.text for entry in entries])
+    new = int(getattr(text_embedder, "last_new", 0))
+    info(f"{len(entries)} labels: {new} new, {len(entries) - new} already cached ({text_embedder.spec.id})")
+
+
+@labels_app.command("list")
+@cli_errors
+def list_labels(
+    model: Path = typer.Option(None, "--model", "-m", help="Model folder (default: the bundled model)."),
+    unseen: bool = typer.Option(True, "--unseen/--no-unseen", help="Also list the model's unseen labels."),
+) -> None:
+    """Print a model's labels, one per line: the seen labels, then the unseen ones marked
+    with a tab and `unseen`. The output is a valid labels file."""
+    from sdltag.modelfolder import load_model_folder
+
+    folder = load_model_folder(model if model is not None else _default_model())
+    for name in folder.manifest.seen_labels:
+        typer.echo(name)
+    if unseen:
+        for name in folder.manifest.unseen_labels:
+            typer.echo(f"{name}\t# unseen")
+    manifest = folder.manifest
+    info(f"{folder.path}: {len(manifest.seen_labels)} seen, {len(manifest.unseen_labels)} unseen labels "
+         f"({manifest.embedder.id})")
+
+
+def _default_model() -> Path:
+    from sdltag import modelfolder
+    from sdltag.errors import SdltagError
+
+    default = getattr(modelfolder, "default_model_dir", None)
+    if default is None:
+        raise SdltagError("no default model in this sdltag. Pass --model MODEL_DIR.")
+    return default()
+
+
+@labels_app.command("cache")
+@cli_errors
+def cache(
+    clear: bool = typer.Option(False, "--clear", help="Delete every cached vector and exported text model."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+) -> None:
+    """Show the label cache's location, size on disk and entry count (per embedder); --clear empties it."""
+    from sdltag.embedding import clear_embedder_memo
+    from sdltag.embedding.cache import LabelVectorCache
+
+    store = LabelVectorCache(cache_dir, warn=warn)
+    if clear:
+        removed = store.clear()
+        clear_embedder_memo()
+        info(f"cleared {store.directory} ({removed} label vectors removed)")
+        return
+    stats = store.stats()
+    typer.echo(f"location: {store.directory}")
+    typer.echo(f"size: {_human(stats.bytes)}")
+    typer.echo(f"entries: {stats.entries}")
+    for embedder_id, count in sorted(stats.per_embedder.items()):
+        typer.echo(f"  {embedder_id}: {count}")
+    if stats.fast_paths:
+        typer.echo(f"exported text models: {', '.join(stats.fast_paths)}")
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(labels_app, name="labels")

@@ -1,0 +1,318 @@
+"""The on-disk label-vector cache: one SQLite file keyed by (embedder id, exact text).
+
+Why SQLite in WAL mode: every write is one transaction, so a crash or Ctrl-C leaves
+the previous state, never a half-written vector; readers never block the writer and
+two sdltag processes writing at once are serialised by SQLite's lock with a busy
+timeout instead of overwriting each other (append-only shards renamed into place
+would work too, but need their own compaction and lookup index; sqlite3 ships with
+Python and the image index already uses it). A file that SQLite cannot read
+(truncated, overwritten, not a database) is renamed aside with one warning and a
+fresh cache is started: it is a cache, so nothing but time is lost. Rows whose
+vector has the wrong length or is not finite count as misses and are re-embedded.
+
+The cache folder also holds the memoised weight hashes of text models (keyed by
+path, size and mtime, so the 90 MB safetensors file is hashed once) and the exported
+ONNX fast paths under ``text-models/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdltag.errors import SdltagError
+from sdltag.paths import cache_dir as resolve_cache_dir
+
+DB_FILE = "labels.sqlite3"
+FAST_PATH_DIR = "text-models"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 60.0
+_CHUNK = 500  # SQLite's default limit on host parameters is 999 (older builds)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vectors (
+    embedder TEXT NOT NULL,
+    text TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    vector BLOB NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (embedder, text)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS weight_hashes (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+);
+"""
+
+
+def stderr_warn(message: str) -> None:
+    """Default warning sink for library code: one line on stderr (never stdout, which holds results)."""
+    print(f"sdltag: warning: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class CacheStats:
+    """What ``sdltag labels cache`` reports."""
+
+    path: Path
+    bytes: int
+    entries: int
+    per_embedder: dict[str, int]
+    fast_paths: list[str]
+
+
+def _safe_name(embedder_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", embedder_id)
+
+
+class LabelVectorCache:
+    """Vectors by (embedder id, text). Opened on first use; safe to share between processes."""
+
+    def __init__(self, directory: Path | None = None, warn: Callable[[str], None] | None = None) -> None:
+        self.directory = resolve_cache_dir(directory)
+        self.path = self.directory / DB_FILE
+        self.warn = warn or stderr_warn
+        self._conn: sqlite3.Connection | None = None
+        self.persistent = True
+
+    # -- connection, schema, corruption ---------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None:
+            return self._conn
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._conn = self._open_checked()
+        except sqlite3.DatabaseError as exc:
+            if _is_corruption(exc):
+                self._set_aside(str(exc))
+                self._conn = self._open_checked()
+            elif _is_access_problem(exc):
+                return self._in_memory(f"cannot write the label cache {self.path} ({exc})")
+            else:
+                raise _busy_error(self.path, exc) from None
+        except OSError as exc:
+            return self._in_memory(f"cannot use the label cache folder {self.directory} ({exc.strerror or exc})")
+        return self._conn
+
+    def _open_checked(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # raises on a non-database
+            if version > SCHEMA_VERSION:
+                conn.close()
+                return self._in_memory(
+                    f"the label cache {self.path} was written by a newer sdltag (schema {version}); "
+                    "upgrade sdltag or pass --cache-dir to use another folder"
+                )
+            conn.execute("PRAGMA journal_mode = WAL")
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {result}")
+            if version < SCHEMA_VERSION:
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _statements(_SCHEMA):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _in_memory(self, reason: str) -> sqlite3.Connection:
+        self.warn(f"{reason}; label vectors are kept in memory for this run only")
+        self.persistent = False
+        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        for statement in _statements(_SCHEMA):
+            conn.execute(statement)
+        self._conn = conn
+        return conn
+
+    def _set_aside(self, reason: str) -> None:
+        """Rename a corrupt database (and its WAL files) aside, with one warning."""
+        self.close()
+        aside = self.path.with_name(f"{DB_FILE}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return  # another process already set it aside
+        for suffix in ("-wal", "-shm"):
+            try:
+                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+            except OSError:
+                pass
+        self.warn(
+            f"the label cache {self.path} is corrupt ({reason}); moved it to {aside.name} and started a new one "
+            "(labels will be embedded again)"
+        )
+
+    def _run(self, work: Callable[[sqlite3.Connection], object]) -> object:
+        """Run ``work`` on the connection; a corruption found mid-run sets the file aside and retries once."""
+        conn = self._connect()
+        try:
+            return work(conn)
+        except sqlite3.DatabaseError as exc:
+            if not _is_corruption(exc) or not self.persistent:
+                raise _busy_error(self.path, exc) from None
+            self._set_aside(str(exc))
+            return work(self._connect())
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    # -- vectors ------------------------------------------------------------------------------
+
+    def get_many(self, embedder_id: str, texts: Sequence[str], dim: int | None = None) -> dict[str, np.ndarray]:
+        """The cached vectors among ``texts`` (missing or damaged entries are simply absent)."""
+        unique = list(dict.fromkeys(texts))
+
+        def work(conn: sqlite3.Connection) -> dict[str, np.ndarray]:
+            found: dict[str, np.ndarray] = {}
+            for start in range(0, len(unique), _CHUNK):
+                chunk = unique[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT text, dim, vector FROM vectors WHERE embedder = ? AND text IN ({marks})",
+                    [embedder_id, *chunk],
+                )
+                for text, row_dim, blob in rows:
+                    vector = _decode(blob, row_dim, dim)
+                    if vector is not None:
+                        found[text] = vector
+            return found
+
+        return self._run(work)  # type: ignore[return-value]
+
+    def put_many(self, embedder_id: str, items: Iterable[tuple[str, np.ndarray]]) -> int:
+        """Store vectors in one transaction (an existing entry is replaced). Returns how many."""
+        now = time.time()
+        rows = []
+        for text, vector in items:
+            vector = np.ascontiguousarray(vector, dtype="<f4").reshape(-1)
+            rows.append((embedder_id, text, int(vector.size), vector.tobytes(), now))
+        if not rows:
+            return 0
+
+        def work(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO vectors (embedder, text, dim, vector, created) VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return len(rows)
+
+        return int(self._run(work))  # type: ignore[arg-type]
+
+    # -- weight hashes --------------------------------------------------------------------------
+
+    def get_file_hash(self, path: Path, size: int, mtime_ns: int) -> str | None:
+        def work(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT sha256 FROM weight_hashes WHERE path = ? AND size = ? AND mtime_ns = ?",
+                (str(path), size, mtime_ns),
+            ).fetchone()
+            return str(row[0]) if row else None
+
+        return self._run(work)  # type: ignore[return-value]
+
+    def put_file_hash(self, path: Path, size: int, mtime_ns: int, sha256: str) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO weight_hashes (path, size, mtime_ns, sha256) VALUES (?, ?, ?, ?)",
+                (str(path), size, mtime_ns, sha256),
+            )
+
+        self._run(work)
+
+    # -- fast paths, stats, clearing ------------------------------------------------------------
+
+    def fast_path_dir(self, embedder_id: str) -> Path:
+        """Where the ONNX export of ``embedder_id`` lives."""
+        return self.directory / FAST_PATH_DIR / _safe_name(embedder_id)
+
+    def stats(self) -> CacheStats:
+        """Location, size on disk (database, WAL and fast paths) and entry counts; creates nothing."""
+        per_embedder: dict[str, int] = {}
+        if self.path.exists():
+            rows = self._run(lambda conn: conn.execute("SELECT embedder, COUNT(*) FROM vectors GROUP BY embedder")
+                             .fetchall())
+            per_embedder = {str(e): int(n) for e, n in rows}  # type: ignore[union-attr]
+        size = 0
+        if self.directory.is_dir():
+            for root, _dirs, files in os.walk(self.directory):
+                for name in files:
+                    try:
+                        size += os.path.getsize(os.path.join(root, name))
+                    except OSError:
+                        pass
+        fast_root = self.directory / FAST_PATH_DIR
+        fast_paths = sorted(p.name for p in fast_root.iterdir() if p.is_dir()) if fast_root.is_dir() else []
+        return CacheStats(self.path, size, sum(per_embedder.values()), per_embedder, fast_paths)
+
+    def clear(self) -> int:
+        """Delete every cached vector, memoised hash and fast path. Returns the number of vectors removed."""
+        entries = self.stats().entries
+        self.close()
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(f"{self.path}{suffix}")
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(self.directory / FAST_PATH_DIR, ignore_errors=True)
+        return entries
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _decode(blob: bytes, row_dim: int, dim: int | None) -> np.ndarray | None:
+    if not isinstance(blob, bytes) or len(blob) != 4 * row_dim or (dim is not None and row_dim != dim):
+        return None
+    vector = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(vector)) or abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3:
+        return None
+    return vector
+
+
+def _busy_error(path: Path, exc: sqlite3.DatabaseError) -> SdltagError:
+    return SdltagError(
+        f"{path}: the label cache cannot be used ({exc}). If another sdltag is busy with it, retry; "
+        "otherwise pass --cache-dir to use another folder.",
+        exit_code=1,
+    )
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    """Damage, as opposed to a lock or permission problem (those are OperationalError)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in ("malformed", "not a database", "corrupt", "disk image", "integrity"))
+
+
+def _is_access_problem(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("readonly", "read-only", "unable to open", "permission", "access"))

@@ -1,0 +1,152 @@
+"""The cached text embedder: cache first, then the ONNX fast path, sentence-transformers last.
+
+Order of work for ``embed(texts)``:
+
+1. look every text up in the label cache (SQLite; imports nothing heavy);
+2. embed the misses with the exported ONNX pipeline (onnxruntime + tokenizers);
+3. only if that export does not exist yet, load sentence-transformers (torch) once,
+   export it to the cache (verified against sentence-transformers), then go on as in 2.
+   An export that fails or does not verify leaves sentence-transformers doing the work.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from sdltag.embedding.cache import LabelVectorCache
+from sdltag.embedding.locate import TextModelFiles, embedding_dim, make_spec
+from sdltag.embedding.onnx_text import FastPathError, OnnxTextEncoder, read_meta
+from sdltag.errors import SdltagError
+from sdltag.modelfolder import EmbedderSpec
+
+BACKENDS = ("auto", "onnx", "sentence-transformers")
+
+
+class CachedTextEmbedder:
+    """A sentence-transformers embedder behind the label cache (see the module docstring)."""
+
+    def __init__(self, files: TextModelFiles, cache: LabelVectorCache, backend: str = "auto") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        self.files = files
+        self.cache = cache
+        self.backend = backend
+        self.last_new = 0  # how many texts the last embed() call had to compute
+        self._spec: EmbedderSpec | None = None
+        self._encoder: Any = None
+        self._st_model: Any = None
+
+    @property
+    def warn(self) -> Callable[[str], None]:
+        return self.cache.warn
+
+    @property
+    def spec(self) -> EmbedderSpec:
+        """Kind, name, id (name + weights hash) and dimension; computed without torch."""
+        if self._spec is None:
+            dim = embedding_dim(self.files.folder)
+            spec = make_spec(self.files, self.cache, dim or 0)
+            if not dim:
+                dim = self._dim_from_fast_path(spec.id) or self._load_st_dim()
+                spec = EmbedderSpec(spec.kind, spec.name, spec.id, dim)
+            self._spec = spec
+        return self._spec
+
+    def _dim_from_fast_path(self, embedder_id: str) -> int | None:
+        try:
+            return int(read_meta(self.cache.fast_path_dir(embedder_id))["dim"])
+        except FastPathError:
+            return None
+
+    def _load_st_dim(self) -> int:
+        from sdltag.embedding.st import st_dimension
+
+        return st_dimension(self._sentence_transformer())
+
+    def _sentence_transformer(self) -> Any:
+        if self._st_model is None:
+            from sdltag.embedding.st import load_sentence_transformer
+
+            self._st_model = load_sentence_transformer(self.files.folder)
+        return self._st_model
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, d) float32 unit vectors of ``texts``, in order; new texts are computed and cached."""
+        spec = self.spec
+        texts = [str(t) for t in texts]
+        found = self.cache.get_many(spec.id, texts, dim=spec.dim)
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        self.last_new = len(missing)
+        if missing:
+            vectors = self._compute(missing)
+            if vectors.shape != (len(missing), spec.dim):
+                raise SdltagError(
+                    f"the embedder {spec.id} produced vectors of shape {vectors.shape}, expected "
+                    f"({len(missing)}, {spec.dim}). Clear the cache with `sdltag labels cache --clear`.",
+                    exit_code=1,
+                )
+            self.cache.put_many(spec.id, zip(missing, vectors, strict=True))
+            found.update(zip(missing, vectors, strict=True))
+        out = np.zeros((len(texts), spec.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            out[row] = found[text]
+        return out
+
+    def _compute(self, texts: list[str]) -> np.ndarray:
+        if self.backend == "sentence-transformers":
+            from sdltag.embedding.st import st_embed
+
+            return st_embed(self._sentence_transformer(), texts)
+        for attempt in range(2):
+            encoder = self._fast_encoder()
+            if encoder is None:
+                from sdltag.embedding.st import st_embed
+
+                return st_embed(self._sentence_transformer(), texts)
+            try:
+                return encoder.embed(texts)
+            except FastPathError as exc:
+                self._discard_fast_path(str(exc))
+                if attempt:
+                    raise SdltagError(f"the ONNX text model keeps failing ({exc})", exit_code=1) from None
+        raise AssertionError("unreachable")
+
+    def _discard_fast_path(self, reason: str) -> None:
+        folder = self.cache.fast_path_dir(self.spec.id)
+        self.warn(f"the exported text model in {folder} is broken ({reason}); exporting it again")
+        shutil.rmtree(folder, ignore_errors=True)
+        self._encoder = None
+
+    def _fast_encoder(self) -> OnnxTextEncoder | None:
+        """The ONNX encoder, exporting it on first use; None when only sentence-transformers can embed."""
+        if self._encoder is not None:
+            return self._encoder
+        folder = self.cache.fast_path_dir(self.spec.id)
+        try:
+            self._encoder = OnnxTextEncoder(folder)
+            return self._encoder
+        except FastPathError as exc:
+            if folder.exists():
+                self._discard_fast_path(str(exc))
+        from sdltag.embedding.st import export_fast_path
+
+        try:
+            export_fast_path(self._sentence_transformer(), self.files.folder, folder, self.spec.id)
+            self._encoder = OnnxTextEncoder(folder)
+        except SdltagError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any export failure falls back to the slow, exact path
+            if self.backend == "onnx":
+                raise SdltagError(
+                    f"cannot export the embedder {self.spec.id} to ONNX ({type(exc).__name__}: {exc}).", exit_code=1
+                ) from None
+            self.warn(
+                f"cannot export the embedder {self.spec.id} to ONNX ({type(exc).__name__}: {exc}); "
+                "embedding new labels with sentence-transformers (slower)"
+            )
+            return None
+        return self._encoder

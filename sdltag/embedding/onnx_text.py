@@ -1,0 +1,137 @@
+"""The torch-free text path: the exported sentence-transformers pipeline run by onnxruntime,
+with its tokenizer run by the ``tokenizers`` package.
+
+``sdltag.embedding.st.export_fast_path`` writes the folder this reads (``meta.json``,
+``text_model.onnx``, ``tokenizer.json``); the graph already includes pooling and
+normalisation, so the output is the sentence embedding. Imports: numpy, onnxruntime,
+tokenizers only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+META_FILE = "meta.json"
+ONNX_FILE = "text_model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+FAST_PATH_FORMAT = 1
+
+
+class FastPathError(Exception):
+    """The exported fast-path folder is missing, incomplete or unreadable (re-export it)."""
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """The fast path's meta.json, checked for completeness (raises ``FastPathError``)."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FastPathError(f"{folder}: no {META_FILE}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FastPathError(f"{folder / META_FILE}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FAST_PATH_FORMAT:
+        raise FastPathError(f"{folder / META_FILE}: unknown format")
+    for name in (ONNX_FILE, TOKENIZER_FILE):
+        if not (folder / name).is_file():
+            raise FastPathError(f"{folder / name}: missing")
+    size = (folder / ONNX_FILE).stat().st_size
+    if size != meta.get("onnx_bytes"):
+        raise FastPathError(f"{folder / ONNX_FILE}: {size} bytes, expected {meta.get('onnx_bytes')} (truncated)")
+    return meta
+
+
+class OnnxTextEncoder:
+    """Sentence embeddings with onnxruntime + tokenizers; the session is created on first use."""
+
+    def __init__(self, folder: Path, batch_size: int = 64) -> None:
+        self.folder = Path(folder)
+        self.meta = read_meta(self.folder)
+        self.batch_size = batch_size
+        self._tokenizer: Any = None
+        self._session: Any = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    def _get_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            try:
+                tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER_FILE))
+            except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception
+                raise FastPathError(f"{self.folder / TOKENIZER_FILE}: unreadable ({exc})") from None
+            # sentence-transformers pads to the longest text and truncates at max_seq_length,
+            # whatever padding/truncation the tokenizer.json itself carries.
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
+            padding = self._padding_settings()
+            tokenizer.enable_padding(**padding)
+            tokenizer.enable_truncation(max_length=int(self.meta["max_seq_length"]), strategy="longest_first")
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def _padding_settings(self) -> dict[str, Any]:
+        try:
+            data = json.loads((self.folder / TOKENIZER_FILE).read_text(encoding="utf-8"))
+            saved = data.get("padding") or {}
+        except (OSError, ValueError):
+            saved = {}
+        settings: dict[str, Any] = {}
+        for key in ("pad_id", "pad_type_id", "pad_token"):
+            if key in saved:
+                settings[key] = saved[key]
+        if "pad_token" not in settings:
+            pad = self.meta.get("pad_token")
+            if pad is not None:
+                settings["pad_token"] = pad
+        return settings
+
+    def _get_session(self) -> Any:
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            try:
+                self._session = ort.InferenceSession(
+                    str(self.folder / ONNX_FILE), sess_options=options, providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+                raise FastPathError(f"{self.folder / ONNX_FILE}: cannot be loaded ({exc})") from None
+        return self._session
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Model inputs for ``texts``, padded to the longest: name -> (B, T) int64."""
+        prepared = [str(t).strip() for t in texts]
+        if self.meta.get("do_lower_case"):
+            prepared = [t.lower() for t in prepared]
+        encodings = self._get_tokenizer().encode_batch(prepared)
+        arrays = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+        }
+        return {name: arrays[name] for name in self.meta["inputs"]}
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, d) float32 unit vectors, batched by length so short labels pad little."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        session = self._get_session()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            inputs = self.tokenize([texts[i] for i in batch])
+            (vectors,) = session.run([self.meta["output"]], inputs)  # (B, d)
+            out[batch] = vectors
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)

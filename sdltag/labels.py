@@ -1,0 +1,190 @@
+"""Label vocabularies: labels files (``--labels FILE``) and inline labels (``--label TEXT``).
+
+A labels file is UTF-8 (a byte-order mark is accepted), one label per line::
+
+    # a comment line
+    cat
+    golden retriever          # an inline comment starts at whitespace + "#"
+    tabby: a striped domestic cat     <- "label: description": the description is embedded
+
+A colon followed by whitespace starts a description (so ``12:30`` and ``C#`` stay
+labels). Surrounding whitespace is stripped and inner runs of whitespace collapse to
+one space. Case-insensitive duplicates are collapsed (the first spelling wins) with
+one warning naming them all. Anything that cannot be a label is refused with an
+``SdltagError`` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdltag.errors import SdltagError
+
+MAX_LABEL_CHARS = 200
+MAX_DESCRIPTION_CHARS = 1000
+INLINE_SOURCE = "--label"
+
+# "label: description" -- the first colon followed by whitespace separates them.
+_DESCRIPTION = re.compile(r"^(?P<label>.*?):(?:\s+(?P<text>.*))?$", re.DOTALL)
+_COMMENT = re.compile(r"(^|\s)#.*$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class LabelEntry:
+    """One label of a vocabulary.
+
+    ``label`` is the display label as the user spelled it, ``text`` is what gets
+    embedded (the description after ``label:``, else the label itself), ``source`` is
+    ``"FILE:LINE"`` or ``"--label"`` for messages.
+    """
+
+    label: str
+    text: str
+    source: str
+
+    @property
+    def key(self) -> str:
+        """The case-insensitive identity used to collapse duplicates."""
+        return label_key(self.label)
+
+
+def normalize_label(text: str) -> str:
+    """Strip surrounding whitespace and collapse inner whitespace to single spaces."""
+    return " ".join(text.split())
+
+
+def label_key(label: str) -> str:
+    """Case-insensitive comparison key of a label (normalised, case-folded)."""
+    return normalize_label(label).casefold()
+
+
+def parse_label_line(line: str, source: str, *, strip_comments: bool = True) -> LabelEntry | None:
+    """Parse one line (or one ``--label`` value); None for a blank or comment line.
+
+    Raises ``SdltagError`` naming ``source`` for anything that cannot be a label.
+    """
+    raw = line
+    if strip_comments:
+        raw = _COMMENT.sub("", raw)
+    raw = raw.strip()
+    if not raw:
+        return None
+    if _CONTROL.search(raw):
+        raise SdltagError(f"{source}: the label contains a control character ({raw!r}). Remove it.")
+    match = _DESCRIPTION.match(raw)
+    description: str | None = None
+    if match:
+        label = normalize_label(match.group("label"))
+        description = normalize_label(match.group("text") or "")
+        if not label:
+            raise SdltagError(
+                f"{source}: {raw!r} has a description but no label before the colon. Write `label: description`."
+            )
+        if not description:
+            raise SdltagError(
+                f"{source}: {raw!r} ends with a colon but has no description. "
+                "Remove the colon or write `label: description`."
+            )
+    else:
+        label = normalize_label(raw)
+    if len(label) > MAX_LABEL_CHARS:
+        raise SdltagError(
+            f"{source}: the label is {len(label)} characters long, more than the {MAX_LABEL_CHARS} allowed "
+            f"({label[:40]!r}...). Shorten it, or put the long text after the label as `label: description`."
+        )
+    if description is not None and len(description) > MAX_DESCRIPTION_CHARS:
+        raise SdltagError(
+            f"{source}: the description of {label!r} is {len(description)} characters long, more than the "
+            f"{MAX_DESCRIPTION_CHARS} allowed. Shorten it."
+        )
+    return LabelEntry(label=label, text=description if description is not None else label, source=source)
+
+
+def read_labels_file(path: Path) -> list[LabelEntry]:
+    """Read one labels file (duplicates are kept here; ``build_vocabulary`` collapses them)."""
+    path = Path(path).expanduser()
+    fix = "Pass a UTF-8 text file with one label per line."
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SdltagError(f"{path}: labels file does not exist. Check the --labels path.") from None
+    except IsADirectoryError:
+        raise SdltagError(f"{path}: is a folder, not a labels file. {fix}") from None
+    except PermissionError:
+        raise SdltagError(f"{path}: labels file cannot be read (permission denied). Check its permissions.") from None
+    except OSError as exc:
+        raise SdltagError(f"{path}: labels file cannot be read ({exc.strerror or exc}). {fix}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SdltagError(
+            f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}). "
+            "Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
+    entries: list[LabelEntry] = []
+    # Split on \n only (after normalising \r\n and \r) so a stray U+2028 stays inside its line.
+    for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
+        entry = parse_label_line(line, f"{path}:{number}")
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
+def parse_inline_label(value: str) -> LabelEntry:
+    """Parse one ``--label`` value (``label`` or ``label: description``; no comments)."""
+    entry = parse_label_line(value, INLINE_SOURCE, strip_comments=False)
+    if entry is None:
+        raise SdltagError(f"{INLINE_SOURCE} {value!r}: the label is empty. Give a non-empty label.")
+    return entry
+
+
+def dedupe(entries: Sequence[LabelEntry], warn: Callable[[str], None] | None = None) -> list[LabelEntry]:
+    """Collapse case-insensitive duplicates (first wins), with one warning naming all of them."""
+    first: dict[str, LabelEntry] = {}
+    duplicates: list[tuple[LabelEntry, LabelEntry]] = []
+    for entry in entries:
+        kept = first.get(entry.key)
+        if kept is None:
+            first[entry.key] = entry
+        else:
+            duplicates.append((entry, kept))
+    if duplicates and warn is not None:
+        shown = [f"{dup.label!r} ({dup.source}, same as {kept.label!r} at {kept.source})" for dup, kept in
+                 duplicates[:10]]
+        more = f", and {len(duplicates) - 10} more" if len(duplicates) > 10 else ""
+        warn(
+            f"ignored {len(duplicates)} duplicate label{'s' if len(duplicates) != 1 else ''} "
+            f"(case-insensitive; the first spelling is kept): {', '.join(shown)}{more}"
+        )
+    return list(first.values())
+
+
+def build_vocabulary(
+    files: Sequence[Path] = (),
+    inline: Sequence[str] = (),
+    warn: Callable[[str], None] | None = None,
+    allow_empty: bool = False,
+) -> list[LabelEntry]:
+    """The user's vocabulary: every labels file in order, then the ``--label`` values.
+
+    Duplicates are collapsed case-insensitively (first spelling wins, one warning via
+    ``warn``). An empty result is refused unless ``allow_empty``.
+    """
+    entries: list[LabelEntry] = []
+    for path in files:
+        entries.extend(read_labels_file(Path(path)))
+    for value in inline:
+        entries.append(parse_inline_label(value))
+    if not entries and not allow_empty:
+        if files:
+            names = ", ".join(str(Path(p)) for p in files)
+            raise SdltagError(
+                f"{names}: no labels found (every line is blank or a comment). Add one label per line."
+            )
+        raise SdltagError("no labels given. Pass --labels FILE or --label TEXT.")
+    return dedupe(entries, warn)
