@@ -1,0 +1,197 @@
+"""``sdltag train``: train an SDL model on a labeled folder and export it as a model folder."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from sdltag.commands._common import cli_errors, error, info
+
+
+class RichReporter:
+    """Training progress on stderr: a Rich bar with loss, lr, images/s and ETA; one line per epoch."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.quiet = quiet
+        self.progress: Any = None
+        self.task: Any = None
+        self.rate = 0.0
+        self.loss = float("nan")
+        self.started = time.perf_counter()
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            self._line(f"sdltag: {text}")
+
+    def warn(self, text: str) -> None:
+        self._line(f"sdltag: warning: {text}")
+
+    def _line(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def start(self, total_steps: int, done_steps: int, steps_per_epoch: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if self.quiet:
+            return
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]} img/s"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.steps_per_epoch = steps_per_epoch
+        self.task = self.progress.add_task(
+            "train", total=total_steps, completed=done_steps, epoch=1 + done_steps // max(steps_per_epoch, 1),
+            loss="-", lr="-", rate="-",
+        )
+
+    def step(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> None:
+        if math.isfinite(loss):
+            self.loss = loss if not math.isfinite(self.loss) else 0.9 * self.loss + 0.1 * loss
+        self.rate = images_per_s if self.rate == 0 else 0.9 * self.rate + 0.1 * images_per_s
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, epoch=epoch + 1, loss=f"{self.loss:.4f}",
+                                 lr=f"{lr:.2e}", rate=f"{self.rate:.0f}")
+
+    def epoch_end(self, epoch: int, train_loss: float, metrics: dict[str, Any] | None, best: bool) -> None:
+        text = f"epoch {epoch}: train loss {train_loss:.4f}"
+        if metrics:
+            gzsl = metrics["gzsl"]
+            text += f"  GZSL F1@3 {gzsl['f1']['3']:.2f} mAP {gzsl['map']:.2f}"
+            if "zsl" in metrics:
+                text += f"  ZSL F1@3 {metrics['zsl']['f1']['3']:.2f} mAP {metrics['zsl']['map']:.2f}"
+        if best:
+            text += "  (best so far)"
+        self._line(f"sdltag: {text}")
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+@cli_errors
+def train(
+    data_dir: Path = typer.Argument(..., help="Labeled image folder (labels.csv/jsonl, IMG.txt or XMP sidecars, or one "
+                                     "sub-folder per label)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder to write at the end (replaced atomically)."),
+    format: str = typer.Option("auto", "--format", help="Folder layout: auto, manifest, sidecar, folders, xmp."),
+    val: Path | None = typer.Option(None, "--val", help="Separate labeled folder for validation (else --val-split)."),
+    val_split: float = typer.Option(0.1, "--val-split", help="Share of DATA_DIR held out for validation (no --val)."),
+    unseen: Path | None = typer.Option(None, "--unseen", help="Labels file of labels held out of training and used "
+                                       "only for zero-shot validation; they join the model as unseen labels."),
+    backbone: str = typer.Option("smallcnn", "--backbone", help="Image backbone (smallcnn, resnet50, ...)."),
+    width: int | None = typer.Option(None, "--width", help="Backbone width (channels of the first stage); default: "
+                                     "the backbone's own."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Input side in pixels (default 96 for smallcnn, "
+                                          "224 otherwise)."),
+    rows: int = typer.Option(7, "--rows", help="M, the number of principal vectors per image."),
+    lam: float = typer.Option(0.1, "--lambda", help="Weight of the row-variance regulariser (0..1)."),
+    sigma: bool = typer.Option(True, "--sigma/--no-sigma", help="Semantic-diversity weighting (1 + sigma) of the "
+                               "ranking loss."),
+    epochs: int = typer.Option(10, "--epochs", help="Passes over the training images."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per optimizer step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of the one-cycle schedule."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="L2 penalty on weights (not biases or norms)."),
+    optimizer: str = typer.Option("adam", "--optimizer", help="adam (plain L2, the official recipe) or adamw "
+                                  "(decoupled decay)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, the initial weights, batch order and augmentation."),
+    init: Path | None = typer.Option(None, "--init", help="Fine-tune from a model folder written by `sdltag train` "
+                                     "(or a .pt checkpoint); same embedder required."),
+    embedder: str | None = typer.Option(None, "--embedder", help="Text embedder name or folder (default: the bundled "
+                                        "all-MiniLM-L6-v2)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (mixed precision on CUDA)."),
+    workers: int = typer.Option(2, "--workers", help="Processes decoding images (0: decode in the main process)."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    cache_mb: int = typer.Option(4096, "--cache-mb", help="Keep decoded images in RAM when they fit in this many MB."),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Folder for checkpoints (default: OUT.train beside "
+                                        "the model folder)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in the run folder exactly, "
+                                "with its saved settings."),
+    channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last", help="channels-last memory "
+                                       "layout (can be faster on some CPUs and GPUs)."),
+    name: str = typer.Option("", "--name", help="Model name recorded in the manifest (default: the folder name)."),
+    notes: str = typer.Option("", "--notes", help="Free text for the model card (data source, licence, ...)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; warnings and errors only."),
+) -> None:
+    """Train an SDL model on a labeled folder, validate it each epoch, calibrate it and export it.
+
+    Labels come from labels.csv (path,labels with ';' between labels) or labels.jsonl, from IMG.txt /
+    IMG.jpg.txt sidecars, from XMP dc:subject keywords, or from one sub-folder per label. Checkpoints
+    go to OUT.train/ (last.pt every epoch and on Ctrl-C, best.pt by GZSL F1@3); --resume continues
+    exactly. The model folder gets Platt calibration fitted on the validation images and a model card.
+    """
+    from sdltag.nn.train import RuntimeOptions, TrainConfig, TrainingInterrupted
+    from sdltag.nn.train import train as run_training
+
+    config = TrainConfig(
+        data=str(data_dir.expanduser().absolute()),
+        out=str(out.expanduser().absolute()),
+        format=format,
+        val=str(val.expanduser().absolute()) if val else None,
+        val_split=val_split,
+        unseen=str(unseen.expanduser().absolute()) if unseen else None,
+        backbone=backbone,
+        width=width,
+        image_size=image_size,
+        rows=rows,
+        lam=lam,
+        sigma=sigma,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        optimizer=optimizer,
+        seed=seed,
+        init=str(init.expanduser().absolute()) if init else None,
+        embedder=embedder,
+        name=name,
+        notes=notes,
+    )
+    if workers < 0:
+        error(f"--workers {workers}: must be 0 or more.")
+        raise typer.Exit(2)
+    options = RuntimeOptions(device=device, workers=workers, threads=threads, cache_mb=cache_mb, run_dir=run_dir,
+                             resume=resume, channels_last=channels_last)
+    reporter = RichReporter(quiet=quiet)
+    try:
+        result = run_training(config, options, reporter=reporter)
+    except TrainingInterrupted as exc:
+        error(f"interrupted; a resumable checkpoint is in {exc.checkpoint}. Run the same command with --resume.")
+        raise typer.Exit(130) from None
+    finally:
+        reporter.finish()
+    summary = f"wrote {result.model_folder.path} (best epoch {result.best_epoch}"
+    gzsl = result.metrics.get("gzsl")
+    if gzsl:
+        summary += f"; validation GZSL F1@3 {gzsl['f1']['3']:.2f}, mAP {gzsl['map']:.2f}"
+    zsl = result.metrics.get("zsl")
+    if zsl:
+        summary += f"; ZSL F1@3 {zsl['f1']['3']:.2f}, mAP {zsl['map']:.2f}"
+    cal = result.calibration
+    if cal.ece_seen is not None:
+        summary += f"; calibration ECE seen {cal.ece_seen:.4f}"
+        if cal.ece_unseen is not None:
+            summary += f", unseen {cal.ece_unseen:.4f}"
+    info(summary + ")")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

@@ -1,0 +1,275 @@
+"""Labeled image directories: the four layouts `sdltag train` and `sdltag eval` read.
+
+- ``manifest``: ``labels.csv`` (columns ``path,labels``; labels separated by ``;``) or
+  ``labels.jsonl`` (one ``{"path": ..., "labels": [...]}`` per line); paths relative to
+  the folder (or absolute).
+- ``sidecar``: a text file beside each image, ``IMG.jpg.txt`` or ``IMG.txt``, with labels
+  separated by commas or newlines.
+- ``folders``: one sub-folder per label (``DATA/dog/001.jpg``); an image found under
+  several label folders with the same relative name is not merged (each file is one item).
+- ``xmp``: keywords (``dc:subject``) in XMP sidecars ``IMG.xmp`` or ``IMG.jpg.xmp``, as
+  Lightroom, darktable and digiKam write them.
+
+Labels are normalised exactly as in ``--labels`` files (``sdltag.labels.normalize_label``).
+Images without a label and manifest rows naming a missing file are reported through
+``warn`` and skipped; readability of the image itself is checked when it is decoded.
+Image files are those ``sdltag tag`` reads (``sdltag.images.IMAGE_EXTENSIONS``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdltag.errors import SdltagError
+from sdltag.images import IMAGE_EXTENSIONS, SKIPPED_NAMES
+
+FORMATS = ("manifest", "sidecar", "folders", "xmp")
+MANIFEST_NAMES = ("labels.csv", "labels.jsonl")
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LabeledImage:
+    """One training or evaluation example: an image file and its (normalised) labels."""
+
+    path: Path
+    labels: tuple[str, ...]
+
+
+@dataclass
+class LabeledDataset:
+    """The usable items of a labeled folder plus what was skipped and why."""
+
+    root: Path
+    format: str
+    items: list[LabeledImage]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def label_counts(self) -> Counter[str]:
+        """How many images carry each label."""
+        return Counter(label for item in self.items for label in item.labels)
+
+    @property
+    def labels(self) -> list[str]:
+        """Every label that occurs, sorted."""
+        return sorted(self.label_counts())
+
+
+def normalize_labels(raw: Iterable[str], spellings: dict[str, str] | None = None) -> tuple[str, ...]:
+    """Normalise as labels files are, drop empties and case-insensitive duplicates.
+
+    ``spellings`` maps a label's case-insensitive key to the first spelling met in the
+    whole folder, so "Dog" and "dog" on two images are one label.
+    """
+    from sdltag.labels import label_key, normalize_label
+
+    spellings = {} if spellings is None else spellings
+    out: dict[str, str] = {}
+    for text in raw:
+        label = normalize_label(str(text))
+        if label:
+            key = label_key(label)
+            out.setdefault(key, spellings.setdefault(key, label))
+    return tuple(out.values())
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def walk_images(root: Path) -> list[Path]:
+    """Every image file under ``root`` (recursive, hidden files and folders skipped), sorted."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIPPED_NAMES)
+        for name in filenames:
+            path = Path(dirpath) / name
+            if is_image(path):
+                found.append(path)
+    return sorted(found)
+
+
+def _sidecar_text(image: Path) -> Path | None:
+    for candidate in (image.with_name(image.name + ".txt"), image.with_suffix(".txt")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _sidecar_xmp(image: Path) -> Path | None:
+    for candidate in (image.with_name(image.name + ".xmp"), image.with_suffix(".xmp"), image.with_suffix(".XMP")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def detect_format(root: Path) -> str:
+    """Guess the layout of ``root``: manifest, then sidecar text, then XMP, then sub-folders."""
+    if any((root / name).is_file() for name in MANIFEST_NAMES):
+        return "manifest"
+    images = walk_images(root)
+    if any(_sidecar_text(path) is not None for path in images):
+        return "sidecar"
+    if any(_sidecar_xmp(path) is not None for path in images):
+        return "xmp"
+    if any(path.parent != root for path in images):
+        return "folders"
+    raise SdltagError(
+        f"{root}: cannot tell how the images are labelled (no labels.csv/labels.jsonl, no IMG.txt or IMG.xmp "
+        "sidecars, no label sub-folders). See `sdltag train --help` for the layouts, or pass --format."
+    )
+
+
+def _read_manifest(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
+    rows: list[tuple[Path, list[str]]] = []
+    csv_path, jsonl_path = root / "labels.csv", root / "labels.jsonl"
+    if csv_path.is_file():
+        source = csv_path
+        try:
+            with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+                reader = csv.DictReader(handle)
+                if reader.fieldnames is None or not {"path", "labels"} <= {f.strip() for f in reader.fieldnames}:
+                    raise SdltagError(
+                        f"{csv_path}: needs a header row with columns `path,labels` (labels separated by `;`)."
+                    )
+                for line_no, row in enumerate(reader, start=2):
+                    row = {(k or "").strip(): v for k, v in row.items()}
+                    path_text = (row.get("path") or "").strip()
+                    if not path_text:
+                        warn(f"{csv_path}:{line_no}: no path, row skipped")
+                        continue
+                    rows.append((Path(path_text), (row.get("labels") or "").split(";")))
+        except UnicodeDecodeError as exc:
+            raise SdltagError(f"{csv_path}: not UTF-8 text ({exc.reason}). Save it as UTF-8.") from None
+    elif jsonl_path.is_file():
+        source = jsonl_path
+        try:
+            lines = jsonl_path.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as exc:
+            raise SdltagError(f"{jsonl_path}: not UTF-8 text ({exc.reason}). Save it as UTF-8.") from None
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                warn(f"{jsonl_path}:{line_no}: not valid JSON ({exc.msg}), line skipped")
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+                warn(f"{jsonl_path}:{line_no}: needs an object with a string \"path\", line skipped")
+                continue
+            labels = record.get("labels", [])
+            if isinstance(labels, str):
+                labels = labels.split(";")
+            if not isinstance(labels, list):
+                warn(f"{jsonl_path}:{line_no}: \"labels\" must be a list of strings, line skipped")
+                continue
+            rows.append((Path(record["path"]), [str(v) for v in labels]))
+    else:
+        raise SdltagError(f"{root}: no labels.csv or labels.jsonl. Write one, or pick another --format.")
+    resolved: list[tuple[Path, list[str]]] = []
+    for rel, labels in rows:
+        path = rel if rel.is_absolute() else root / rel
+        if not path.is_file():
+            warn(f"{path}: listed in {source.name} but not found, skipped")
+            skipped.append((path, "not found"))
+            continue
+        resolved.append((path, labels))
+    return resolved
+
+
+def _split_sidecar(text: str) -> list[str]:
+    return [part for line in text.splitlines() for part in line.split(",")]
+
+
+def _read_sidecar(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
+    rows: list[tuple[Path, list[str]]] = []
+    for image in walk_images(root):
+        sidecar = _sidecar_text(image)
+        if sidecar is None:
+            rows.append((image, []))
+            continue
+        try:
+            text = sidecar.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            warn(f"{sidecar}: cannot read ({exc}), image skipped")
+            skipped.append((image, "unreadable sidecar"))
+            continue
+        rows.append((image, _split_sidecar(text)))
+    return rows
+
+
+def _read_folders(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
+    rows: list[tuple[Path, list[str]]] = []
+    for image in walk_images(root):
+        rel = image.relative_to(root)
+        if len(rel.parts) < 2:
+            warn(f"{image}: not inside a label folder, skipped")
+            skipped.append((image, "no label folder"))
+            continue
+        rows.append((image, [rel.parts[0]]))
+    return rows
+
+
+def _read_xmp(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
+    from sdltag.xmp import read_keywords
+
+    rows: list[tuple[Path, list[str]]] = []
+    for image in walk_images(root):
+        sidecar = _sidecar_xmp(image)
+        if sidecar is None:
+            rows.append((image, []))
+            continue
+        try:
+            keywords = read_keywords(sidecar)
+        except SdltagError as exc:
+            warn(f"{sidecar}: {exc}, image skipped")
+            skipped.append((image, "unreadable XMP"))
+            continue
+        except (OSError, ValueError, SyntaxError) as exc:  # ElementTree's ParseError is a SyntaxError
+            warn(f"{sidecar}: cannot read XMP ({exc}), image skipped")
+            skipped.append((image, "unreadable XMP"))
+            continue
+        rows.append((image, list(keywords)))
+    return rows
+
+
+_READERS = {"manifest": _read_manifest, "sidecar": _read_sidecar, "folders": _read_folders, "xmp": _read_xmp}
+
+
+def read_labeled_dir(root: Path | str, format: str = "auto", warn: Warn | None = None) -> LabeledDataset:
+    """Read a labeled folder in the given layout (``auto`` detects it).
+
+    Problems with single files go to ``warn`` (one line each) and the file is skipped;
+    a folder that yields no labelled image raises ``SdltagError``.
+    """
+    root = Path(root).expanduser()
+    warn = warn or (lambda message: None)
+    if not root.is_dir():
+        raise SdltagError(f"{root}: not a folder. Pass the folder holding the labelled images.")
+    if format == "auto":
+        format = detect_format(root)
+    if format not in _READERS:
+        raise SdltagError(f"unknown --format {format!r}; choose auto, {', '.join(FORMATS)}")
+    skipped: list[tuple[Path, str]] = []
+    items: list[LabeledImage] = []
+    spellings: dict[str, str] = {}
+    for path, raw in _READERS[format](root, warn, skipped):
+        labels = normalize_labels(raw, spellings)
+        if not labels:
+            warn(f"{path}: no label, skipped")
+            skipped.append((path, "no label"))
+            continue
+        items.append(LabeledImage(path=path, labels=labels))
+    if not items:
+        raise SdltagError(
+            f"{root}: no labelled image found in the {format} layout ({len(skipped)} skipped). "
+            "Check the labels files or pass another --format."
+        )
+    return LabeledDataset(root=root, format=format, items=items, skipped=skipped)
