@@ -44,12 +44,8 @@ def resolve_label_space(model, label_files: list[Path], inline: list[str], *, no
         from sdltag.label_space import resolve_labels
     except ModuleNotFoundError as exc:  # pragma: no cover - the module ships with sdltag
         raise SdltagError(f"user labels need sdltag.label_space, which is missing here ({exc}).") from None
-    embedder_obj = None
-    if embedder:
-        from sdltag.embedding import get_text_embedder
-
-        embedder_obj = get_text_embedder(embedder)
-    label_set = resolve_labels(model, entries, include_seen=not no_seen, embedder=embedder_obj, cache_dir=cache_dir)
+    label_set = resolve_labels(model, entries, include_seen=not no_seen, embedder=embedder or None,
+                               cache_dir=cache_dir, warn=warn_fn)
     return LabelSpace.from_label_set(label_set)
 
 

@@ -1,0 +1,122 @@
+"""``sdltag search``: rank indexed images by one label's score, without running the image model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from sdltag.commands._common import cli_errors, info
+from sdltag.errors import SdltagError
+
+SEARCH_FORMATS = ("table", "csv", "json", "jsonl", "paths")
+CHUNK = 4096  # index rows scored per matrix product
+
+
+def rank_indexed(index, model, label_space, folders: list[Path], top: int, raw_scores: bool = False):
+    """The ``top`` indexed images under ``folders`` (all when empty) by the score of ``label_space``'s one label.
+
+    Rows whose file has gone are left out. Returns ``SearchHit`` records, best first.
+    """
+    from sdltag.scoring import calibrate, sdl_scores
+    from sdltag.writers import SearchHit
+
+    calibration = None if raw_scores else model.manifest.calibration
+    paths: list[Path] = []
+    scores: list[np.ndarray] = []
+    matrices: list[np.ndarray] = []
+
+    def score_chunk() -> None:
+        stacked = np.stack(matrices)  # (N, M, d)
+        raw = sdl_scores(stacked, label_space.vectors)  # (N, 1)
+        scores.append(calibrate(raw, label_space.unseen_mask, calibration)[:, 0])
+        matrices.clear()
+
+    for row in index.under(folders, model.model_id):
+        paths.append(row.path)
+        matrices.append(row.vectors)
+        if len(matrices) >= CHUNK:
+            score_chunk()
+    if matrices:
+        score_chunk()
+    if not paths:
+        return []
+    all_scores = np.concatenate(scores)
+    order = np.lexsort((np.arange(all_scores.size), -all_scores))
+    kind = "unseen" if bool(label_space.unseen_mask[0]) else "seen"
+    hits = []
+    for i in order:
+        if not paths[i].exists():
+            continue
+        hits.append(SearchHit(len(hits) + 1, paths[i], float(all_scores[i]), label_space.names[0], kind))
+        if len(hits) >= top:
+            break
+    return hits
+
+
+def query_label_space(model, query: str, embedder: str | None, cache_dir: Path | None):
+    """The query as a one-label space: the model's own vector when it is one of its labels, else embedded."""
+    from sdltag.labels import label_key
+    from sdltag.tagger import LabelSpace
+
+    key = label_key(query)
+    if not key:
+        raise SdltagError("the search query is empty. Give a label, e.g. `sdltag search beach`.")
+    own = LabelSpace.from_model(model)
+    for i, name in enumerate(own.names):
+        if label_key(name) == key:
+            return LabelSpace([name], own.vectors[i : i + 1], own.unseen_mask[i : i + 1])
+    from sdltag.commands.tag import resolve_label_space
+
+    space = resolve_label_space(model, [], [query], no_seen=True, embedder=embedder, cache_dir=cache_dir)
+    if len(space.names) != 1:
+        raise SdltagError(f"the query {query!r} did not resolve to one label.")
+    return space
+
+
+@cli_errors
+def search(
+    query: str = typer.Argument(..., help="The label to search for, e.g. 'beach' or 'red car' (any text)."),
+    paths: list[Path] = typer.Argument(None, help="Folders or files to search under (default: the whole index)."),
+    top: int = typer.Option(20, "--top", "-n", min=1, help="How many images to list, best first."),
+    fmt: str = typer.Option(None, "--format", "-f", help="table, csv, json, jsonl or paths (default: table on a "
+                            "terminal, else jsonl)."),
+    model_dir: Path = typer.Option(None, "--model", "-m", help="Model folder (default: the bundled model)."),
+    index_path: Path = typer.Option(None, "--index", help="Index file (default: in the user data folder)."),
+    embedder: str = typer.Option(None, "--embedder", help="Text embedder for the query (default: the model's)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Label-vector cache folder (default: user cache)."),
+    raw_scores: bool = typer.Option(False, "--raw-scores", help="Raw SDL scores instead of calibrated confidences."),
+) -> None:
+    """Search indexed images by a label (tag-based retrieval); the image model never runs.
+
+    Ranks every image `sdltag tag` indexed under PATH... with the same model by the
+    query label's SDL score. Exit 1 when no indexed image matches the paths.
+    """
+    from sdltag.commands.tag import load_model
+    from sdltag.index import ImageIndex
+    from sdltag.paths import default_index_path
+    from sdltag.writers import stdout_stream, write_search_hits
+
+    if fmt is None:
+        fmt = "table" if sys.stdout.isatty() else "jsonl"
+    if fmt not in SEARCH_FORMATS:
+        raise SdltagError(f"--format {fmt!r} is not one of {', '.join(SEARCH_FORMATS)}.")
+    path = Path(index_path).expanduser() if index_path else default_index_path()
+    if not path.is_file():
+        raise SdltagError(f"{path}: no index yet. Run `sdltag tag FOLDER` first (or pass --index FILE).")
+    model = load_model(model_dir)
+    label_space = query_label_space(model, query, embedder, cache_dir)
+    folders = [Path(p) for p in (paths or [])]
+    with ImageIndex.open_readonly(path) as index:
+        hits = rank_indexed(index, model, label_space, folders, top, raw_scores=raw_scores)
+    if not hits:
+        where = ", ".join(str(p) for p in folders) or "the index"
+        info(f"no images indexed with this model under {where}; run `sdltag tag` on them first")
+        raise typer.Exit(1)
+    write_search_hits(hits, fmt, stdout_stream())
+
+
+def register(app: typer.Typer) -> None:
+    app.command("search")(search)
