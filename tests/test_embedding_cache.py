@@ -1,0 +1,179 @@
+"""The label-vector cache (real SQLite): hits and misses, two writers at once, corrupt files."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdltag.embedding.cache import DB_FILE, LabelVectorCache
+
+EMBEDDER = "demo@sha256:0123456789abcdef"
+
+
+def _vector(text: str, dim: int = 16) -> np.ndarray:
+    """A deterministic unit vector per text, so any process writes the same value for a text."""
+    seed = int.from_bytes(text.encode("utf-8")[:8].ljust(8, b"\0"), "little") ^ len(text)
+    vector = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def test_miss_then_hit_round_trips_exact_vectors(tmp_path: Path) -> None:
+    cache = LabelVectorCache(tmp_path / "c")
+    assert cache.get_many(EMBEDDER, ["cat", "dog"]) == {}
+    assert cache.put_many(EMBEDDER, [("cat", _vector("cat")), ("dog", _vector("dog"))]) == 2
+    cache.close()
+    again = LabelVectorCache(tmp_path / "c")  # a later run
+    found = again.get_many(EMBEDDER, ["cat", "dog", "bird", "cat"])
+    assert set(found) == {"cat", "dog"}
+    np.testing.assert_array_equal(found["cat"], _vector("cat"))
+    assert found["cat"].dtype == np.float32
+    # Keys are exact: other case, other embedder or other dimension is a miss.
+    assert again.get_many(EMBEDDER, ["Cat"]) == {}
+    assert again.get_many("other@sha256:0", ["cat"]) == {}
+    assert again.get_many(EMBEDDER, ["cat"], dim=384) == {}
+    stats = again.stats()
+    assert stats.entries == 2 and stats.per_embedder == {EMBEDDER: 2} and stats.bytes > 0
+
+
+def test_many_texts_are_looked_up_in_chunks(tmp_path: Path) -> None:
+    cache = LabelVectorCache(tmp_path)
+    texts = [f"label {i}" for i in range(1300)]  # more than SQLite's host-parameter limit
+    cache.put_many(EMBEDDER, [(t, _vector(t)) for t in texts])
+    found = cache.get_many(EMBEDDER, texts)
+    assert len(found) == 1300
+    np.testing.assert_array_equal(found["label 1299"], _vector("label 1299"))
+
+
+def test_damaged_rows_are_misses(tmp_path: Path) -> None:
+    cache = LabelVectorCache(tmp_path)
+    cache.put_many(EMBEDDER, [("good", _vector("good")), ("short", _vector("short")), ("nan", _vector("nan"))])
+    conn = sqlite3.connect(cache.path)
+    conn.execute("UPDATE vectors SET vector = substr(vector, 1, 8) WHERE text = 'short'")
+    conn.execute("UPDATE vectors SET vector = ? WHERE text = 'nan'", (np.full(16, np.nan, "<f4").tobytes(),))
+    conn.commit()
+    conn.close()
+    assert set(cache.get_many(EMBEDDER, ["good", "short", "nan"])) == {"good"}
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    import time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[3])
+    from test_embedding_cache import _vector
+    from sdltag.embedding.cache import LabelVectorCache
+    cache = LabelVectorCache(sys.argv[1])
+    me = sys.argv[2]
+    # Start together: announce readiness, then wait for the parent's "go".
+    Path(sys.argv[4], f"ready-{me}").touch()
+    while not Path(sys.argv[4], "go").exists():
+        time.sleep(0.005)
+    # 40 transactions each: 5 texts of our own and 5 shared with the other writer.
+    for i in range(40):
+        texts = [f"{me}-{i}-{j}" for j in range(5)] + [f"shared-{i}-{j}" for j in range(5)]
+        cache.put_many("demo@sha256:0123456789abcdef", [(t, _vector(t)) for t in texts])
+        cache.get_many("demo@sha256:0123456789abcdef", texts)
+    print("done")
+    """
+)
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "shared-cache"
+    tests_dir = str(Path(__file__).parent)
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(folder), name, tests_dir, str(sync)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name in ("a", "b")
+    ]
+    deadline = time.monotonic() + 60
+    while not all((sync / f"ready-{n}").exists() for n in ("a", "b")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (sync / "go").touch()
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.strip() == "done"
+        assert "warning" not in err
+    cache = LabelVectorCache(folder)
+    expected = [f"{me}-{i}-{j}" for me in ("a", "b", "shared") for i in range(40) for j in range(5)]
+    found = cache.get_many(EMBEDDER, expected)
+    assert len(found) == len(expected) == 600
+    for text in ("a-0-0", "b-39-4", "shared-17-3"):
+        np.testing.assert_array_equal(found[text], _vector(text))
+    conn = sqlite3.connect(cache.path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+def _filled_cache(folder: Path, count: int = 400) -> LabelVectorCache:
+    cache = LabelVectorCache(folder)
+    cache.put_many(EMBEDDER, [(f"t{i}", _vector(f"t{i}", 384)) for i in range(count)])
+    cache.close()  # the last connection checkpoints the WAL into the main file
+    assert not Path(f"{cache.path}-wal").exists() or Path(f"{cache.path}-wal").stat().st_size == 0
+    return cache
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "zero-header"])
+def test_corrupt_cache_is_set_aside_with_one_warning_and_rebuilt(tmp_path: Path, damage: str) -> None:
+    folder = tmp_path / "c"
+    path = _filled_cache(folder).path
+    data = path.read_bytes()
+    assert len(data) > 100_000
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"this is not a database at all\n" * 100)
+    else:
+        path.write_bytes(b"\0" * 100 + data[100:])
+    warnings: list[str] = []
+    cache = LabelVectorCache(folder, warn=warnings.append)
+    found = cache.get_many(EMBEDDER, ["t0", "t1"])
+    assert found == {} or all(np.allclose(found[t], _vector(t, 384)) for t in found)
+    assert len(warnings) == 1 and "corrupt" in warnings[0] and str(path) in warnings[0]
+    aside = sorted(folder.glob(f"{DB_FILE}.corrupt-*"))
+    assert len(aside) == 1 and aside[0].name in warnings[0]
+    # The rebuilt cache works and keeps what is written to it.
+    cache.put_many(EMBEDDER, [("new", _vector("new"))])
+    assert set(LabelVectorCache(folder).get_many(EMBEDDER, ["new"])) == {"new"}
+    assert len(warnings) == 1
+
+
+def test_unwritable_cache_folder_falls_back_to_memory(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    warnings: list[str] = []
+    cache = LabelVectorCache(blocker / "cache", warn=warnings.append)
+    cache.put_many(EMBEDDER, [("cat", _vector("cat"))])
+    assert set(cache.get_many(EMBEDDER, ["cat"])) == {"cat"}
+    assert len(warnings) == 1 and "in memory" in warnings[0]
+
+
+def test_weight_hash_memo_is_keyed_by_size_and_mtime(tmp_path: Path) -> None:
+    cache = LabelVectorCache(tmp_path)
+    cache.put_file_hash(Path("/x/model.safetensors"), 10, 111, "ab" * 32)
+    assert cache.get_file_hash(Path("/x/model.safetensors"), 10, 111) == "ab" * 32
+    assert cache.get_file_hash(Path("/x/model.safetensors"), 10, 112) is None
+    assert cache.get_file_hash(Path("/x/model.safetensors"), 11, 111) is None
+
+
+def test_clear_removes_vectors_and_fast_paths(tmp_path: Path) -> None:
+    cache = LabelVectorCache(tmp_path)
+    cache.put_many(EMBEDDER, [("cat", _vector("cat"))])
+    fast = cache.fast_path_dir(EMBEDDER)
+    fast.mkdir(parents=True)
+    (fast / "meta.json").write_text("{}")
+    assert cache.stats().fast_paths == [fast.name]
+    assert cache.clear() == 1
+    assert not fast.exists() and not cache.path.exists()
+    assert LabelVectorCache(tmp_path).stats().entries == 0
