@@ -105,6 +105,13 @@ def _open_raw_preview(path: Path) -> Image.Image:
     return image
 
 
+def _allow_pixels(max_megapixels: float) -> None:
+    """Let Pillow open headers up to our cap: the cap (checked before decoding) is the guard, not Pillow's."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and max_megapixels * 1e6 > limit:
+        Image.MAX_IMAGE_PIXELS = int(max_megapixels * 1e6)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; transparent pixels are flattened onto white."""
     mode = image.mode
@@ -152,6 +159,7 @@ def open_image(path: Path, max_megapixels: float = 100.0, target: tuple[int, int
                 _register_heif()
             if path.stat().st_size == 0:
                 raise ImageError(path, "empty file (0 bytes)")
+            _allow_pixels(max_megapixels)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(path)
@@ -183,8 +191,11 @@ def open_image(path: Path, max_megapixels: float = 100.0, target: tuple[int, int
         return _to_rgb(image)
     except ImageError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageError(path, f"refused as a decompression bomb ({_one_line(exc)})") from None
+    except Image.DecompressionBombError:
+        raise ImageError(
+            path, f"image is far over the {max_megapixels:g} MP cap (a decompression bomb?); "
+            "raise --max-megapixels if the file is genuine"
+        ) from None
     except Image.UnidentifiedImageError:
         raise ImageError(path, "not an image Pillow can read (wrong extension, or corrupt)") from None
     except PermissionError:

@@ -144,6 +144,15 @@ def merge_keywords(existing: KeywordSet, keywords: list[str], root: str = "sdlta
     )
 
 
+def _same(a: KeywordSet, b: KeywordSet) -> bool:
+    """Equal up to order and case: a re-run that picks the same tags leaves the file alone."""
+    def norm(values: list[str]) -> list[str]:
+        return sorted(v.casefold() for v in values)
+
+    return all(norm(x) == norm(y) for x, y in ((a.subject, b.subject), (a.hierarchical, b.hierarchical),
+                                               (a.tags_list, b.tags_list)))
+
+
 def _skeleton() -> ET.Element:
     meta = ET.Element(f"{{{X_NS}}}xmpmeta")
     rdf = ET.SubElement(meta, f"{{{RDF_NS}}}RDF")
@@ -192,7 +201,7 @@ def write_keywords(xmp_path: Path, keywords: list[str], *, root: str = "sdltag",
         tags_list=_items(tree_root, TAGS_LIST),
     )
     merged = merge_keywords(existing, keywords, root=root)
-    if xmp_path.exists() and merged == existing:
+    if xmp_path.exists() and _same(merged, existing):
         return False
     if dry_run:
         return True

@@ -1,0 +1,238 @@
+"""Decoding (orientation, modes, draft, caps, bad files) and discovery (walk, filters, RAW pairing)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdltag.images import ImageError, discover, load_image, open_image, preprocess
+from sdltag.modelfolder import InputSpec
+
+
+def _jpeg(path: Path, size=(64, 48), color=(200, 30, 30), **kw) -> Path:
+    Image.new("RGB", size, color).save(path, quality=95, **kw)
+    return path
+
+
+# -- decoding --------------------------------------------------------------------------------
+
+
+def test_jpeg_draft_decodes_at_reduced_size(tmp_path: Path) -> None:
+    path = _jpeg(tmp_path / "big.jpg", size=(4000, 3000))
+    image = open_image(path, target=(224, 224))
+    # draft picks the smallest DCT scale (1/8 here) still covering 224x224
+    assert image.size == (500, 375) and image.mode == "RGB"
+    assert open_image(path).size == (4000, 3000)
+
+
+def test_exif_orientation_applied_and_draft_target_swapped(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "rot.jpg"
+    Image.new("RGB", (1600, 400), (10, 200, 10)).save(path, exif=exif)
+    image = open_image(path)
+    assert image.size == (400, 1600)
+    drafted = open_image(path, target=(100, 50))  # displayed 50 wide, 100 high -> stored 100 wide, 50 high
+    assert drafted.size[0] >= 50 and drafted.size[1] >= 100 and drafted.size[1] > drafted.size[0]
+
+
+def test_alpha_flattened_onto_white(tmp_path: Path) -> None:
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    rgba.save(tmp_path / "a.png")
+    image = open_image(tmp_path / "a.png")
+    assert image.mode == "RGB"
+    assert image.getpixel((1, 1)) == (255, 255, 255) and image.getpixel((0, 0)) == (255, 0, 0)
+    la = Image.new("LA", (4, 4), (0, 0))
+    la.save(tmp_path / "la.png")
+    assert open_image(tmp_path / "la.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_palette_cmyk_grey_and_16bit_converted(tmp_path: Path) -> None:
+    Image.new("RGB", (6, 6), (0, 0, 255)).convert("P").save(tmp_path / "p.gif")
+    assert open_image(tmp_path / "p.gif").getpixel((0, 0)) == (0, 0, 255)
+    Image.new("CMYK", (6, 6), (0, 255, 0, 0)).save(tmp_path / "c.jpg", quality=100)
+    r, g, b = open_image(tmp_path / "c.jpg").getpixel((0, 0))
+    assert r > 240 and g < 15 and b > 240  # magenta
+    Image.new("L", (6, 6), 128).save(tmp_path / "g.png")
+    assert open_image(tmp_path / "g.png").getpixel((0, 0)) == (128, 128, 128)
+    Image.new("I;16", (6, 6), 65535).save(tmp_path / "w16.png")
+    assert open_image(tmp_path / "w16.png").getpixel((0, 0)) == (255, 255, 255)
+    Image.new("I;16", (6, 6), 32896).save(tmp_path / "m16.png")
+    assert open_image(tmp_path / "m16.png").getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_gif_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (8, 8), c).convert("P") for c in [(255, 0, 0), (0, 255, 0)]]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    r, g, _ = open_image(tmp_path / "anim.gif").getpixel((2, 2))
+    assert r > 200 and g < 50
+
+
+def test_heic_through_pillow_heif(tmp_path: Path) -> None:
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    path = tmp_path / "IMG_1.HEIC"
+    try:
+        Image.new("RGB", (64, 32), (0, 0, 250)).save(path, format="HEIF", quality=90)
+    except Exception as exc:  # noqa: BLE001 - an encoder-less libheif build
+        pytest.skip(f"no HEIF encoder here: {exc}")
+    image = open_image(path)
+    assert image.size == (64, 32) and image.getpixel((10, 10))[2] > 200
+
+
+def test_preprocess_matches_the_manifest_rule() -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    spec = InputSpec(40, 60, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    out = preprocess(image, spec)
+    expected = ((pixels / 255.0 - np.array(spec.mean)) / np.array(spec.std)).transpose(2, 0, 1)
+    assert out.shape == (3, 40, 60) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    crop = preprocess(image, InputSpec(20, 20, resize="shorter_center_crop"))
+    # scale 0.5 -> 30x20, then the centre 20 columns (5..25)
+    centre = np.asarray(image.resize((30, 20), Image.Resampling.BILINEAR), dtype=np.float32)[:, 5:25] / 255.0
+    np.testing.assert_allclose(crop, centre.transpose(2, 0, 1), atol=1e-6)
+    squash = preprocess(image, InputSpec(10, 10))
+    assert squash.shape == (3, 10, 10)
+
+
+def test_load_image_shape(tmp_path: Path) -> None:
+    path = _jpeg(tmp_path / "x.JPG", size=(300, 200))
+    array = load_image(path, InputSpec(32, 32))
+    assert array.shape == (3, 32, 32) and np.isfinite(array).all()
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def _bomb_png(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims width x height (the pixels are never there)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated", "text", "bomb", "corrupt_png", "over_cap"])
+def test_bad_files_raise_image_error_with_one_line(tmp_path: Path, case: str) -> None:
+    if case == "empty":
+        path = tmp_path / "empty.jpg"
+        path.write_bytes(b"")
+        expect = "empty"
+    elif case == "truncated":
+        full = _jpeg(tmp_path / "full.jpg", size=(400, 300)).read_bytes()
+        path = tmp_path / "trunc.jpg"
+        path.write_bytes(full[: len(full) // 2])
+        expect = "truncated"
+    elif case == "text":
+        path = tmp_path / "notes.jpg"
+        path.write_text("this is not a picture\n")
+        expect = "not an image"
+    elif case == "bomb":
+        path = _bomb_png(tmp_path / "bomb.png", 50_000, 50_000)  # 2500 MP
+        expect = "MP cap"
+    elif case == "corrupt_png":
+        path = tmp_path / "bad.png"
+        Image.new("RGB", (50, 50), (1, 2, 3)).save(path)
+        data = bytearray(path.read_bytes())
+        data[40:60] = b"\xff" * 20
+        path.write_bytes(bytes(data))
+        expect = ""
+    else:
+        path = _jpeg(tmp_path / "big.jpg", size=(2000, 1000))
+        with pytest.raises(ImageError, match="over the 1 MP cap"):
+            open_image(path, max_megapixels=1.0)
+        return
+    with pytest.raises(ImageError) as info:
+        load_image(path, InputSpec(32, 32))
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and expect in message
+    assert info.value.exit_code == 1
+
+
+def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _jpeg(tmp_path / "locked.jpg")
+    if os.geteuid() != 0:
+        path.chmod(0)
+        try:
+            with pytest.raises(ImageError, match="permission denied"):
+                open_image(path)
+        finally:
+            path.chmod(0o644)
+    # as root chmod does not stop reading: make opening fail the way it would for a user
+    real_open = Image.open
+
+    def deny(fp, *args, **kwargs):
+        if Path(fp) == path:
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", deny)
+    with pytest.raises(ImageError, match="permission denied"):
+        open_image(path)
+
+
+# -- discovery --------------------------------------------------------------------------------
+
+
+def test_discover_walks_filters_and_pairs_raw(tmp_path: Path) -> None:
+    root = tmp_path / "lib"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "@eaDir").mkdir()
+    (root / ".git").mkdir()
+    (root / "System Volume Information").mkdir()
+    for rel in ["a.JPG", "b.png", "sub/c.WebP", "sub/deeper/d.tiff", "e.heic", "IMG_1.jpg", "IMG_1.CR2",
+                "IMG_2.NEF", ".hidden.jpg", "._a.jpg", "@eaDir/thumb.jpg", ".git/x.png",
+                "System Volume Information/y.jpg", "notes.txt", "f.Bmp", "g.gif", "h.dng"]:
+        (root / rel).write_bytes(b"x")
+    found = discover([root])
+    names = sorted(p.relative_to(root).as_posix() for p in found.files)
+    assert names == sorted(["a.JPG", "b.png", "sub/c.WebP", "sub/deeper/d.tiff", "e.heic", "IMG_1.jpg",
+                            "IMG_2.NEF", "f.Bmp", "g.gif", "h.dng"])
+    assert [p.name for p in found.skipped_raw] == ["IMG_1.CR2"]
+    assert all(p.is_absolute() for p in found.files)
+    flat = discover([root], recursive=False)
+    assert not any("sub" in p.parts for p in flat.files)
+    everything = discover([root], include_hidden=True)
+    hidden = {p.name for p in everything.files}
+    assert {".hidden.jpg", "._a.jpg", "thumb.jpg", "x.png", "y.jpg"} <= hidden
+
+
+def test_discover_missing_paths_and_explicit_files(tmp_path: Path) -> None:
+    _jpeg(tmp_path / "one.jpg")
+    (tmp_path / "readme.txt").write_text("hi")
+    found = discover([tmp_path / "one.jpg", tmp_path / "gone.jpg", tmp_path / "readme.txt", tmp_path / "one.jpg"])
+    assert [p.name for p in found.files] == ["one.jpg"]  # de-duplicated
+    reasons = dict(found.problems)
+    assert "no such file" in reasons[str(tmp_path / "gone.jpg")]
+    assert "not a supported image type" in reasons[str(tmp_path / "readme.txt")]
+
+
+def test_discover_survives_symlink_loops(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    _jpeg(tmp_path / "a" / "p.jpg")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "self")
+    found = discover([tmp_path])
+    assert [p.name for p in found.files] == ["p.jpg"]
+
+
+def test_discover_non_utf8_name(tmp_path: Path) -> None:
+    raw_name = os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+    with open(raw_name, "wb") as handle:
+        handle.write(_jpeg(tmp_path / "src.jpg").read_bytes())
+    found = discover([tmp_path])
+    odd = [p for p in found.files if p.name != "src.jpg"]
+    assert len(odd) == 1 and os.fsencode(odd[0]) == raw_name
+    assert load_image(odd[0], InputSpec(16, 16)).shape == (3, 16, 16)
