@@ -228,8 +228,8 @@ def _read_xmp(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[t
             continue
         try:
             keywords = read_keywords(sidecar)
-        except SdltagError as exc:
-            warn(f"{sidecar}: {exc}, image skipped")
+        except SdltagError as exc:  # XmpError names the file already
+            warn(f"{exc}; image skipped")
             skipped.append((image, "unreadable XMP"))
             continue
         except (OSError, ValueError, SyntaxError) as exc:  # ElementTree's ParseError is a SyntaxError

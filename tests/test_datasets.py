@@ -1,0 +1,147 @@
+"""Labeled directories: every layout, auto-detection, normalisation and what gets skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdltag.datasets import detect_format, read_labeled_dir
+from sdltag.errors import SdltagError
+
+LIGHTROOM_XMP = """<x:xmpmeta xmlns:x="adobe:ns:meta/">
+ <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+  <rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/"
+    xmlns:lr="http://ns.adobe.com/lightroom/1.0/">
+   <dc:subject><rdf:Bag>{items}</rdf:Bag></dc:subject>
+  </rdf:Description>
+ </rdf:RDF>
+</x:xmpmeta>
+"""
+
+
+def _image(path: Path, colour: int = 100) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), colour, np.uint8)).save(path)
+    return path
+
+
+def _labels(dataset) -> dict[str, tuple[str, ...]]:
+    return {item.path.relative_to(dataset.root).as_posix(): item.labels for item in dataset.items}
+
+
+def test_manifest_csv(tmp_path: Path) -> None:
+    _image(tmp_path / "a.png")
+    _image(tmp_path / "sub" / "b.png")
+    _image(tmp_path / "c.png")
+    (tmp_path / "labels.csv").write_text(
+        "path,labels\na.png,  red  panda ;Dog;dog\nsub/b.png,cat\nc.png,\nmissing.png,cat\n", encoding="utf-8"
+    )
+    warnings: list[str] = []
+    dataset = read_labeled_dir(tmp_path, warn=warnings.append)
+    assert dataset.format == "manifest"
+    # Whitespace collapsed as in labels files; case-insensitive duplicates collapsed (first spelling kept).
+    assert _labels(dataset) == {"a.png": ("red panda", "Dog"), "sub/b.png": ("cat",)}
+    assert any("missing.png" in w and "not found" in w for w in warnings)
+    assert any("c.png" in w and "no label" in w for w in warnings)
+    assert {reason for _, reason in dataset.skipped} == {"not found", "no label"}
+    assert dataset.labels == ["Dog", "cat", "red panda"]
+
+
+def test_manifest_csv_needs_its_header(tmp_path: Path) -> None:
+    _image(tmp_path / "a.png")
+    (tmp_path / "labels.csv").write_text("file,tags\na.png,cat\n", encoding="utf-8")
+    with pytest.raises(SdltagError, match="path,labels"):
+        read_labeled_dir(tmp_path)
+
+
+def test_manifest_jsonl_with_a_bad_line(tmp_path: Path) -> None:
+    _image(tmp_path / "a.png")
+    _image(tmp_path / "b.png")
+    lines = [
+        json.dumps({"path": "a.png", "labels": ["cat", "sofa"]}),
+        "{not json",
+        json.dumps({"path": "b.png", "labels": "dog;ball"}),
+        json.dumps({"labels": ["x"]}),
+    ]
+    (tmp_path / "labels.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    warnings: list[str] = []
+    dataset = read_labeled_dir(tmp_path, warn=warnings.append)
+    assert _labels(dataset) == {"a.png": ("cat", "sofa"), "b.png": ("dog", "ball")}
+    assert any(":2:" in w and "JSON" in w for w in warnings)
+    assert any(":4:" in w for w in warnings)
+
+
+def test_sidecar_text_both_namings(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg")
+    _image(tmp_path / "b.png")
+    _image(tmp_path / "nested" / "c.png")
+    _image(tmp_path / "unlabelled.png")
+    (tmp_path / "a.jpg.txt").write_text("beach, sunset\nsea\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("dog", encoding="utf-8")
+    (tmp_path / "nested" / "c.png.txt").write_text("\n\n cat ,, \n", encoding="utf-8")
+    warnings: list[str] = []
+    dataset = read_labeled_dir(tmp_path, warn=warnings.append)
+    assert dataset.format == "sidecar"
+    assert _labels(dataset) == {"a.jpg": ("beach", "sunset", "sea"), "b.png": ("dog",), "nested/c.png": ("cat",)}
+    assert warnings == [f"{tmp_path / 'unlabelled.png'}: no label, skipped"]
+
+
+def test_one_folder_per_label(tmp_path: Path) -> None:
+    _image(tmp_path / "dog" / "1.png")
+    _image(tmp_path / "dog" / "deeper" / "2.png")
+    _image(tmp_path / "hot  air balloon" / "3.png")
+    _image(tmp_path / "loose.png")
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    warnings: list[str] = []
+    dataset = read_labeled_dir(tmp_path, format="folders", warn=warnings.append)
+    assert _labels(dataset) == {"dog/1.png": ("dog",), "dog/deeper/2.png": ("dog",), "hot  air balloon/3.png": (
+        "hot air balloon",)}
+    assert any("loose.png" in w for w in warnings)
+
+
+def test_folders_are_detected_when_nothing_else_matches(tmp_path: Path) -> None:
+    _image(tmp_path / "cat" / "1.png")
+    assert detect_format(tmp_path) == "folders"
+
+
+def test_xmp_sidecars_both_namings(tmp_path: Path) -> None:
+    from sdltag.xmp import write_keywords
+
+    _image(tmp_path / "IMG_1.jpg")
+    _image(tmp_path / "IMG_2.png")
+    _image(tmp_path / "IMG_3.png")
+    _image(tmp_path / "IMG_4.png")
+    items = "".join(f"<rdf:li>{k}</rdf:li>" for k in ("Mountain", "snow", " lake "))
+    (tmp_path / "IMG_1.xmp").write_text(LIGHTROOM_XMP.format(items=items), encoding="utf-8")  # Lightroom naming
+    write_keywords(tmp_path / "IMG_2.png.xmp", ["forest", "fog"])  # darktable naming, written by sdltag
+    (tmp_path / "IMG_3.xmp").write_text("<x:xmpmeta", encoding="utf-8")  # broken
+    warnings: list[str] = []
+    dataset = read_labeled_dir(tmp_path, warn=warnings.append)
+    assert dataset.format == "xmp"
+    assert _labels(dataset) == {"IMG_1.jpg": ("Mountain", "snow", "lake"), "IMG_2.png": ("forest", "fog")}
+    assert any("IMG_3" in w for w in warnings)
+    assert any("IMG_4.png" in w and "no label" in w for w in warnings)
+
+
+def test_format_can_be_forced(tmp_path: Path) -> None:
+    _image(tmp_path / "cat" / "1.png")
+    (tmp_path / "cat" / "1.png.txt").write_text("tabby")
+    assert read_labeled_dir(tmp_path).format == "sidecar"
+    assert _labels(read_labeled_dir(tmp_path, format="folders")) == {"cat/1.png": ("cat",)}
+    with pytest.raises(SdltagError, match="--format"):
+        read_labeled_dir(tmp_path, format="exif")
+
+
+def test_refusals_name_the_folder_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(SdltagError, match="not a folder"):
+        read_labeled_dir(tmp_path / "nope")
+    _image(tmp_path / "a.png")
+    with pytest.raises(SdltagError, match="cannot tell"):
+        read_labeled_dir(tmp_path)
+    (tmp_path / "labels.csv").write_text("path,labels\na.png,\nb.png,cat\n", encoding="utf-8")
+    with pytest.raises(SdltagError, match="no labelled image"):
+        read_labeled_dir(tmp_path)
