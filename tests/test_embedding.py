@@ -24,8 +24,8 @@ from sdltag.embedding.cache import FAST_PATH_DIR, LabelVectorCache
 from sdltag.embedding.locate import default_model_folder
 from sdltag.embedding.onnx_text import FastPathError, OnnxTextEncoder, read_meta
 from sdltag.errors import SdltagError
-from sdltag.labels import LabelEntry, build_vocabulary
 from sdltag.label_space import resolve_labels
+from sdltag.labels import LabelEntry, build_vocabulary
 from tests.conftest import build_tiny_model
 
 DATA = Path(__file__).parent / "data"
@@ -86,8 +86,8 @@ def test_spec_is_name_plus_weights_hash_and_needs_no_torch(tmp_path: Path) -> No
         import json, sys
         from sdltag.embedding import get_text_embedder
         spec = get_text_embedder(None, sys.argv[1] if len(sys.argv) > 1 else None).spec
-        print(json.dumps({"spec": spec.to_json(), "heavy": [m for m in %r if m in sys.modules]}))
-    """ % (HEAVY,)
+        print(json.dumps({"spec": spec.to_json(), "heavy": [m for m in HEAVY if m in sys.modules]}))
+    """.replace("HEAVY", repr(HEAVY))
     result = _run_python(code, SDLTAG_HOME=str(tmp_path))
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -146,10 +146,10 @@ def test_new_labels_use_the_fast_path_without_torch(cache_dir: Path, tmp_path: P
         from sdltag.embedding import get_text_embedder
         embedder = get_text_embedder(None, sys.argv[1])
         np.save(sys.argv[2], embedder.embed(["lighthouse at dusk", "birthday cake"]))
-        heavy = [m for m in %r if m in sys.modules]
+        heavy = [m for m in HEAVY if m in sys.modules]
         assert not heavy, heavy
         print(embedder.last_new)
-    """ % (HEAVY,)
+    """.replace("HEAVY", repr(HEAVY))
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(cache_dir), str(out)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -171,8 +171,8 @@ def test_fully_cached_resolve_imports_nothing_heavy(cache_dir: Path, tmp_path: P
         model = load_model_folder(sys.argv[1])
         label_set = resolve_labels(model, build_vocabulary([Path(sys.argv[2])]), cache_dir=Path(sys.argv[3]))
         print(json.dumps({"names": label_set.names, "kinds": label_set.kinds(),
-                          "heavy": [m for m in %r if m in sys.modules]}))
-    """ % (HEAVY,)
+                          "heavy": [m for m in HEAVY if m in sys.modules]}))
+    """.replace("HEAVY", repr(HEAVY))
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), str(minilm_model.path), str(labels), str(cache_dir)],
         capture_output=True, text=True, timeout=120,
