@@ -41,7 +41,7 @@ def import_official(
     """
     from sdltag.nn.official import import_official as run_import
 
-    info(f"importing {checkpoint} (this exports a 34M-parameter model to ONNX; it takes a minute)")
+    info(f"importing {checkpoint} (exporting its 34M parameters to ONNX takes a while)")
     folder = run_import(checkpoint, wordvecs, classes, out, unseen=unseen, name=name)
     manifest = folder.manifest
     info(
