@@ -263,3 +263,19 @@ def test_state_dict_wrappers_and_key_mapping() -> None:
     assert official_config().head_layout == "interleaved"
     for key in ("head.embedding.weight", "backbone.conv1.1.running_var"):
         assert to_sdltag_key(to_official_key(key)) == key
+
+
+def test_tagging_labels_come_from_the_word_vector_table(imported: ModelFolder) -> None:
+    from sdltag.label_space import resolve_labels
+    from sdltag.labels import parse_inline_label
+
+    # A label in the table is scored with its official vector (and keeps its unseen mark) ...
+    labels = resolve_labels(imported, [parse_inline_label("Dog")], include_seen=False)
+    row = imported.all_labels.index("dog")
+    assert labels.names == ["dog"] and labels.unseen_mask.tolist() == [True]
+    np.testing.assert_array_equal(labels.vectors[0], imported.label_vectors[row])
+    everything = resolve_labels(imported, [])
+    assert len(everything) == 1006 and int(everything.unseen_mask.sum()) == 81
+    # ... one outside it is refused with what this model can score.
+    with pytest.raises(SdltagError, match="fixed word-vector table.*'spaceship'.*text encoder"):
+        resolve_labels(imported, [parse_inline_label("spaceship")])
