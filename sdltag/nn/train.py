@@ -488,6 +488,7 @@ def train(
     augment = AugmentConfig.from_dict(config.augment)
 
     epoch, step, step_in_epoch = 0, 0, 0
+    loss_sum, loss_count = 0.0, 0  # the current epoch's running loss (saved, so a resumed epoch reports it whole)
     best: dict[str, Any] = {"f1": -1.0, "epoch": -1}
     history: list[dict[str, Any]] = []
     if resume_state is not None:
@@ -499,6 +500,8 @@ def train(
         _set_rng_state(generator, resume_state["rng"])
         epoch, step, step_in_epoch = int(resume_state["epoch"]), int(resume_state["step"]), int(
             resume_state["step_in_epoch"])
+        loss_sum, loss_count = (float(v) for v in resume_state.get("epoch_loss", (0.0, 0)))
+        loss_count = int(loss_count)
         best = dict(resume_state.get("best", best))
         history = list(resume_state.get("history", []))
 
@@ -515,7 +518,8 @@ def train(
 
     def save(path: Path, *, full: bool) -> None:
         payload = {**base_payload, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best": best, "history": history}
+                   "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best": best, "history": history,
+                   "epoch_loss": (loss_sum, loss_count)}
         if full:
             payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                            scaler=scaler.state_dict(), rng=_rng_state(generator))
@@ -531,7 +535,6 @@ def train(
                 model.train()
                 batches = _epoch_batches(len(usable), batch_size, config.seed, epoch)
                 batches = [usable[b].tolist() for b in batches]
-                loss_sum, loss_count = 0.0, 0
                 tick = time.perf_counter()
                 for indices, pixels in train_store.iter_batches(batches[step_in_epoch:]):
                     if len(indices) >= 2:
@@ -579,6 +582,7 @@ def train(
                 if is_best:
                     best = {"f1": metrics["gzsl"]["f1"]["3"] if metrics else 0.0, "epoch": epoch + 1}
                 epoch, step_in_epoch = epoch + 1, 0
+                loss_sum, loss_count = 0.0, 0
                 save(run_dir / LAST, full=True)
                 if is_best:
                     save(run_dir / BEST, full=False)
