@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -279,3 +280,30 @@ def test_tagging_labels_come_from_the_word_vector_table(imported: ModelFolder) -
     # ... one outside it is refused with what this model can score.
     with pytest.raises(SdltagError, match="fixed word-vector table.*'spaceship'.*text encoder"):
         resolve_labels(imported, [parse_inline_label("spaceship")])
+
+
+def test_sdltag_tag_ranks_the_nus_wide_labels(imported: ModelFolder, tmp_path: Path) -> None:
+    photos = _photos(tmp_path / "photos")
+    args = ["tag", str(tmp_path / "photos"), "--model", str(imported.path), "--no-index", "--format", "json"]
+    result = CliRunner().invoke(app, [*args, "--top-k", "10"])
+    assert result.exit_code == 0, result.output
+    rows = {Path(row["path"]).name: row["tags"] for row in json.loads(result.stdout)}
+    assert sorted(rows) == sorted(p.name for p in photos)
+    # The same ranking as the model folder's ONNX graph and the word-vector table give directly.
+    batch = np.stack([load_image(p, imported.manifest.input) for p in photos])
+    scores = scoring.sdl_scores(ImageModel(imported, device="cpu").run(batch), imported.label_vectors)  # (3, 1006)
+    unseen = set(imported.manifest.unseen_labels)
+    for path, ranked in zip(photos, scoring.top_k(scores, 10), strict=True):
+        tags = rows[path.name]
+        assert [t["label"] for t in tags] == [imported.all_labels[i] for i, _ in ranked]
+        np.testing.assert_allclose([t["score"] for t in tags], [s for _, s in ranked], atol=1e-3)
+        assert all(t["kind"] == ("unseen" if t["label"] in unseen else "seen") for t in tags)
+    # An unseen NUS-WIDE label can be asked for by name; a word outside the table is refused.
+    result = CliRunner().invoke(app, [*args, "--no-seen", "--label", "Dog"])
+    assert result.exit_code == 0, result.output
+    assert all(
+        tags == [{"label": "dog", "score": tags[0]["score"], "kind": "unseen"}]
+        for tags in (row["tags"] for row in json.loads(result.stdout))
+    )
+    result = CliRunner().invoke(app, [*args, "--label", "spaceship"])
+    assert result.exit_code == 2 and "cannot score 'spaceship'" in result.stderr
