@@ -1,0 +1,249 @@
+"""`sdltag tag` speed and memory against baselines measured in the same run.
+
+Targets (issue 4), on a folder of generated photo-like 12 MP JPEGs, bundled model, 2 cores:
+
+1. throughput >= 0.85x a bare loop that only ``draft()``-decodes the same files on all cores;
+2. >= 6x a naive pipeline of the same model (full decode, bicubic resize, eager torch
+   forward at batch 1; the torch model has the manifest's architecture, random weights:
+   the same compute, since the model folder ships ONNX only);
+3. re-tagging the indexed folder with 100 new labels >= 30x faster than the first run;
+4. peak memory (max RSS) of a 10x-larger run within 100 MB of the base run;
+5. ``sdltag tag one.jpg`` (labels cached) within 4x of ``python -c "import onnxruntime, PIL, numpy"``.
+
+Every sdltag run is a fresh process (the installed CLI's code path, run through a small
+wrapper that reports its peak RSS, VmHWM: ru_maxrss would count the forked parent's pages
+on Linux). The one-time export of the text model's ONNX fast path is done before the
+re-tag is timed (it happens once per machine, not per run). Writes benchmarks/results/tag.json.
+
+    .venv/bin/python benchmarks/bench_tag.py [--count 200] [--model DIR] [--naive-count 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "tag.json"
+WIDTH, HEIGHT = 4000, 3000  # 12 MP
+WRAPPER = (
+    "import resource, sys\n"
+    "from sdltag.cli import app\n"
+    "sys.argv = ['sdltag'] + sys.argv[1:]\n"
+    "code = 0\n"
+    "try:\n    app()\nexcept SystemExit as exc:\n    code = exc.code or 0\n"
+    "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+    "print('MAXRSS_KB', hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def make_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Photo-like 12 MP JPEGs: smooth colour gradients, a few shapes, sensor-like noise."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    small_h, small_w = HEIGHT // 8, WIDTH // 8
+    ys, xs = np.mgrid[0:small_h, 0:small_w].astype(np.float32)
+    paths = []
+    for i in range(count):
+        base = np.empty((small_h, small_w, 3), np.float32)
+        for c in range(3):
+            a, b, d = rng.uniform(-1, 1, 3)
+            base[..., c] = 128 + 90 * np.sin(a * xs / 60 + b * ys / 45 + d * 3)
+        image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).resize((WIDTH, HEIGHT),
+                                                                              Image.Resampling.BILINEAR)
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x, y = int(rng.integers(0, WIDTH - 800)), int(rng.integers(0, HEIGHT - 800))
+            size = int(rng.integers(100, 800))
+            draw.ellipse((x, y, x + size, y + size), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        noise = rng.normal(0, 6, size=(HEIGHT, WIDTH // 4, 1)).astype(np.float32)
+        pixels = np.asarray(image, dtype=np.float32)
+        pixels[:, : WIDTH // 4] += noise  # some texture, as sensors give, without paying for 12 MP of noise
+        path = folder / f"DSC_{i:05d}.jpg"
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=88)
+        paths.append(path)
+    return paths
+
+
+def draft_decode_baseline(paths: list[Path], target: tuple[int, int], threads: int) -> float:
+    """Images/s of a bare loop that only draft-decodes each file to RGB, on ``threads`` threads."""
+    from PIL import Image
+
+    def decode(path: Path) -> tuple[int, int]:
+        with Image.open(path) as image:
+            image.draft("RGB", (target[1], target[0]))
+            image.load()
+            return image.convert("RGB").size
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(decode, paths))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def naive_pipeline(paths: list[Path], model_dir: Path) -> float:
+    """Images/s of full decode + bicubic resize + eager torch forward at batch 1 + scoring."""
+    import torch
+    from PIL import Image
+
+    from sdltag.modelfolder import load_model_folder
+    from sdltag.nn.model import ModelConfig, SDLModel
+
+    folder = load_model_folder(model_dir)
+    manifest = folder.manifest
+    config = ModelConfig(backbone=manifest.backbone, backbone_config=manifest.backbone_config, rows=manifest.rows,
+                         dim=manifest.dim, head_layout=manifest.head_layout)
+    model = SDLModel(config).eval()
+    spec = manifest.input
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    labels = torch.from_numpy(folder.label_vectors)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for path in paths:
+            image = Image.open(path).convert("RGB").resize((spec.width, spec.height), Image.Resampling.BICUBIC)
+            x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+            x = (x - mean) / std
+            vectors = model(x[None])  # (1, M, d)
+            (vectors @ labels.T).amax(dim=1)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def run_sdltag(args: list[str], env: dict) -> dict:
+    """Run the CLI in a fresh process; wall time, exit code, max RSS and the summary line."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, env=env, text=True)
+    wall = time.perf_counter() - start
+    maxrss = None
+    summary = ""
+    for line in proc.stderr.splitlines():
+        if line.startswith("MAXRSS_KB"):
+            maxrss = int(line.split()[1]) / 1024
+        elif "tagged," in line:
+            summary = line
+    if proc.returncode not in (0,):
+        raise SystemExit(f"sdltag {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return {"seconds": round(wall, 3), "max_rss_mb": round(maxrss or 0, 1), "summary": summary.strip()}
+
+
+def python_import_baseline(env: dict, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import onnxruntime, PIL, numpy"], check=True, env=env)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200, help="photos in the base folder (>= 200 for the target)")
+    parser.add_argument("--scale", type=int, default=10, help="the memory run tags count x scale images")
+    parser.add_argument("--naive-count", type=int, default=20, help="photos timed through the naive pipeline")
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled model)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="cores to use")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to generate photos (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the generated photos")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
+    args = parser.parse_args()
+
+    from sdltag.modelfolder import default_model_dir, load_model_folder
+
+    model_dir = args.model or default_model_dir()
+    model = load_model_folder(model_dir)
+    spec = model.manifest.input
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sdltag-bench-"))
+    home = work / "home"
+    env = {**os.environ, "SDLTAG_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "model": {"path": str(model_dir), "backbone": model.manifest.backbone, "input": [spec.height, spec.width],
+                  "rows": model.manifest.rows, "dim": model.manifest.dim},
+        "count": args.count,
+    }
+    try:
+        t0 = time.perf_counter()
+        photos = make_photos(work / "photos", args.count)
+        results["generate_seconds"] = round(time.perf_counter() - t0, 1)
+        common = ["--model", str(model_dir), "--threads", str(args.threads), "--quiet", "--format", "jsonl",
+                  "--output", str(work / "out.jsonl")]
+
+        decode_rate = draft_decode_baseline(photos, (spec.height, spec.width), args.threads)
+        first = run_sdltag(["tag", str(work / "photos"), *common, "--index", str(work / "index.db")], env)
+        tag_rate = args.count / first["seconds"]
+        results["throughput"] = {
+            "draft_decode_images_per_s": round(decode_rate, 2),
+            "sdltag_first_run": first,
+            "sdltag_images_per_s": round(tag_rate, 2),
+            "ratio": round(tag_rate / decode_rate, 3),
+            "target": ">= 0.85",
+            "note": "sdltag's time is the whole process (start-up, model load, index writes) over the count",
+        }
+
+        naive_rate = naive_pipeline(photos[: args.naive_count], model_dir)
+        results["naive"] = {"naive_images_per_s": round(naive_rate, 3), "naive_images": args.naive_count,
+                            "ratio": round(tag_rate / naive_rate, 2), "target": ">= 6"}
+
+        # the text model's one-time ONNX export (once per machine), so the re-tag times the labels only
+        run_sdltag(["tag", str(photos[0]), "--model", str(model_dir), "--no-index", "--quiet", "--label",
+                    "warm-up label", "--output", str(work / "warm.jsonl")], env)
+        labels_file = work / "new_labels.txt"
+        labels_file.write_text("".join(f"new label {i} {w}\n" for i, w in enumerate(
+            ["harbour", "autumn leaves", "street market", "mountain lake", "snowy forest"] * 20)), encoding="utf-8")
+        retag = run_sdltag(["tag", str(work / "photos"), *common, "--index", str(work / "index.db"),
+                            "--labels", str(labels_file)], env)
+        results["retag_100_new_labels"] = {"run": retag, "first_run_seconds": first["seconds"],
+                                           "ratio": round(first["seconds"] / retag["seconds"], 2),
+                                           "target": ">= 30", "note": "includes embedding the 100 new labels"}
+
+        base_mem = run_sdltag(["tag", str(work / "photos"), *common, "--no-index"], env)
+        big = work / "big"
+        big.mkdir()
+        for copy in range(args.scale):
+            for photo in photos:
+                os.link(photo, big / f"{copy:02d}_{photo.name}")
+        big_mem = run_sdltag(["tag", str(big), *common, "--no-index"], env)
+        results["memory"] = {
+            f"{args.count}_images": base_mem, f"{args.count * args.scale}_images": big_mem,
+            "difference_mb": round(big_mem["max_rss_mb"] - base_mem["max_rss_mb"], 1), "target": "<= 100",
+        }
+
+        one = photos[0]
+        run_sdltag(["tag", str(one), "--model", str(model_dir), "--no-index", "--quiet"], env)  # warm caches
+        singles = [run_sdltag(["tag", str(one), "--model", str(model_dir), "--no-index", "--quiet"], env)["seconds"]
+                   for _ in range(5)]
+        imports = python_import_baseline(env, 5)
+        results["single_image"] = {"sdltag_seconds": round(statistics.median(singles), 3),
+                                   "import_baseline_seconds": round(imports, 3),
+                                   "ratio": round(statistics.median(singles) / imports, 2), "target": "<= 4"}
+        results["targets_met"] = {
+            "throughput": results["throughput"]["ratio"] >= 0.85,
+            "naive": results["naive"]["ratio"] >= 6,
+            "retag": results["retag_100_new_labels"]["ratio"] >= 30,
+            "memory": results["memory"]["difference_mb"] <= 100,
+            "single_image": results["single_image"]["ratio"] <= 4,
+        }
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
