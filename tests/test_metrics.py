@@ -76,10 +76,8 @@ def test_average_precision_with_ties_is_order_independent() -> None:
 def test_map_rules_for_labels_without_positives() -> None:
     scores = np.array([[0.9, 0.1, 0.2], [0.1, 0.5, 0.8], [0.5, 0.6, 0.4]])
     targets = np.array([[1, 0, 0], [0, 0, 1], [0, 0, 1]])
-    # AP: label 0 = 1; label 1 = no positive; label 2: ranks 0.8 pos, 0.4 pos, 0.2 neg -> 1.
-    # Make label 2 imperfect: swap so the negative is first.
     scores[0, 2] = 0.95
-    # label 2 order: 0.95 neg, 0.8 pos, 0.4 pos -> (1/2 + 2/3) / 2 = 7/12.
+    # AP: label 0 = 1; label 1 has no positive; label 2 ranks 0.95 neg, 0.8 pos, 0.4 pos -> (1/2 + 2/3) / 2 = 7/12.
     skip, n_skip = mean_average_precision(scores, targets, empty="skip")
     zero, n_zero = mean_average_precision(scores, targets, empty="zero")
     assert (skip, n_skip) == (pytest.approx((1 + 7 / 12) / 2), 2)
