@@ -37,16 +37,19 @@ FAST_PATH_DIR = "text-models"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0
 _CHUNK = 500  # SQLite's default limit on host parameters is 999 (older builds)
+# A rowid table, not WITHOUT ROWID: a 384-d vector is 1.5 KB, more than an index b-tree keeps
+# in a page, so a WITHOUT ROWID table would spill every row into overflow pages (3x the size).
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vectors (
+    id INTEGER PRIMARY KEY,
     embedder TEXT NOT NULL,
     text TEXT NOT NULL,
     dim INTEGER NOT NULL,
     vector BLOB NOT NULL,
     created REAL NOT NULL,
-    PRIMARY KEY (embedder, text)
-) WITHOUT ROWID;
+    UNIQUE (embedder, text)
+);
 CREATE TABLE IF NOT EXISTS weight_hashes (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -117,6 +120,10 @@ class LabelVectorCache:
                     f"the label cache {self.path} was written by a newer sdltag (schema {version}); "
                     "upgrade sdltag or pass --cache-dir to use another folder"
                 )
+            if version == 0:
+                # Before the first table exists: 16 KiB pages hold ~10 vectors of 384-d each
+                # (4 KiB pages would hold 2 and waste half of every page).
+                conn.execute("PRAGMA page_size = 16384")
             conn.execute("PRAGMA journal_mode = WAL")
             result = conn.execute("PRAGMA quick_check").fetchone()[0]
             if result != "ok":
@@ -268,7 +275,8 @@ class LabelVectorCache:
                     except OSError:
                         pass
         fast_root = self.directory / FAST_PATH_DIR
-        fast_paths = sorted(p.name for p in fast_root.iterdir() if p.is_dir()) if fast_root.is_dir() else []
+        fast_paths = (sorted(p.name for p in fast_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+                      if fast_root.is_dir() else [])
         return CacheStats(self.path, size, sum(per_embedder.values()), per_embedder, fast_paths)
 
     def clear(self) -> int:
