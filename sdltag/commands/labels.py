@@ -23,11 +23,17 @@ CACHE_DIR_HELP = "Label-vector cache folder (default: $SDLTAG_HOME/cache, else t
 @labels_app.command("embed")
 @cli_errors
 def embed(
-    files: list[Path] = typer.Argument(None, help="Labels files: UTF-8, one label per line, `label: description`."),
-    label: list[str] = typer.Option([], "--label", "-l", help="A label to embed (repeatable)."),
-    embedder: str = typer.Option(None, "--embedder", help="sentence-transformers model name or folder "
-                                 "(default: the bundled all-MiniLM-L6-v2)."),
-    cache_dir: Path = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    files: list[Path] = typer.Argument(
+        None, metavar="FILE", help="Labels files: UTF-8, one label per line, `label: description`."
+    ),
+    label: list[str] = typer.Option(
+        [], "--label", metavar="TEXT", help="A label to embed: `label` or `label: description` (repeatable)."
+    ),
+    embedder: str = typer.Option(
+        None, "--embedder", metavar="NAME_OR_PATH",
+        help="sentence-transformers model name or folder (default: the bundled all-MiniLM-L6-v2).",
+    ),
+    cache_dir: Path = typer.Option(None, "--cache-dir", metavar="DIR", help=CACHE_DIR_HELP),
 ) -> None:
     """Embed labels into the cache ahead of time, so tagging with them needs no text model.
 
@@ -46,7 +52,9 @@ def embed(
 @labels_app.command("list")
 @cli_errors
 def list_labels(
-    model: Path = typer.Option(None, "--model", "-m", help="Model folder (default: the bundled model)."),
+    model: Path = typer.Option(
+        None, "--model", "-m", metavar="MODEL_DIR", help="Model folder (default: the bundled model)."
+    ),
     unseen: bool = typer.Option(True, "--unseen/--no-unseen", help="Also list the model's unseen labels."),
 ) -> None:
     """Print a model's labels, one per line: the seen labels, then the unseen ones marked
@@ -78,7 +86,7 @@ def _default_model() -> Path:
 @cli_errors
 def cache(
     clear: bool = typer.Option(False, "--clear", help="Delete every cached vector and exported text model."),
-    cache_dir: Path = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    cache_dir: Path = typer.Option(None, "--cache-dir", metavar="DIR", help=CACHE_DIR_HELP),
 ) -> None:
     """Show the label cache's location, size on disk and entry count (per embedder); --clear empties it."""
     from sdltag.embedding import clear_embedder_memo
