@@ -394,7 +394,8 @@ def train(
             raise SdltagError(f"{last}: nothing to resume (no checkpoint). Start the run without --resume.")
         resume_state = load_checkpoint(last)
         config = TrainConfig.from_dict(resume_state["train_config"])
-        reporter.message(f"resuming {last} at epoch {resume_state['epoch'] + 1}, step {resume_state['step']}")
+        reporter.message(f"resuming {last} at epoch {resume_state['epoch'] + 1}, step {resume_state['step']} with the "
+                         "run's saved settings (training options given now are ignored)")
     elif (run_dir / LAST).exists():
         raise SdltagError(
             f"{run_dir}: holds an earlier run's checkpoints. Pass --resume to continue it, or delete the folder "
