@@ -22,6 +22,7 @@ import re
 import shutil
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ class LabelVectorCache:
         self.path = self.directory / DB_FILE
         self.warn = warn or stderr_warn
         self._conn: sqlite3.Connection | None = None
+        self._lock = threading.RLock()  # one connection, shared by the threads of one process
         self.persistent = True
 
     # -- connection, schema, corruption ---------------------------------------------------
@@ -168,14 +170,15 @@ class LabelVectorCache:
 
     def _run(self, work: Callable[[sqlite3.Connection], object]) -> object:
         """Run ``work`` on the connection; a corruption found mid-run sets the file aside and retries once."""
-        conn = self._connect()
-        try:
-            return work(conn)
-        except sqlite3.DatabaseError as exc:
-            if not _is_corruption(exc) or not self.persistent:
-                raise _busy_error(self.path, exc) from None
-            self._set_aside(str(exc))
-            return work(self._connect())
+        with self._lock:
+            conn = self._connect()
+            try:
+                return work(conn)
+            except sqlite3.DatabaseError as exc:
+                if not _is_corruption(exc) or not self.persistent:
+                    raise _busy_error(self.path, exc) from None
+                self._set_aside(str(exc))
+                return work(self._connect())
 
     def close(self) -> None:
         if self._conn is not None:
