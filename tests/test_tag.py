@@ -346,3 +346,16 @@ def test_cli_usage_errors_exit_2(tmp_path: Path, tiny_model) -> None:
     assert _cli([*base, "--device", "tpu"]).exit_code == 2
     result = _cli([str(tmp_path / "lib"), "--model", str(tmp_path / "no-model"), "--no-index"])
     assert result.exit_code == 2 and "model folder does not exist" in result.stderr
+
+
+def test_cli_rename_reuses_and_drops_the_old_row(tmp_path: Path, tiny_model) -> None:
+    files = _photos(tmp_path / "lib", 3)
+    index_path = tmp_path / "i.db"
+    base = [str(tmp_path / "lib"), "--model", str(tiny_model.path), "--index", str(index_path)]
+    assert _cli(base).exit_code == 0
+    files[0].rename(tmp_path / "lib" / "renamed.jpg")
+    result = _cli(base)
+    assert result.exit_code == 0 and "0 tagged, 3 reused" in result.stderr and "1 by content hash" in result.stderr
+    with ImageIndex.open(index_path) as index:
+        names = sorted(r.path.name for r in index.under([tmp_path / "lib"], tiny_model.model_id))
+    assert names == sorted(["renamed.jpg", files[1].name, files[2].name])

@@ -238,6 +238,9 @@ def tag(
                 on_progress=(lambda n: progress.advance(task, n)) if progress else None,
             )
         writer.close()
+        if index is not None and not dry_run:
+            # rows of files deleted or renamed since: search must not list them
+            index.prune_missing([p for p in inputs if str(p) != "-" and p.is_dir()])
     if found.skipped_raw:
         summary.skipped["RAW with a same-name JPEG"] += len(found.skipped_raw)
     if found.problems:
