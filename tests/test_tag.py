@@ -359,3 +359,25 @@ def test_cli_rename_reuses_and_drops_the_old_row(tmp_path: Path, tiny_model) -> 
     with ImageIndex.open(index_path) as index:
         names = sorted(r.path.name for r in index.under([tmp_path / "lib"], tiny_model.model_id))
     assert names == sorted(["renamed.jpg", files[1].name, files[2].name])
+
+
+def test_interrupted_run_keeps_finished_work_and_resumes(tmp_path: Path, tiny_model) -> None:
+    files = _photos(tmp_path / "p", 10)
+    labels = LabelSpace.from_model(tiny_model)
+    seen: list = []
+
+    def stop_after_four(result) -> None:
+        seen.append(result)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    with ImageIndex.open(tmp_path / "i.db", commit_every=1000) as index:
+        with pytest.raises(KeyboardInterrupt):
+            tag_files(files, model=tiny_model, labels=labels, image_model=Counting(tiny_model),
+                      on_result=stop_after_four, on_problem=lambda p: None, options=TagOptions(batch_size=2),
+                      index=index)
+    with ImageIndex.open(tmp_path / "i.db") as index:
+        done = index.count()
+        assert done >= 4  # committed on the way out although no batch of 1000 was reached
+        _, _, summary, factory = _run(files, tiny_model, labels, index=index)
+    assert summary.unchanged == done and factory.images == 10 - done
