@@ -52,10 +52,7 @@ def _pickle_args(checkpoint: Path, out: Path, *, unseen: bool = True, wordvecs: 
 def official_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The layout rule's weights saved as the official release saves them."""
     zs.require_fixtures()
-    path = tmp_path_factory.mktemp("official") / "NUS_mtresnet_224.pth"
-    classes = safe_load(zs.CLASSES)
-    torch.save({"model": zs.rule_state_dict(), "num_classes": 1006, "idx_to_class": classes}, path)
-    return path
+    return zs.save_official_checkpoint(tmp_path_factory.mktemp("official") / "NUS_mtresnet_224.pth")
 
 
 @pytest.fixture(scope="session")

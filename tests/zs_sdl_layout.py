@@ -71,6 +71,17 @@ def rule_state_dict() -> dict[str, Any]:
     return {key: torch.from_numpy(rule_tensor(key, shape)) for key, shape in layout_shapes().items()}
 
 
+def save_official_checkpoint(path: Path) -> Path:
+    """The rule's weights saved as the official release saves them: {"model", "num_classes", "idx_to_class"}."""
+    import torch
+
+    from sdltag.safepickle import safe_load
+
+    classes = safe_load(CLASSES)
+    torch.save({"model": rule_state_dict(), "num_classes": len(classes), "idx_to_class": classes}, path)
+    return path
+
+
 def golden_input() -> np.ndarray:
     """(1, 3, 224, 224) float32: x[0, c, y, x] = 0.5 + 0.5 * sin(0.031 x + 0.017 y + c)."""
     c = np.arange(3, dtype=np.float64)[:, None, None]

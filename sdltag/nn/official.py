@@ -17,6 +17,7 @@ with ``sdltag.safepickle`` only.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from sdltag.errors import SdltagError
+from sdltag.labels import build_vocabulary, label_key
 from sdltag.modelfolder import EmbedderSpec, InputSpec, ModelFolder, file_sha256
 from sdltag.nn.model import ModelConfig, SDLModel
 from sdltag.safepickle import safe_load
@@ -251,6 +253,150 @@ def label_table(
     return LabelTable([names[i] for i in seen_idx], [names[i] for i in unseen_idx], vectors, table_id)
 
 
+# --- extending the table from a word-vector text file (.vec / GloVe) ---------------------------
+
+# A text file extends the table only if it holds the same vectors: of the table's labels
+# found in it, at least this fraction must agree to this cosine (and at least MIN_SHARED).
+SAME_SPACE_COSINE = 0.99
+SAME_SPACE_FRACTION = 0.95
+MIN_SHARED = 20
+_TOKEN = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+
+
+def _tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text)
+
+
+def read_word_vectors(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
+    """Stream a word2vec/fastText ``.vec`` (``N D`` header) or GloVe (no header) text file.
+
+    Keeps only the words in ``wanted`` (each found word also under its lower-case form
+    when that is wanted), so a multi-gigabyte file costs a single pass and little memory.
+    Refuses a file whose vectors are not ``DIM``-d or which has a malformed line.
+    """
+    fix = "Pass a word2vec/fastText .vec or GloVe .txt file: one word and its numbers per line."
+    found: dict[str, np.ndarray] = {}
+    dim: int | None = None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, start=1):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                if number == 1:
+                    head = line.split()
+                    if len(head) == 2 and all(part.isdigit() for part in head):
+                        dim = int(head[1])
+                        if dim != DIM:
+                            raise SdltagError(f"{path}: holds {dim}-d vectors; the official table is {DIM}-d. {fix}")
+                        continue
+                word = line.split(" ", 1)[0]
+                if dim is not None and word not in wanted and word.lower() not in wanted:
+                    continue
+                parts = line.rsplit(None, dim if dim is not None else -1)
+                if dim is None:  # GloVe: the first line sets the dimension
+                    dim = len(parts) - 1
+                    if dim != DIM:
+                        raise SdltagError(f"{path}: holds {dim}-d vectors; the official table is {DIM}-d. {fix}")
+                if len(parts) != dim + 1:
+                    raise SdltagError(f"{path}:{number}: expected a word and {dim} numbers. {fix}")
+                word = parts[0]
+                keys = [k for k in dict.fromkeys((word, word.lower())) if k in wanted and k not in found]
+                if not keys:
+                    continue
+                try:
+                    vector = np.asarray(parts[1:], dtype=np.float32)
+                except ValueError:
+                    raise SdltagError(f"{path}:{number}: the vector of {word!r} has a non-number. {fix}") from None
+                for key in keys:
+                    found[key] = vector
+    except OSError as exc:
+        raise SdltagError(f"{path}: cannot read the word-vector file ({exc.strerror or exc}).") from None
+    if dim is None:
+        raise SdltagError(f"{path}: no word vectors in this file. {fix}")
+    return found
+
+
+def _lookup(vectors: dict[str, np.ndarray], text: str) -> tuple[np.ndarray | None, str | None]:
+    """Unit vector of ``text`` (mean of its words' vectors) or (None, the first missing word)."""
+    words = _tokens(text)
+    if not words:
+        return None, text
+    rows = []
+    for word in words:
+        vector = vectors.get(word, vectors.get(word.lower()))
+        if vector is None:
+            return None, word
+        rows.append(vector)
+    mean = np.mean(rows, axis=0)  # (d,)
+    norm = float(np.linalg.norm(mean))
+    return (mean / norm if norm > 0 else None), (None if norm > 0 else words[0])
+
+
+@dataclass
+class Extension:
+    """Labels added to the table from a word-vector text file, and the evidence it is the same space."""
+
+    table: LabelTable
+    added: list[str]
+    already_known: list[str]
+    shared: int
+    agreeing: int
+
+
+def extend_table(table: LabelTable, vec_path: Path | str, labels: list[tuple[str, str]]) -> Extension:
+    """Add ``labels`` ((name, text) pairs) to ``table`` as unseen labels, with vectors from ``vec_path``.
+
+    The file must be the official table's own space: its vectors for the table's labels
+    must match the table's (cosine >= SAME_SPACE_COSINE for SAME_SPACE_FRACTION of them),
+    else vectors from it would not be comparable with the model's and it is refused.
+    A multi-word label gets the normalised mean of its words' vectors.
+    """
+    vec_path = Path(vec_path).expanduser()
+    if not vec_path.is_file():
+        raise SdltagError(f"{vec_path}: word-vector file not found. Pass the path of an existing .vec or .txt file.")
+    known = {label_key(n) for n in table.seen + table.unseen}
+    new = [(name, text) for name, text in labels if label_key(name) not in known]
+    already = [name for name, _ in labels if label_key(name) in known]
+    wanted: set[str] = set()
+    for name in table.seen + table.unseen:
+        wanted.update(_tokens(name))
+    for _, text in new:
+        for word in _tokens(text):
+            wanted.update((word, word.lower()))
+    vectors = read_word_vectors(vec_path, wanted)
+    shared = agreeing = 0
+    for name, official in zip(table.seen + table.unseen, table.vectors, strict=True):
+        vector, _missing = _lookup(vectors, name)
+        if vector is not None:
+            shared += 1
+            agreeing += int(float(vector @ official) >= SAME_SPACE_COSINE)
+    needed = min(MIN_SHARED, len(table.vectors))
+    if shared < needed or agreeing < SAME_SPACE_FRACTION * shared:
+        raise SdltagError(
+            f"{vec_path}: not the space of the official word vectors: {agreeing} of the {shared} table labels found "
+            f"in it agree (cosine >= {SAME_SPACE_COSINE}; needed {SAME_SPACE_FRACTION:.0%} of at least {needed}). "
+            "Only a file of the same word vectors can extend this model's labels."
+        )
+    rows = []
+    for name, text in new:
+        vector, missing = _lookup(vectors, text)
+        if vector is None:
+            raise SdltagError(
+                f"{vec_path}: has no vector for {missing!r} (needed by label {name!r}). "
+                "Remove the label or pass a file that has the word."
+            )
+        rows.append(vector)
+    added_vectors = np.asarray(rows, dtype=np.float32).reshape(len(rows), DIM)  # (N, d)
+    extended = LabelTable(
+        seen=table.seen,
+        unseen=table.unseen + [name for name, _ in new],
+        vectors=np.ascontiguousarray(np.concatenate([table.vectors, added_vectors]), dtype=np.float32),
+        table_id=table.table_id,
+    )
+    return Extension(extended, [name for name, _ in new], already, shared, agreeing)
+
+
 def wordvec_embedder(table: LabelTable) -> EmbedderSpec:
     """The manifest's embedder record for the official word-vector table."""
     return EmbedderSpec(kind="word-vectors", name=WORDVEC_NAME, id=f"{WORDVEC_NAME}@sha256:{table.table_id}", dim=DIM)
@@ -265,17 +411,24 @@ def _file_record(path: Path) -> dict[str, str]:
     return {"file": path.name, "sha256": file_sha256(path)}
 
 
-def _model_card(table: LabelTable, checkpoint: Path) -> str:
-    return (
+def _model_card(table: LabelTable, checkpoint: Path, extension: Extension | None = None) -> str:
+    added = len(extension.added) if extension is not None else 0
+    text = (
         "# Official SDL model: TResNet-M, NUS-WIDE\n\n"
         f"Imported by `sdltag import-official` from `{checkpoint.name}`, the checkpoint released with the paper\n"
         f"{PAPER}\n({REPOSITORY}, licence {LICENSE}).\n\n"
         f"- Backbone: TResNet-M at {INPUT_SIZE}x{INPUT_SIZE}, M={ROWS} principal vectors of d={DIM}.\n"
-        f"- Labels: {len(table.seen)} seen and {len(table.unseen)} unseen NUS-WIDE labels, each a fixed 300-d word\n"
-        "  vector from the official release. Only labels in this table can be scored: other words need a model\n"
-        "  trained with a text encoder (`sdltag train`).\n"
+        f"- Labels: {len(table.seen)} seen and {len(table.unseen) - added} unseen NUS-WIDE labels, each a fixed\n"
+        "  300-d word vector from the official release. Only labels in this table can be scored: other words need\n"
+        "  a model trained with a text encoder (`sdltag train`).\n"
         "- Trained on NUS-WIDE (Flickr photos); scores are raw SDL scores (no calibration).\n"
     )
+    if extension is not None:
+        text += (
+            f"- {added} more unseen labels were added from a word-vector file whose vectors match the official\n"
+            f"  table ({extension.agreeing} of {extension.shared} shared labels at cosine >= {SAME_SPACE_COSINE}).\n"
+        )
+    return text
 
 
 def import_official(
@@ -285,8 +438,14 @@ def import_official(
     out: Path | str,
     unseen: Path | str | None = None,
     name: str = "",
+    word_vectors: Path | str | None = None,
+    add_labels: Path | str | None = None,
 ) -> ModelFolder:
-    """``sdltag import-official``: the official checkpoint and pickles -> a verified model folder."""
+    """``sdltag import-official``: the official checkpoint and pickles -> a verified model folder.
+
+    ``word_vectors`` + ``add_labels`` (a labels file) add unseen labels from a word-vector
+    text file of the same space (see ``extend_table``).
+    """
     from sdltag.nn.export import export_model
 
     checkpoint, wordvecs, classes = (Path(p).expanduser() for p in (checkpoint, wordvecs, classes))
@@ -303,6 +462,16 @@ def import_official(
         wordvecs_source=str(wordvecs),
         unseen_source=str(unseen_path),
     )
+    extension: Extension | None = None
+    if (word_vectors is None) != (add_labels is None):
+        raise SdltagError(
+            "--word-vectors and --add-labels go together: pass both (the labels to add and the file "
+            "with their vectors) or neither."
+        )
+    if word_vectors is not None and add_labels is not None:
+        entries = build_vocabulary([Path(add_labels).expanduser()])
+        extension = extend_table(table, word_vectors, [(e.label, e.text) for e in entries])
+        table = extension.table
     state, extra = load_official_checkpoint(checkpoint)
     model = build_official_model(state, str(checkpoint))
     provenance: dict[str, Any] = {
@@ -316,6 +485,18 @@ def import_official(
     }
     if unseen_path is not None:
         provenance["unseen"] = _file_record(unseen_path)
+    if extension is not None and word_vectors is not None and add_labels is not None:
+        provenance["extension"] = {
+            "word_vectors": _file_record(Path(word_vectors).expanduser()),
+            "labels_file": _file_record(Path(add_labels).expanduser()),
+            "added_labels": len(extension.added),
+            "already_in_table": extension.already_known,
+            "same_space_check": {
+                "shared": extension.shared,
+                "agreeing": extension.agreeing,
+                "cosine": SAME_SPACE_COSINE,
+            },
+        }
     if isinstance(extra.get("num_classes"), int):
         provenance["checkpoint_num_classes"] = extra["num_classes"]
     return export_model(
@@ -335,5 +516,5 @@ def import_official(
             "dataset": "NUS-WIDE",
             "labels": "fixed 300-d word-vector table; other labels cannot be scored",
         },
-        model_card_md=_model_card(table, checkpoint),
+        model_card_md=_model_card(table, checkpoint, extension),
     )
