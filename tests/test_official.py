@@ -101,6 +101,7 @@ def test_manifest_records_the_official_model(imported: ModelFolder, official_che
     assert prov["wordvecs"]["sha256"] == hashlib.sha256(zs.WORDVECS.read_bytes()).hexdigest()
     assert prov["unseen"]["file"] == "nus_wide_unseen_classes.pickle"
     assert "ICCV 2021" in prov["paper"] and prov["license"].startswith("MIT")
+    assert prov["checkpoint_num_classes"] == 1006
     assert prov["repository"] == "https://github.com/Alibaba-MIIL/ZS_SDL"
     assert (imported.path / "MODEL_CARD.md").read_text(encoding="utf-8").startswith("# Official SDL model")
 

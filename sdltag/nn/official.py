@@ -85,8 +85,7 @@ def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str,
         raise SdltagError(
             f"{source}: holds no state dict (expected {{'model': state_dict, ...}} or a state dict). " + FIX
         )
-    keys = [str(k) for k in state]
-    if all(k.startswith("module.") for k in keys):
+    if all(str(k).startswith("module.") for k in state):
         state = {str(k)[len("module.") :]: v for k, v in state.items()}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -144,9 +143,12 @@ def load_official_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor],
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SdltagError(f"{path}: cannot read the checkpoint safely ({first}). {FIX}") from None
     state = extract_state_dict(checkpoint, str(path))
-    extra: dict[str, Any] = {}
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
-        extra = {str(k): v for k, v in checkpoint.items() if k != "model"}
+    # The scalar entries beside the weights (the official file's "num_classes"); none in a bare state dict.
+    extra = (
+        {str(k): v for k, v in checkpoint.items() if isinstance(v, (int, float, str))}
+        if isinstance(checkpoint, dict)
+        else {}
+    )
     return state, extra
 
 
@@ -463,15 +465,28 @@ def import_official(
         unseen_source=str(unseen_path),
     )
     extension: Extension | None = None
+    extension_record: dict[str, Any] | None = None
     if (word_vectors is None) != (add_labels is None):
         raise SdltagError(
             "--word-vectors and --add-labels go together: pass both (the labels to add and the file "
             "with their vectors) or neither."
         )
     if word_vectors is not None and add_labels is not None:
-        entries = build_vocabulary([Path(add_labels).expanduser()])
-        extension = extend_table(table, word_vectors, [(e.label, e.text) for e in entries])
+        vec_path, labels_path = Path(word_vectors).expanduser(), Path(add_labels).expanduser()
+        entries = build_vocabulary([labels_path])
+        extension = extend_table(table, vec_path, [(e.label, e.text) for e in entries])
         table = extension.table
+        extension_record = {
+            "word_vectors": _file_record(vec_path),
+            "labels_file": _file_record(labels_path),
+            "added_labels": len(extension.added),
+            "already_in_table": extension.already_known,
+            "same_space_check": {
+                "shared": extension.shared,
+                "agreeing": extension.agreeing,
+                "cosine": SAME_SPACE_COSINE,
+            },
+        }
     state, extra = load_official_checkpoint(checkpoint)
     model = build_official_model(state, str(checkpoint))
     provenance: dict[str, Any] = {
@@ -485,18 +500,8 @@ def import_official(
     }
     if unseen_path is not None:
         provenance["unseen"] = _file_record(unseen_path)
-    if extension is not None and word_vectors is not None and add_labels is not None:
-        provenance["extension"] = {
-            "word_vectors": _file_record(Path(word_vectors).expanduser()),
-            "labels_file": _file_record(Path(add_labels).expanduser()),
-            "added_labels": len(extension.added),
-            "already_in_table": extension.already_known,
-            "same_space_check": {
-                "shared": extension.shared,
-                "agreeing": extension.agreeing,
-                "cosine": SAME_SPACE_COSINE,
-            },
-        }
+    if extension_record is not None:
+        provenance["extension"] = extension_record
     if isinstance(extra.get("num_classes"), int):
         provenance["checkpoint_num_classes"] = extra["num_classes"]
     return export_model(
