@@ -206,3 +206,15 @@ def test_bad_settings_and_data_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SdltagError, match="at least 2"):
         train(tiny_config(data, tmp_path / "m", unseen=str(tmp_path / "all.txt")), RuntimeOptions(**OPTIONS),
               embedder=HashEmbedder())
+
+
+def test_cached_and_streamed_images_train_the_same(tmp_path: Path) -> None:
+    data = make_scenes(tmp_path / "data", 16)
+    runs = []
+    for name, cache_mb in (("cached", 64), ("streamed", 0)):
+        result = train(tiny_config(data, tmp_path / name, epochs=1, val_split=0.0),
+                       RuntimeOptions(cache_mb=cache_mb, workers=0, threads=1), embedder=HashEmbedder(),
+                       reporter=Recorder())
+        runs.append(_weights(result.run_dir / "last.pt"))
+    for key in runs[0]:
+        torch.testing.assert_close(runs[0][key], runs[1][key], rtol=0, atol=0, msg=key)

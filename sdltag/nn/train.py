@@ -468,6 +468,7 @@ def train(
     train_targets = torch.from_numpy(_targets(data.train_items, data.seen_labels)).to(device)  # (N, Ls)
     val_targets = _targets(data.val_items, all_labels)  # (N_val, L)
 
+    torch.manual_seed(config.seed)  # here, not earlier: building the image stores draws from the global RNG
     model = SDLModel(model_config)
     if init_state is not None and resume_state is None:
         model.load_state_dict(init_state["model"], strict=True)
