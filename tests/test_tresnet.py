@@ -166,3 +166,16 @@ def test_tiny_tresnet_feature_map_and_batch_independence() -> None:
     torch.testing.assert_close(out[1:2], single, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
         create_backbone("tresnet_m", layers=[1, 1, 1])
+
+
+def test_zero_initialised_norm_scales_still_learn() -> None:
+    # Each residual branch's last InPlaceABN starts at weight 0 (as the official init); the
+    # scale |w| + 1e-5 must still pass a gradient to w there, or those weights never move.
+    torch.manual_seed(0)
+    backbone = create_backbone("tresnet_m", width_factor=0.125, layers=[1, 1, 1, 1]).train()
+    zero = [name for name, p in backbone.named_parameters() if name.endswith(".1.weight") and not p.any()]
+    assert len(zero) == 4  # one per block
+    backbone(torch.randn(2, 3, 64, 64)).square().sum().backward()
+    params = dict(backbone.named_parameters())
+    for name in zero:
+        assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name

@@ -52,7 +52,9 @@ class InPlaceABN(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight.abs() + ABN_EPS
+        # |weight| + eps, written so that a weight at exactly 0 (the zero-initialised last norm of
+        # each residual branch) still gets a gradient: abs() has gradient 0 there and would freeze it.
+        scale = torch.where(self.weight >= 0, self.weight, -self.weight) + ABN_EPS
         x = F.batch_norm(
             x,
             self.running_mean,
