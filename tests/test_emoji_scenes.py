@@ -236,3 +236,42 @@ def test_output_is_read_by_sdltag_labeled_dir_reader(emoji_set, tmp_path):
     assert dataset.format == "manifest" and not warnings and not dataset.skipped
     expected = {(out / path).resolve(): set(labels) for path, labels in _rows(out)}
     assert {item.path.resolve(): set(item.labels) for item in dataset.items} == expected
+
+
+def test_zsl_baselines_rows(emoji_set, tmp_path):
+    """The image-blind rows: the prior's mAP is the mean label prevalence, random is seeded."""
+    from benchmarks import zsl_baselines as zb
+
+    folders, tags_json = emoji_set
+    out = tmp_path / "test"
+    es.generate(folders, tags_json, out, 30, seed=9, config=es.SceneConfig(size=32), vocab_min_count=2)
+    vocab = es.read_label_file(out / "vocabulary.txt")
+    targets = zb.load_targets(out, vocab)
+    assert targets.shape == (30, 4)
+    assert [set(np.array(vocab)[row > 0]) for row in targets] == [set(labels) for _, labels in _rows(out)]
+    unseen_mask = np.array([label == "red" for label in vocab])
+    rows = zb.baselines(targets, unseen_mask, seeds=3)
+    prior = rows["label-frequency prior (oracle)"]
+    kept = targets[targets.sum(axis=1) > 0]
+    assert prior["gzsl map"][0] == pytest.approx(100 * kept.mean(axis=0)[kept.any(axis=0)].mean(), abs=1e-6)
+    assert len(rows["random"]["zsl map"]) == 3
+    assert rows["random"] == zb.baselines(targets, unseen_mask, seeds=3)["random"]
+
+
+def test_examples_are_outside_the_default_vocabulary():
+    """examples/extra.txt holds labels the default model was not trained on; examples/images decode."""
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    extra = es.read_label_file(root / "examples" / "extra.txt")
+    assert len(extra) >= 8
+    images = sorted((root / "examples" / "images").glob("*.jpg"))
+    assert len(images) >= 10
+    for path in images:
+        with Image.open(path) as image:
+            image.load()
+    manifest = root / "models" / "emoji" / "manifest.json"
+    if manifest.is_file():
+        labels = json.loads(manifest.read_text())["labels"]
+        known = {label.casefold() for label in labels["seen"] + labels["unseen"]}
+        assert not known & {label.casefold() for label in extra}
