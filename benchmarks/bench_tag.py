@@ -66,8 +66,9 @@ def make_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
         for c in range(3):
             a, b, d = rng.uniform(-1, 1, 3)
             base[..., c] = 128 + 90 * np.sin(a * xs / 60 + b * ys / 45 + d * 3)
-        image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).resize((WIDTH, HEIGHT),
-                                                                              Image.Resampling.BILINEAR)
+        image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).resize(
+            (WIDTH, HEIGHT), Image.Resampling.BILINEAR
+        )
         draw = ImageDraw.Draw(image)
         for _ in range(6):
             x, y = int(rng.integers(0, WIDTH - 800)), int(rng.integers(0, HEIGHT - 800))
@@ -108,8 +109,13 @@ def naive_pipeline(paths: list[Path], model_dir: Path) -> float:
 
     folder = load_model_folder(model_dir)
     manifest = folder.manifest
-    config = ModelConfig(backbone=manifest.backbone, backbone_config=manifest.backbone_config, rows=manifest.rows,
-                         dim=manifest.dim, head_layout=manifest.head_layout)
+    config = ModelConfig(
+        backbone=manifest.backbone,
+        backbone_config=manifest.backbone_config,
+        rows=manifest.rows,
+        dim=manifest.dim,
+        head_layout=manifest.head_layout,
+    )
     model = SDLModel(config).eval()
     spec = manifest.input
     mean = torch.tensor(spec.mean).view(3, 1, 1)
@@ -157,8 +163,15 @@ def build_stand_in_model(out_dir: Path, cache_dir: Path) -> Path:
     embedder = get_text_embedder(None, cache_dir)
     labels = ["person", "dog", "cat", "car", "tree", "beach", "mountain", "food", "building", "flower", "sky", "boat"]
     model = SDLModel(ModelConfig(backbone="smallcnn", backbone_config={"width": 32}, rows=7, dim=embedder.spec.dim))
-    export_model(model, out_dir, input_spec=InputSpec(96, 96, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-                 embedder=embedder.spec, seen_labels=labels, unseen_labels=[], label_vectors=embedder.embed(labels))
+    export_model(
+        model,
+        out_dir,
+        input_spec=InputSpec(96, 96, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        embedder=embedder.spec,
+        seen_labels=labels,
+        unseen_labels=[],
+        label_vectors=embedder.embed(labels),
+    )
     return out_dir
 
 
@@ -209,8 +222,13 @@ def main() -> None:
     env = {**os.environ, "SDLTAG_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     results: dict = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "model": {"path": str(model_dir), "backbone": model.manifest.backbone, "input": [spec.height, spec.width],
-                  "rows": model.manifest.rows, "dim": model.manifest.dim},
+        "model": {
+            "path": str(model_dir),
+            "backbone": model.manifest.backbone,
+            "input": [spec.height, spec.width],
+            "rows": model.manifest.rows,
+            "dim": model.manifest.dim,
+        },
         "count": args.count,
         "scale": args.scale,
         "stand_in_model": stand_in,
@@ -219,8 +237,16 @@ def main() -> None:
         t0 = time.perf_counter()
         photos = make_photos(work / "photos", args.count)
         results["generate_seconds"] = round(time.perf_counter() - t0, 1)
-        common = ["--model", str(model_dir), "--threads", str(args.threads), "--format", "jsonl",
-                  "--output", str(work / "out.jsonl")]
+        common = [
+            "--model",
+            str(model_dir),
+            "--threads",
+            str(args.threads),
+            "--format",
+            "jsonl",
+            "--output",
+            str(work / "out.jsonl"),
+        ]
 
         decode_rate = draft_decode_baseline(photos, (spec.height, spec.width), args.threads)
         first = run_sdltag(["tag", str(work / "photos"), *common, "--index", str(work / "index.db")], env)
@@ -235,24 +261,53 @@ def main() -> None:
             "whole_process_ratio": round(tag_rate / decode_rate, 3),
             "target": ">= 0.85 (ratio)",
             "note": "ratio: the tag loop's own rate (its summary line: decode, hash, infer, index, write) against "
-                    "the decode-only loop; whole_process_ratio also counts start-up and model load",
+            "the decode-only loop; whole_process_ratio also counts start-up and model load",
         }
 
         naive_rate = naive_pipeline(photos[: args.naive_count], model_dir)
-        results["naive"] = {"naive_images_per_s": round(naive_rate, 3), "naive_images": args.naive_count,
-                            "ratio": round(tag_rate / naive_rate, 2), "target": ">= 6"}
+        results["naive"] = {
+            "naive_images_per_s": round(naive_rate, 3),
+            "naive_images": args.naive_count,
+            "ratio": round(tag_rate / naive_rate, 2),
+            "target": ">= 6",
+        }
 
         # the text model's one-time ONNX export (once per machine), so the re-tag times the labels only
-        run_sdltag(["tag", str(photos[0]), "--model", str(model_dir), "--no-index", "--quiet", "--label",
-                    "warm-up label", "--output", str(work / "warm.jsonl")], env)
+        run_sdltag(
+            [
+                "tag",
+                str(photos[0]),
+                "--model",
+                str(model_dir),
+                "--no-index",
+                "--quiet",
+                "--label",
+                "warm-up label",
+                "--output",
+                str(work / "warm.jsonl"),
+            ],
+            env,
+        )
         labels_file = work / "new_labels.txt"
-        labels_file.write_text("".join(f"new label {i} {w}\n" for i, w in enumerate(
-            ["harbour", "autumn leaves", "street market", "mountain lake", "snowy forest"] * 20)), encoding="utf-8")
-        retag = run_sdltag(["tag", str(work / "photos"), *common, "--index", str(work / "index.db"),
-                            "--labels", str(labels_file)], env)
-        results["retag_100_new_labels"] = {"run": retag, "first_run_seconds": first["seconds"],
-                                           "ratio": round(first["seconds"] / retag["seconds"], 2),
-                                           "target": ">= 30", "note": "includes embedding the 100 new labels"}
+        labels_file.write_text(
+            "".join(
+                f"new label {i} {w}\n"
+                for i, w in enumerate(
+                    ["harbour", "autumn leaves", "street market", "mountain lake", "snowy forest"] * 20
+                )
+            ),
+            encoding="utf-8",
+        )
+        retag = run_sdltag(
+            ["tag", str(work / "photos"), *common, "--index", str(work / "index.db"), "--labels", str(labels_file)], env
+        )
+        results["retag_100_new_labels"] = {
+            "run": retag,
+            "first_run_seconds": first["seconds"],
+            "ratio": round(first["seconds"] / retag["seconds"], 2),
+            "target": ">= 30",
+            "note": "includes embedding the 100 new labels",
+        }
 
         base_mem = run_sdltag(["tag", str(work / "photos"), *common, "--no-index"], env)
         big = work / "big"
@@ -262,18 +317,25 @@ def main() -> None:
                 os.link(photo, big / f"{copy:02d}_{photo.name}")
         big_mem = run_sdltag(["tag", str(big), *common, "--no-index"], env)
         results["memory"] = {
-            f"{args.count}_images": base_mem, f"{args.count * args.scale}_images": big_mem,
-            "difference_mb": round(big_mem["max_rss_mb"] - base_mem["max_rss_mb"], 1), "target": "<= 100",
+            f"{args.count}_images": base_mem,
+            f"{args.count * args.scale}_images": big_mem,
+            "difference_mb": round(big_mem["max_rss_mb"] - base_mem["max_rss_mb"], 1),
+            "target": "<= 100",
         }
 
         one = photos[0]
         run_sdltag(["tag", str(one), "--model", str(model_dir), "--no-index", "--quiet"], env)  # warm caches
-        singles = [run_sdltag(["tag", str(one), "--model", str(model_dir), "--no-index", "--quiet"], env)["seconds"]
-                   for _ in range(5)]
+        singles = [
+            run_sdltag(["tag", str(one), "--model", str(model_dir), "--no-index", "--quiet"], env)["seconds"]
+            for _ in range(5)
+        ]
         imports = python_import_baseline(env, 5)
-        results["single_image"] = {"sdltag_seconds": round(statistics.median(singles), 3),
-                                   "import_baseline_seconds": round(imports, 3),
-                                   "ratio": round(statistics.median(singles) / imports, 2), "target": "<= 4"}
+        results["single_image"] = {
+            "sdltag_seconds": round(statistics.median(singles), 3),
+            "import_baseline_seconds": round(imports, 3),
+            "ratio": round(statistics.median(singles) / imports, 2),
+            "target": "<= 4",
+        }
         results["targets_met"] = {
             "throughput": results["throughput"]["ratio"] >= 0.85,
             "naive": results["naive"]["ratio"] >= 6,

@@ -29,10 +29,7 @@ JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
 RAW_EXTENSIONS = frozenset({".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2"})
 IMAGE_EXTENSIONS = (
-    JPEG_EXTENSIONS
-    | HEIF_EXTENSIONS
-    | RAW_EXTENSIONS
-    | frozenset({".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
+    JPEG_EXTENSIONS | HEIF_EXTENSIONS | RAW_EXTENSIONS | frozenset({".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
 )
 # Folder and file names photo libraries are full of and nobody wants tagged.
 SKIPPED_NAMES = frozenset({"@eaDir", ".git", "System Volume Information", "$RECYCLE.BIN", "__MACOSX"})
@@ -167,8 +164,9 @@ def open_image(path: Path, max_megapixels: float = 100.0, target: tuple[int, int
         megapixels = width * height / 1e6
         if megapixels > max_megapixels:
             raise ImageError(
-                path, f"image is {width}x{height} ({megapixels:.0f} MP), over the {max_megapixels:g} MP cap "
-                "(raise it with --max-megapixels if the file is genuine)"
+                path,
+                f"image is {width}x{height} ({megapixels:.0f} MP), over the {max_megapixels:g} MP cap "
+                "(raise it with --max-megapixels if the file is genuine)",
             )
         orientation = 1
         try:
@@ -193,8 +191,9 @@ def open_image(path: Path, max_megapixels: float = 100.0, target: tuple[int, int
         raise
     except Image.DecompressionBombError:
         raise ImageError(
-            path, f"image is far over the {max_megapixels:g} MP cap (a decompression bomb?); "
-            "raise --max-megapixels if the file is genuine"
+            path,
+            f"image is far over the {max_megapixels:g} MP cap (a decompression bomb?); "
+            "raise --max-megapixels if the file is genuine",
         ) from None
     except Image.UnidentifiedImageError:
         raise ImageError(path, "not an image Pillow can read (wrong extension, or corrupt)") from None
@@ -260,8 +259,14 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in SKIPPED_NAMES
 
 
-def _walk(folder: Path, recursive: bool, include_hidden: bool, seen_dirs: set[tuple[int, int]],
-          out: list[Path], problems: list[tuple[str, str]]) -> None:
+def _walk(
+    folder: Path,
+    recursive: bool,
+    include_hidden: bool,
+    seen_dirs: set[tuple[int, int]],
+    out: list[Path],
+    problems: list[tuple[str, str]],
+) -> None:
     """Depth-first, name-sorted walk with ``os.scandir``; each real folder is entered once (symlink loops)."""
     try:
         info = folder.stat()

@@ -90,8 +90,9 @@ class IndexedImage:
 class ImageIndex:
     """The SQLite index. Open with ``ImageIndex.open(path)``; use as a context manager."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, commit_every: int = 64,
-                 commit_seconds: float = 5.0) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, commit_every: int = 64, commit_seconds: float = 5.0
+    ) -> None:
         self.conn = conn
         self.path = path
         self.commit_every = commit_every
@@ -193,8 +194,10 @@ class ImageIndex:
 
     def migrations(self) -> list[tuple[int, str]]:
         """The applied steps, oldest first."""
-        return [(int(v), str(n)) for v, n in self.conn.execute("SELECT version, name FROM schema_migrations "
-                                                                   "ORDER BY version")]
+        return [
+            (int(v), str(n))
+            for v, n in self.conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
+        ]
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -208,8 +211,9 @@ class ImageIndex:
 
     def known_hashes(self, model_id: str) -> set[str]:
         """Content hashes that already have vectors for ``model_id`` (for renamed/copied files)."""
-        return {str(h) for (h,) in self.conn.execute("SELECT DISTINCT hash FROM images WHERE model_id = ?",
-                                                       (model_id,))}
+        return {
+            str(h) for (h,) in self.conn.execute("SELECT DISTINCT hash FROM images WHERE model_id = ?", (model_id,))
+        }
 
     def vectors_for_hash(self, content_hash: str, model_id: str) -> np.ndarray | None:
         row = self.conn.execute(
@@ -230,8 +234,7 @@ class ImageIndex:
         folders = [Path(os.path.abspath(f)) for f in folders]
         columns = "SELECT path, model_id, size, mtime_ns, hash, rows, dim, vectors FROM images"
         if not folders:
-            yield from (_row(r) for r in self.conn.execute(f"{columns} WHERE model_id = ? ORDER BY path",
-                                                            (model_id,)))
+            yield from (_row(r) for r in self.conn.execute(f"{columns} WHERE model_id = ? ORDER BY path", (model_id,)))
             return
         seen: set[bytes] = set()
         for folder in folders:
@@ -249,8 +252,7 @@ class ImageIndex:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def put(self, path: Path, size: int, mtime_ns: int, content_hash: str, model_id: str,
-            vectors: np.ndarray) -> None:
+    def put(self, path: Path, size: int, mtime_ns: int, content_hash: str, model_id: str, vectors: np.ndarray) -> None:
         """Record ``path``'s (M, d) matrix; committed in batches (``commit_every`` rows or a few seconds)."""
         matrix = np.ascontiguousarray(vectors, dtype="<f4")
         if matrix.ndim != 2:
@@ -258,8 +260,17 @@ class ImageIndex:
         self.conn.execute(
             "INSERT OR REPLACE INTO images (path, model_id, size, mtime_ns, hash, rows, dim, vectors, indexed_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (_key(path), model_id, int(size), int(mtime_ns), content_hash, matrix.shape[0], matrix.shape[1],
-             matrix.tobytes(), time.time()),
+            (
+                _key(path),
+                model_id,
+                int(size),
+                int(mtime_ns),
+                content_hash,
+                matrix.shape[0],
+                matrix.shape[1],
+                matrix.tobytes(),
+                time.time(),
+            ),
         )
         self._pending += 1
         if self._pending >= self.commit_every or time.monotonic() - self._last_commit >= self.commit_seconds:
@@ -307,8 +318,14 @@ def _prefix_range(folder: Path) -> tuple[bytes, bytes, bytes]:
 
 def _row(row: tuple) -> IndexedImage:
     path, model_id, size, mtime_ns, content_hash, rows, dim, blob = row
-    return IndexedImage(Path(os.fsdecode(bytes(path))), str(model_id), int(size), int(mtime_ns), str(content_hash),
-                        _decode_vectors(blob, int(rows), int(dim)))
+    return IndexedImage(
+        Path(os.fsdecode(bytes(path))),
+        str(model_id),
+        int(size),
+        int(mtime_ns),
+        str(content_hash),
+        _decode_vectors(blob, int(rows), int(dim)),
+    )
 
 
 def _looks_corrupt(exc: sqlite3.DatabaseError) -> bool:

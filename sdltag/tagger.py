@@ -41,8 +41,10 @@ class LabelSpace:
     def __post_init__(self) -> None:
         self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
         self.unseen_mask = np.asarray(self.unseen_mask, dtype=bool)
-        if self.vectors.ndim != 2 or len(self.names) != self.vectors.shape[0] or self.unseen_mask.shape != (
-            len(self.names),
+        if (
+            self.vectors.ndim != 2
+            or len(self.names) != self.vectors.shape[0]
+            or self.unseen_mask.shape != (len(self.names),)
         ):
             raise ValueError(
                 f"label space mismatch: {len(self.names)} names, vectors {self.vectors.shape}, "
@@ -169,10 +171,19 @@ class _Slot:
 class _Run:
     """State of one ``tag_files`` call."""
 
-    def __init__(self, files: list[Path], model: ModelFolder, labels: LabelSpace, options: TagOptions,
-                 index: ImageIndex | None, index_writable: bool, image_model: Callable[[], object],
-                 on_result: Callable[[TagResult], None], on_problem: Callable[[Problem], None],
-                 on_progress: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        files: list[Path],
+        model: ModelFolder,
+        labels: LabelSpace,
+        options: TagOptions,
+        index: ImageIndex | None,
+        index_writable: bool,
+        image_model: Callable[[], object],
+        on_result: Callable[[TagResult], None],
+        on_problem: Callable[[Problem], None],
+        on_progress: Callable[[int], None] | None,
+    ) -> None:
         self.files = files
         self.model_id = model.model_id
         self.spec = model.manifest.input
@@ -244,8 +255,9 @@ class _Run:
                 self.ready.append((slot, vectors))
                 return
             try:  # the hash vanished from the index meanwhile: decode here
-                prepared = _Prepared(prepared.content_hash, load_image(slot.path, self.spec,
-                                                                       self.options.max_megapixels))
+                prepared = _Prepared(
+                    prepared.content_hash, load_image(slot.path, self.spec, self.options.max_megapixels)
+                )
             except ImageError as exc:
                 self.fail(slot, exc.reason)
                 return
@@ -279,8 +291,9 @@ class _Run:
                         if len(self.ready) >= SCORE_CHUNK:
                             self.score_ready()
                         continue
-                future = pool.submit(_prepare, path, self.spec, self.options.max_megapixels,
-                                     self.index is not None, known)
+                future = pool.submit(
+                    _prepare, path, self.spec, self.options.max_megapixels, self.index is not None, known
+                )
                 self.inflight.append((slot, future, st))
                 while len(self.inflight) >= window:
                     self.drain_one()
@@ -320,6 +333,16 @@ def tag_files(
     ``index_writable`` is False (a dry run). Work is committed in batches, so an
     interrupted call keeps what it finished.
     """
-    run = _Run(files, model, labels, options or TagOptions(), index, index_writable, image_model, on_result,
-               on_problem, on_progress)
+    run = _Run(
+        files,
+        model,
+        labels,
+        options or TagOptions(),
+        index,
+        index_writable,
+        image_model,
+        on_result,
+        on_problem,
+        on_progress,
+    )
     return run.execute()

@@ -99,8 +99,9 @@ class JsonWriter:
         self.count = 0
 
     def write(self, result: TagResult) -> None:
-        self.stream.write(("[\n  " if self.count == 0 else ",\n  ") + json.dumps(result_record(result),
-                                                                                 ensure_ascii=False))
+        self.stream.write(
+            ("[\n  " if self.count == 0 else ",\n  ") + json.dumps(result_record(result), ensure_ascii=False)
+        )
         self.count += 1
 
     def close(self) -> None:

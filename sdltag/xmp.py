@@ -146,11 +146,14 @@ def merge_keywords(existing: KeywordSet, keywords: list[str], root: str = "sdlta
 
 def _same(a: KeywordSet, b: KeywordSet) -> bool:
     """Equal up to order and case: a re-run that picks the same tags leaves the file alone."""
+
     def norm(values: list[str]) -> list[str]:
         return sorted(v.casefold() for v in values)
 
-    return all(norm(x) == norm(y) for x, y in ((a.subject, b.subject), (a.hierarchical, b.hierarchical),
-                                               (a.tags_list, b.tags_list)))
+    return all(
+        norm(x) == norm(y)
+        for x, y in ((a.subject, b.subject), (a.hierarchical, b.hierarchical), (a.tags_list, b.tags_list))
+    )
 
 
 def _skeleton() -> ET.Element:

@@ -31,9 +31,13 @@ def text_model(tmp_path_factory: pytest.TempPathFactory):
     embedder = get_text_embedder(None, cache)
     labels = ["cat", "dog", "tree", "car", "beach", "boat"]
     vectors = embedder.embed(labels)
-    model = build_tiny_model(tmp_path_factory.mktemp("models") / "e2e", labels, vectors,
-                             embedder=embedder.spec.to_json(),
-                             calibration={"method": "platt", "seen": {"a": 4.0, "b": -1.0}})
+    model = build_tiny_model(
+        tmp_path_factory.mktemp("models") / "e2e",
+        labels,
+        vectors,
+        embedder=embedder.spec.to_json(),
+        calibration={"method": "platt", "seen": {"a": 4.0, "b": -1.0}},
+    )
     return model, cache
 
 
@@ -77,8 +81,9 @@ def test_installed_command_tags_indexes_retags_and_searches(tmp_path: Path, text
     assert (tmp_path / "home" / "data" / "index.sqlite3").is_file()
 
     # new labels: the image model does not run again, and the stored matrices give the same seen scores
-    again = _run(["tag", str(library), *common, "--label", "sunset", "--label", "red car", "-k", "8",
-                  "--format", "csv"], env)
+    again = _run(
+        ["tag", str(library), *common, "--label", "sunset", "--label", "red car", "-k", "8", "--format", "csv"], env
+    )
     assert "0 tagged, 4 reused" in again.stderr.decode() and "ExecutionProvider" not in again.stderr.decode()
     assert again.stdout.decode().startswith("path,rank,label,score,kind\n")
     assert ",sunset," in again.stdout.decode()

@@ -115,12 +115,14 @@ def test_load_image_shape(tmp_path: Path) -> None:
 
 def _bomb_png(path: Path, width: int, height: int) -> Path:
     """A tiny PNG whose header claims width x height (the pixels are never there)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -192,14 +194,42 @@ def test_discover_walks_filters_and_pairs_raw(tmp_path: Path) -> None:
     (root / "@eaDir").mkdir()
     (root / ".git").mkdir()
     (root / "System Volume Information").mkdir()
-    for rel in ["a.JPG", "b.png", "sub/c.WebP", "sub/deeper/d.tiff", "e.heic", "IMG_1.jpg", "IMG_1.CR2",
-                "IMG_2.NEF", ".hidden.jpg", "._a.jpg", "@eaDir/thumb.jpg", ".git/x.png",
-                "System Volume Information/y.jpg", "notes.txt", "f.Bmp", "g.gif", "h.dng"]:
+    for rel in [
+        "a.JPG",
+        "b.png",
+        "sub/c.WebP",
+        "sub/deeper/d.tiff",
+        "e.heic",
+        "IMG_1.jpg",
+        "IMG_1.CR2",
+        "IMG_2.NEF",
+        ".hidden.jpg",
+        "._a.jpg",
+        "@eaDir/thumb.jpg",
+        ".git/x.png",
+        "System Volume Information/y.jpg",
+        "notes.txt",
+        "f.Bmp",
+        "g.gif",
+        "h.dng",
+    ]:
         (root / rel).write_bytes(b"x")
     found = discover([root])
     names = sorted(p.relative_to(root).as_posix() for p in found.files)
-    assert names == sorted(["a.JPG", "b.png", "sub/c.WebP", "sub/deeper/d.tiff", "e.heic", "IMG_1.jpg",
-                            "IMG_2.NEF", "f.Bmp", "g.gif", "h.dng"])
+    assert names == sorted(
+        [
+            "a.JPG",
+            "b.png",
+            "sub/c.WebP",
+            "sub/deeper/d.tiff",
+            "e.heic",
+            "IMG_1.jpg",
+            "IMG_2.NEF",
+            "f.Bmp",
+            "g.gif",
+            "h.dng",
+        ]
+    )
     assert [p.name for p in found.skipped_raw] == ["IMG_1.CR2"]
     assert all(p.is_absolute() for p in found.files)
     flat = discover([root], recursive=False)

@@ -57,6 +57,7 @@ def test_search_cli(tmp_path: Path, tiny_model) -> None:
     assert "4.jpg" not in result.stdout
     result = CliRunner().invoke(app, ["search", "tree", str(tmp_path / "elsewhere"), *base])
     assert result.exit_code == 1 and "no images indexed" in result.stderr
-    result = CliRunner().invoke(app, ["search", "tree", "--model", str(tiny_model.path), "--index",
-                                      str(tmp_path / "none.db")])
+    result = CliRunner().invoke(
+        app, ["search", "tree", "--model", str(tiny_model.path), "--index", str(tmp_path / "none.db")]
+    )
     assert result.exit_code == 2 and "Run `sdltag tag" in result.stderr

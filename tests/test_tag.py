@@ -39,8 +39,9 @@ def _extra_labels(model, names: list[str], seed: int = 7) -> LabelSpace:
     rng = np.random.default_rng(seed)
     extra = rng.normal(size=(len(names), own.vectors.shape[1])).astype(np.float32)
     extra /= np.linalg.norm(extra, axis=1, keepdims=True)
-    return LabelSpace(own.names + names, np.vstack([own.vectors, extra]),
-                      np.concatenate([own.unseen_mask, np.ones(len(names), bool)]))
+    return LabelSpace(
+        own.names + names, np.vstack([own.vectors, extra]), np.concatenate([own.unseen_mask, np.ones(len(names), bool)])
+    )
 
 
 class Counting:
@@ -67,8 +68,16 @@ class Counting:
 def _run(files, model, labels, index=None, factory=None, **options):
     results, problems = [], []
     factory = factory or Counting(model)
-    summary = tag_files(files, model=model, labels=labels, image_model=factory, on_result=results.append,
-                        on_problem=problems.append, options=TagOptions(**options), index=index)
+    summary = tag_files(
+        files,
+        model=model,
+        labels=labels,
+        image_model=factory,
+        on_result=results.append,
+        on_problem=problems.append,
+        options=TagOptions(**options),
+        index=index,
+    )
     return results, problems, summary, factory
 
 
@@ -98,8 +107,9 @@ def test_retag_with_new_labels_never_runs_the_model(tmp_path: Path, tiny_model) 
         first, _, summary, _ = _run(files, tiny_model, LabelSpace.from_model(tiny_model), index=index)
         assert summary.tagged == 5
         labels = _extra_labels(tiny_model, ["zebra", "kite", "lamp"])
-        again, problems, summary, _ = _run(files, tiny_model, labels, index=index,
-                                           factory=Counting(tiny_model, forbid=True), top_k=9)
+        again, problems, summary, _ = _run(
+            files, tiny_model, labels, index=index, factory=Counting(tiny_model, forbid=True), top_k=9
+        )
     assert summary.tagged == 0 and summary.unchanged == 5 and not problems
     assert [r.path for r in again] == files
     assert {t.kind for r in again for t in r.tags} == {"seen", "unseen"}
@@ -134,8 +144,9 @@ def test_changed_file_and_changed_model_re_embed(tmp_path: Path, tiny_model) -> 
         os.utime(files[0], ns=(1, 1))
         _, _, summary, factory = _run(files, tiny_model, LabelSpace.from_model(tiny_model), index=index)
         assert factory.images == 1 and summary.unchanged == 1
-        other = build_tiny_model(tmp_path / "other", tiny_model.manifest.seen_labels, tiny_model.label_vectors,
-                                 seed=3, width=4)
+        other = build_tiny_model(
+            tmp_path / "other", tiny_model.manifest.seen_labels, tiny_model.label_vectors, seed=3, width=4
+        )
         assert other.model_id != tiny_model.model_id
         _, _, summary, factory = _run(files, other, LabelSpace.from_model(other), index=index)
         assert factory.images == 2 and summary.tagged == 2
@@ -151,8 +162,9 @@ def test_bad_files_are_reported_and_the_rest_tagged_and_indexed(tmp_path: Path, 
     gone = tmp_path / "p" / "gone.jpg"
     order = [files[0], empty, files[1], text, gone, files[2]]
     with ImageIndex.open(tmp_path / "i.db") as index:
-        results, problems, summary, _ = _run(order, tiny_model, LabelSpace.from_model(tiny_model), index=index,
-                                             batch_size=2)
+        results, problems, summary, _ = _run(
+            order, tiny_model, LabelSpace.from_model(tiny_model), index=index, batch_size=2
+        )
         assert index.count() == 3
     assert [r.path for r in results] == files
     assert sorted(Path(p.path).name for p in problems) == ["empty.jpg", "gone.jpg", "text.jpg"]
@@ -221,8 +233,12 @@ def _bomb(path: Path) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_cli_every_kind_of_bad_input(tmp_path: Path, tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,17 +271,24 @@ def test_cli_every_kind_of_bad_input(tmp_path: Path, tiny_model, monkeypatch: py
 
         monkeypatch.setattr(builtins, "open", deny)
     index_path = tmp_path / "i.db"
-    result = _cli([str(folder), str(tmp_path / "missing-folder"), "--model", str(tiny_model.path),
-                   "--index", str(index_path), "--xmp"])
+    result = _cli(
+        [
+            str(folder),
+            str(tmp_path / "missing-folder"),
+            "--model",
+            str(tiny_model.path),
+            "--index",
+            str(index_path),
+            "--xmp",
+        ]
+    )
     locked.chmod(0o644)
     assert result.exit_code == 1
     stdout = result.stdout_bytes.decode("utf-8", "surrogateescape")
     tagged = [json.loads(x)["path"] for x in stdout.splitlines()]
-    assert sorted(Path(p).name for p in tagged) == sorted([good[0].name, good[1].name,
-                                                           os.fsdecode(b"na\xefve.jpg")])
+    assert sorted(Path(p).name for p in tagged) == sorted([good[0].name, good[1].name, os.fsdecode(b"na\xefve.jpg")])
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    for name in ["zero.jpg", "truncated.jpg", "text.jpg", "bomb.png", "corrupt.png", "locked.jpg",
-                 "missing-folder"]:
+    for name in ["zero.jpg", "truncated.jpg", "text.jpg", "bomb.png", "corrupt.png", "locked.jpg", "missing-folder"]:
         assert sum(name in line for line in errors) == 1, (name, result.stderr)
     assert len(errors) == 7
     with ImageIndex.open(index_path) as index:
@@ -299,8 +322,18 @@ def test_cli_read_only_output_location(tmp_path: Path, tiny_model) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     index_path = tmp_path / "i.db"
-    result = _cli([str(tmp_path / "lib"), "--model", str(tiny_model.path), "--index", str(index_path),
-                   "--output", str(blocker / "out.jsonl"), "--xmp"])
+    result = _cli(
+        [
+            str(tmp_path / "lib"),
+            "--model",
+            str(tiny_model.path),
+            "--index",
+            str(index_path),
+            "--output",
+            str(blocker / "out.jsonl"),
+            "--xmp",
+        ]
+    )
     assert result.exit_code == 1 and "cannot write the output" in result.stderr
     assert len(result.stdout.splitlines()) == 2  # the results still come out, on stdout
     with ImageIndex.open(index_path) as index:
@@ -310,8 +343,9 @@ def test_cli_read_only_output_location(tmp_path: Path, tiny_model) -> None:
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o555)
-        result = _cli([str(tmp_path / "lib"), "--model", str(tiny_model.path), "--no-index",
-                       "--output", str(ro / "out.jsonl")])
+        result = _cli(
+            [str(tmp_path / "lib"), "--model", str(tiny_model.path), "--no-index", "--output", str(ro / "out.jsonl")]
+        )
         assert result.exit_code == 1 and len(result.stdout.splitlines()) == 2
 
 
@@ -319,8 +353,19 @@ def test_cli_dry_run_changes_no_file(tmp_path: Path, tiny_model) -> None:
     _photos(tmp_path / "lib", 2)
     index_path = tmp_path / "i.db"
     before = sorted(p.name for p in (tmp_path / "lib").iterdir())
-    result = _cli([str(tmp_path / "lib"), "--model", str(tiny_model.path), "--index", str(index_path), "--xmp",
-                   "--dry-run", "--output", str(tmp_path / "o.jsonl")])
+    result = _cli(
+        [
+            str(tmp_path / "lib"),
+            "--model",
+            str(tiny_model.path),
+            "--index",
+            str(index_path),
+            "--xmp",
+            "--dry-run",
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ]
+    )
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
     assert "would update" in result.stderr
     assert not index_path.exists() and not (tmp_path / "o.jsonl").exists()
@@ -373,9 +418,16 @@ def test_interrupted_run_keeps_finished_work_and_resumes(tmp_path: Path, tiny_mo
 
     with ImageIndex.open(tmp_path / "i.db", commit_every=1000) as index:
         with pytest.raises(KeyboardInterrupt):
-            tag_files(files, model=tiny_model, labels=labels, image_model=Counting(tiny_model),
-                      on_result=stop_after_four, on_problem=lambda p: None, options=TagOptions(batch_size=2),
-                      index=index)
+            tag_files(
+                files,
+                model=tiny_model,
+                labels=labels,
+                image_model=Counting(tiny_model),
+                on_result=stop_after_four,
+                on_problem=lambda p: None,
+                options=TagOptions(batch_size=2),
+                index=index,
+            )
     with ImageIndex.open(tmp_path / "i.db") as index:
         done = index.count()
         assert done >= 4  # committed on the way out although no batch of 1000 was reached

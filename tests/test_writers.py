@@ -15,7 +15,7 @@ from sdltag.writers import CSV_HEADER, SearchHit, Tag, TagResult, make_writer, o
 
 RESULTS = [
     TagResult(Path("/p/a.jpg"), [Tag("cat", 0.91234, "seen"), Tag("red car", 0.5, "unseen")]),
-    TagResult(Path("/p/b, \"quoted\".jpg"), [Tag("dog", 0.25, "seen")]),
+    TagResult(Path('/p/b, "quoted".jpg'), [Tag("dog", 0.25, "seen")]),
     TagResult(Path("/p/empty.jpg"), []),
 ]
 
@@ -41,8 +41,13 @@ def test_csv_long_form() -> None:
 
 def test_json_and_jsonl() -> None:
     records = json.loads(_render("json"))
-    assert records[0] == {"path": "/p/a.jpg", "tags": [{"label": "cat", "score": 0.9123, "kind": "seen"},
-                                                         {"label": "red car", "score": 0.5, "kind": "unseen"}]}
+    assert records[0] == {
+        "path": "/p/a.jpg",
+        "tags": [
+            {"label": "cat", "score": 0.9123, "kind": "seen"},
+            {"label": "red car", "score": 0.5, "kind": "unseen"},
+        ],
+    }
     assert records[2] == {"path": "/p/empty.jpg", "tags": []}
     lines = _render("jsonl").splitlines()
     assert [json.loads(line) for line in lines] == records
@@ -79,8 +84,10 @@ def test_output_file_atomic_and_non_utf8_bytes_survive(tmp_path: Path) -> None:
 
 
 def test_search_hits_formats() -> None:
-    hits = [SearchHit(1, Path("/p/a.jpg"), 0.8, "beach", "unseen"), SearchHit(2, Path("/p/b.jpg"), 0.3, "beach",
-                                                                              "unseen")]
+    hits = [
+        SearchHit(1, Path("/p/a.jpg"), 0.8, "beach", "unseen"),
+        SearchHit(2, Path("/p/b.jpg"), 0.3, "beach", "unseen"),
+    ]
     for fmt in ("jsonl", "json", "csv", "paths", "table"):
         stream = io.StringIO()
         write_search_hits(hits, fmt, stream)
@@ -88,5 +95,10 @@ def test_search_hits_formats() -> None:
         assert "/p/a.jpg" in text and text.index("/p/a.jpg") < text.index("/p/b.jpg")
     stream = io.StringIO()
     write_search_hits(hits, "jsonl", stream)
-    assert json.loads(stream.getvalue().splitlines()[0]) == {"rank": 1, "path": "/p/a.jpg", "score": 0.8,
-                                                             "label": "beach", "kind": "unseen"}
+    assert json.loads(stream.getvalue().splitlines()[0]) == {
+        "rank": 1,
+        "path": "/p/a.jpg",
+        "score": 0.8,
+        "label": "beach",
+        "kind": "unseen",
+    }

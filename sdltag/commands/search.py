@@ -81,8 +81,9 @@ def search(
     query: str = typer.Argument(..., help="The label to search for, e.g. 'beach' or 'red car' (any text)."),
     paths: list[Path] = typer.Argument(None, help="Folders or files to search under (default: the whole index)."),
     top: int = typer.Option(20, "--top", "-n", min=1, help="How many images to list, best first."),
-    fmt: str = typer.Option(None, "--format", "-f", help="table, csv, json, jsonl or paths (default: table on a "
-                            "terminal, else jsonl)."),
+    fmt: str = typer.Option(
+        None, "--format", "-f", help="table, csv, json, jsonl or paths (default: table on a terminal, else jsonl)."
+    ),
     model_dir: Path = typer.Option(None, "--model", "-m", help="Model folder (default: the bundled model)."),
     index_path: Path = typer.Option(None, "--index", help="Index file (default: in the user data folder)."),
     embedder: str = typer.Option(None, "--embedder", help="Text embedder for the query (default: the model's)."),

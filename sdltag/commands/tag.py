@@ -27,9 +27,16 @@ def load_model(model_dir: Path | None):
     return load_model_folder(model_dir if model_dir is not None else default_model_dir())
 
 
-def resolve_label_space(model, label_files: list[Path], inline: list[str], *, no_seen: bool = False,
-                        embedder: str | None = None, cache_dir: Path | None = None,
-                        warn_fn: Callable[[str], None] = warn):
+def resolve_label_space(
+    model,
+    label_files: list[Path],
+    inline: list[str],
+    *,
+    no_seen: bool = False,
+    embedder: str | None = None,
+    cache_dir: Path | None = None,
+    warn_fn: Callable[[str], None] = warn,
+):
     """The labels to score: the model's own, plus the user's (``--labels``/``--label``) via ``label_space``."""
     from sdltag.tagger import LabelSpace
 
@@ -44,8 +51,9 @@ def resolve_label_space(model, label_files: list[Path], inline: list[str], *, no
         from sdltag.label_space import resolve_labels
     except ModuleNotFoundError as exc:  # pragma: no cover - the module ships with sdltag
         raise SdltagError(f"user labels need sdltag.label_space, which is missing here ({exc}).") from None
-    label_set = resolve_labels(model, entries, include_seen=not no_seen, embedder=embedder or None,
-                               cache_dir=cache_dir, warn=warn_fn)
+    label_set = resolve_labels(
+        model, entries, include_seen=not no_seen, embedder=embedder or None, cache_dir=cache_dir, warn=warn_fn
+    )
     return LabelSpace.from_label_set(label_set)
 
 
@@ -88,8 +96,10 @@ class _ImageModelFactory:
 
             self.instance = ImageModel(self.model, device=self.device, threads=self.threads)
             threads = self.threads or os.cpu_count() or 1
-            info(f"model {self.model.manifest.name or self.model.path.name} on onnxruntime "
-                 f"{self.instance.provider} ({threads} thread{'s' if threads != 1 else ''})")
+            info(
+                f"model {self.model.manifest.name or self.model.path.name} on onnxruntime "
+                f"{self.instance.provider} ({threads} thread{'s' if threads != 1 else ''})"
+            )
         return self.instance
 
 
@@ -115,8 +125,9 @@ def _open_index(no_index: bool, index_path: Path | None, dry_run: bool):
 def tag(
     paths: list[Path] = typer.Argument(..., help="Image files and folders to tag; `-` reads paths from stdin."),
     model_dir: Path = typer.Option(None, "--model", "-m", help="Model folder (default: the bundled model)."),
-    labels_files: list[Path] = typer.Option([], "--labels", "-l", help="Labels file, one label per line "
-                                            "(repeatable). Adds zero-shot labels."),
+    labels_files: list[Path] = typer.Option(
+        [], "--labels", "-l", help="Labels file, one label per line (repeatable). Adds zero-shot labels."
+    ),
     label: list[str] = typer.Option([], "--label", help="One extra label, e.g. 'red car' (repeatable)."),
     embedder: str = typer.Option(None, "--embedder", help="Text embedder for new labels (default: the model's)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Label-vector cache folder (default: user cache)."),
@@ -124,8 +135,13 @@ def tag(
     top: int = typer.Option(10, "--top-k", "-k", min=1, help="Tags per image (best first)."),
     threshold: float = typer.Option(None, "--threshold", "-t", help="Drop tags scoring below this."),
     raw_scores: bool = typer.Option(False, "--raw-scores", help="Raw SDL scores instead of calibrated confidences."),
-    fmt: str = typer.Option(None, "--format", "-f", help="table, csv, json, jsonl or paths (default: table on a "
-                            "terminal, else jsonl; with --output, from its extension)."),
+    fmt: str = typer.Option(
+        None,
+        "--format",
+        "-f",
+        help="table, csv, json, jsonl or paths (default: table on a "
+        "terminal, else jsonl; with --output, from its extension).",
+    ),
     output: Path = typer.Option(None, "--output", "-o", help="Write results to this file (atomically)."),
     xmp: bool = typer.Option(False, "--xmp", help="Merge tags into XMP sidecars (dc:subject, sdltag|label)."),
     xmp_naming: str = typer.Option("ext", "--xmp-naming", help="Sidecar names: ext (IMG.jpg.xmp) or adobe (IMG.xmp)."),
@@ -136,8 +152,9 @@ def tag(
     include_hidden: bool = typer.Option(False, "--include-hidden", help="Also tag hidden files, ._*, @eaDir, .git."),
     null: bool = typer.Option(False, "--null", "-0", help="Paths on stdin are NUL-separated (find -print0)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per inference batch."),
-    threads: int = typer.Option(None, "--threads", min=1, help="Threads for decoding and for inference "
-                                "(default: all cores)."),
+    threads: int = typer.Option(
+        None, "--threads", min=1, help="Threads for decoding and for inference (default: all cores)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (cuda without CUDA is an error)."),
     max_megapixels: float = typer.Option(100.0, "--max-megapixels", min=0.01, help="Refuse larger images."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, provider or summary line."),
@@ -158,8 +175,9 @@ def tag(
         raise SdltagError(f"--xmp-naming {xmp_naming!r} is not one of {', '.join(NAMINGS)}.")
     fmt = _format_for(fmt, output)
     model = load_model(model_dir)
-    label_space = resolve_label_space(model, labels_files, label, no_seen=no_seen, embedder=embedder,
-                                      cache_dir=cache_dir)
+    label_space = resolve_label_space(
+        model, labels_files, label, no_seen=no_seen, embedder=embedder, cache_dir=cache_dir
+    )
     factory = _ImageModelFactory(model, device, threads, quiet)
 
     inputs: list[Path] = []
@@ -181,14 +199,22 @@ def tag(
         for path in files:
             sidecar = sidecar_path(path, xmp_naming)
             if sidecar in owners:
-                warn(f"{path} and {owners[sidecar]} would share the sidecar {sidecar.name}; writing it for "
-                     f"{owners[sidecar].name} only (use --xmp-naming ext to give each its own)")
+                warn(
+                    f"{path} and {owners[sidecar]} would share the sidecar {sidecar.name}; writing it for "
+                    f"{owners[sidecar].name} only (use --xmp-naming ext to give each its own)"
+                )
                 continue
             owners[sidecar] = path
             sidecars[path] = sidecar
 
-    options = TagOptions(top_k=top, threshold=threshold, raw_scores=raw_scores, batch_size=batch_size,
-                         decode_threads=threads, max_megapixels=max_megapixels)
+    options = TagOptions(
+        top_k=top,
+        threshold=threshold,
+        raw_scores=raw_scores,
+        batch_size=batch_size,
+        decode_threads=threads,
+        max_megapixels=max_megapixels,
+    )
     xmp_failures = 0
     xmp_changed = 0
 
@@ -204,8 +230,10 @@ def tag(
             try:
                 stream = stack.enter_context(open_output(output))
             except OSError as exc:
-                error(f"{output}: cannot write the output ({exc.strerror or exc}); writing the results to stdout "
-                      "instead. Pass --output somewhere writable.")
+                error(
+                    f"{output}: cannot write the output ({exc.strerror or exc}); writing the results to stdout "
+                    "instead. Pass --output somewhere writable."
+                )
                 failures += 1
         if stream is None:
             stream = stdout_stream()
@@ -233,8 +261,15 @@ def tag(
         with progress or ExitStack():
             task = progress.add_task("tagging", total=len(files)) if progress else None
             summary = tag_files(
-                files, model=model, labels=label_space, image_model=factory, on_result=on_result,
-                on_problem=on_problem, options=options, index=index, index_writable=not dry_run,
+                files,
+                model=model,
+                labels=label_space,
+                image_model=factory,
+                on_result=on_result,
+                on_problem=on_problem,
+                options=options,
+                index=index,
+                index_writable=not dry_run,
                 on_progress=(lambda n: progress.advance(task, n)) if progress else None,
             )
         writer.close()
@@ -246,8 +281,11 @@ def tag(
     if found.problems:
         summary.skipped["missing or unreadable inputs"] += len(found.problems)
     if not quiet:
-        extra = f"; {xmp_changed} sidecar{'s' if xmp_changed != 1 else ''} {'to update' if dry_run else 'updated'}" \
-            if xmp else ""
+        extra = (
+            f"; {xmp_changed} sidecar{'s' if xmp_changed != 1 else ''} {'to update' if dry_run else 'updated'}"
+            if xmp
+            else ""
+        )
         info(summary.line() + extra)
     failures += len(summary.failed) + xmp_failures
     if failures:
@@ -266,8 +304,15 @@ def _progress(total: int, quiet: bool):
         def render(self, task) -> Text:
             return Text(f"{task.speed:.1f} img/s" if task.speed else "")
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeRemainingColumn(),
+        console=Console(file=sys.stderr),
+        transient=True,
+    )
 
 
 def _install_sigterm() -> None:
