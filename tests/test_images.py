@@ -266,3 +266,11 @@ def test_discover_non_utf8_name(tmp_path: Path) -> None:
     odd = [p for p in found.files if p.name != "src.jpg"]
     assert len(odd) == 1 and os.fsencode(odd[0]) == raw_name
     assert load_image(odd[0], InputSpec(16, 16)).shape == (3, 16, 16)
+
+
+def test_not_really_raw_is_one_error(tmp_path: Path) -> None:
+    path = tmp_path / "IMG_9.NEF"
+    path.write_bytes(b"\x00" * 4096)
+    with pytest.raises(ImageError) as info:
+        open_image(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
