@@ -20,6 +20,7 @@ META_FILE = "meta.json"
 ONNX_FILE = "text_model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 FAST_PATH_FORMAT = 1
+TOKEN_BUDGET = 4096  # padded tokens per onnxruntime call
 
 
 class FastPathError(Exception):
@@ -54,6 +55,7 @@ class OnnxTextEncoder:
         self.meta = read_meta(self.folder)
         self.batch_size = batch_size
         self._tokenizer: Any = None
+        self._pad_id = 0
         self._session: Any = None
 
     @property
@@ -69,30 +71,16 @@ class OnnxTextEncoder:
             except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception
                 raise FastPathError(f"{self.folder / TOKENIZER_FILE}: unreadable ({exc})") from None
             # sentence-transformers pads to the longest text and truncates at max_seq_length,
-            # whatever padding/truncation the tokenizer.json itself carries.
+            # whatever padding/truncation the tokenizer.json itself carries; padding is done here.
+            saved = tokenizer.padding or {}
+            pad_id = self.meta.get("pad_id")
+            pad_id = saved.get("pad_id") if pad_id is None else pad_id
+            self._pad_id = int(pad_id) if pad_id is not None else 0
             tokenizer.no_padding()
             tokenizer.no_truncation()
-            padding = self._padding_settings()
-            tokenizer.enable_padding(**padding)
             tokenizer.enable_truncation(max_length=int(self.meta["max_seq_length"]), strategy="longest_first")
             self._tokenizer = tokenizer
         return self._tokenizer
-
-    def _padding_settings(self) -> dict[str, Any]:
-        try:
-            data = json.loads((self.folder / TOKENIZER_FILE).read_text(encoding="utf-8"))
-            saved = data.get("padding") or {}
-        except (OSError, ValueError):
-            saved = {}
-        settings: dict[str, Any] = {}
-        for key in ("pad_id", "pad_type_id", "pad_token"):
-            if key in saved:
-                settings[key] = saved[key]
-        if "pad_token" not in settings:
-            pad = self.meta.get("pad_token")
-            if pad is not None:
-                settings["pad_token"] = pad
-        return settings
 
     def _get_session(self) -> Any:
         if self._session is None:
@@ -100,6 +88,9 @@ class OnnxTextEncoder:
 
             options = ort.SessionOptions()
             options.log_severity_level = 3
+            # Label batches are small and come one at a time: threads that spin between runs only
+            # steal the cores from image decoding and from other processes.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 self._session = ort.InferenceSession(
                     str(self.folder / ONNX_FILE), sess_options=options, providers=["CPUExecutionProvider"]
@@ -108,30 +99,53 @@ class OnnxTextEncoder:
                 raise FastPathError(f"{self.folder / ONNX_FILE}: cannot be loaded ({exc})") from None
         return self._session
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Model inputs for ``texts``, padded to the longest: name -> (B, T) int64."""
+    def _prepare(self, texts: Sequence[str]) -> list[str]:
         prepared = [str(t).strip() for t in texts]
-        if self.meta.get("do_lower_case"):
-            prepared = [t.lower() for t in prepared]
-        encodings = self._get_tokenizer().encode_batch(prepared)
+        return [t.lower() for t in prepared] if self.meta.get("do_lower_case") else prepared
+
+    def _arrays(self, encodings: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Model inputs from encodings, right-padded to the longest: name -> (B, T) int64."""
+        width = max(len(e.ids) for e in encodings)
+        pad_id = self._pad_id
         arrays = {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+            "input_ids": np.full((len(encodings), width), pad_id, dtype=np.int64),
+            "attention_mask": np.zeros((len(encodings), width), dtype=np.int64),
+            "token_type_ids": np.zeros((len(encodings), width), dtype=np.int64),
         }
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            arrays["input_ids"][row, :n] = encoding.ids
+            arrays["attention_mask"][row, :n] = 1
+            arrays["token_type_ids"][row, :n] = encoding.type_ids
         return {name: arrays[name] for name in self.meta["inputs"]}
 
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Model inputs for ``texts``, padded to the longest (as sentence-transformers does)."""
+        return self._arrays(self._encode_unpadded(texts))
+
+    def _encode_unpadded(self, texts: Sequence[str]) -> list[Any]:
+        return self._get_tokenizer().encode_batch(self._prepare(texts))
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """(n, d) float32 unit vectors, batched by length so short labels pad little."""
+        """(n, d) float32 unit vectors. Texts are batched by token count under a token budget,
+        so one long description does not pad a whole batch of short labels to its length."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
         session = self._get_session()
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            inputs = self.tokenize([texts[i] for i in batch])
+        encodings = self._encode_unpadded(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            # Sorted ascending, so the last text of a batch is its longest.
+            while (stop < len(order) and stop - start < self.batch_size
+                   and (stop - start + 1) * len(encodings[order[stop]].ids) <= TOKEN_BUDGET):
+                stop += 1
+            batch = order[start:stop]
+            inputs = self._arrays([encodings[i] for i in batch])
             (vectors,) = session.run([self.meta["output"]], inputs)  # (B, d)
             out[batch] = vectors
+            start = stop
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)

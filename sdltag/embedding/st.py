@@ -96,6 +96,12 @@ def _input_names(model: Any) -> list[str]:
     return [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in features]
 
 
+def _pad_id(model: Any) -> int | None:
+    tokenizer = getattr(model[0], "tokenizer", None)
+    value = getattr(tokenizer, "pad_token_id", None)
+    return int(value) if value is not None else None
+
+
 def _save_tokenizer(model: Any, model_dir: Path, dest: Path) -> None:
     """Write the fast tokenizer's tokenizer.json (from the model folder, else from the loaded tokenizer)."""
     source = model_dir / TOKENIZER_FILE
@@ -167,6 +173,7 @@ def export_fast_path(model: Any, model_dir: Path, dest: Path, embedder_id: str) 
             "max_seq_length": max_len,
             "do_lower_case": do_lower,
             "dim": st_dimension(model),
+            "pad_id": _pad_id(model),
             "onnx_bytes": (staging / ONNX_FILE).stat().st_size,
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
