@@ -275,6 +275,21 @@ def load_model_folder(path: Path | str) -> ModelFolder:
     return ModelFolder(path=path, manifest=manifest)
 
 
+def check_output_folder(out_dir: Path | str) -> Path:
+    """Refuse an ``--out`` that is a file or a non-empty folder other than a model folder.
+
+    Cheap, so commands call it before slow work; ``write_model_folder`` calls it again.
+    Returns the absolute path.
+    """
+    out_dir = Path(out_dir).expanduser().absolute()
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise _refuse(out_dir, "exists and is not a folder", "Choose another --out path.")
+        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
+            raise _refuse(out_dir, "exists, is not empty and is not a model folder", "Choose another --out path.")
+    return out_dir
+
+
 def write_model_folder(
     out_dir: Path, onnx_file: Path, manifest: Manifest, label_vectors: np.ndarray, model_card_md: str | None = None
 ) -> ModelFolder:
@@ -283,12 +298,7 @@ def write_model_folder(
     An existing ``out_dir`` is replaced only if it is a model folder or empty; anything
     else is refused so a typo never deletes a user's folder.
     """
-    out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise _refuse(out_dir, "exists and is not a folder", "Choose another --out path.")
-        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
-            raise _refuse(out_dir, "exists, is not empty and is not a model folder", "Choose another --out path.")
+    out_dir = check_output_folder(out_dir)
     vectors = np.ascontiguousarray(label_vectors, dtype=np.float32)
     expected = (len(manifest.seen_labels) + len(manifest.unseen_labels), manifest.dim)
     if vectors.shape != expected:

@@ -12,7 +12,14 @@ import numpy as np
 import torch
 
 from sdltag import __version__
-from sdltag.modelfolder import EmbedderSpec, InputSpec, Manifest, ModelFolder, write_model_folder
+from sdltag.modelfolder import (
+    EmbedderSpec,
+    InputSpec,
+    Manifest,
+    ModelFolder,
+    check_output_folder,
+    write_model_folder,
+)
 from sdltag.nn.checkpoint import load_checkpoint
 from sdltag.nn.model import ModelConfig, SDLModel
 
@@ -92,6 +99,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> SDLModel:
 
 def export_checkpoint(checkpoint_path: Path, out_dir: Path, name: str = "") -> ModelFolder:
     """``sdltag export``: a training checkpoint -> a model folder."""
+    check_output_folder(out_dir)
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint)
     vectors = checkpoint["label_vectors"]

@@ -27,7 +27,7 @@ import torch
 
 from sdltag.errors import SdltagError
 from sdltag.labels import build_vocabulary, label_key
-from sdltag.modelfolder import EmbedderSpec, InputSpec, ModelFolder, file_sha256
+from sdltag.modelfolder import EmbedderSpec, InputSpec, ModelFolder, check_output_folder, file_sha256
 from sdltag.nn.model import ModelConfig, SDLModel
 from sdltag.safepickle import safe_load
 
@@ -450,6 +450,7 @@ def import_official(
     """
     from sdltag.nn.export import export_model
 
+    check_output_folder(out)
     checkpoint, wordvecs, classes = (Path(p).expanduser() for p in (checkpoint, wordvecs, classes))
     unseen_path = Path(unseen).expanduser() if unseen is not None else None
     # Cheap checks first, so a wrong pickle is reported before the slow checkpoint load.
