@@ -186,5 +186,5 @@ def build_vocabulary(
             raise SdltagError(
                 f"{names}: no labels found (every line is blank or a comment). Add one label per line."
             )
-        raise SdltagError("no labels given. Pass --labels FILE or --label TEXT.")
+        raise SdltagError("no labels given. Pass a labels file (--labels FILE) or --label TEXT.")
     return dedupe(entries, warn)

@@ -83,10 +83,10 @@ class CachedTextEmbedder:
         self.last_new = len(missing)
         if missing:
             vectors = self._compute(missing)
-            if vectors.shape != (len(missing), spec.dim):
+            if vectors.shape != (len(missing), spec.dim) or not np.all(np.isfinite(vectors)):
                 raise SdltagError(
-                    f"the embedder {spec.id} produced vectors of shape {vectors.shape}, expected "
-                    f"({len(missing)}, {spec.dim}). Clear the cache with `sdltag labels cache --clear`.",
+                    f"the embedder {spec.id} produced unusable vectors (shape {vectors.shape}, expected "
+                    f"({len(missing)}, {spec.dim}), or NaN). Clear its export with `sdltag labels cache --clear`.",
                     exit_code=1,
                 )
             self.cache.put_many(spec.id, zip(missing, vectors, strict=True))
