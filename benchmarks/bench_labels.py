@@ -52,8 +52,11 @@ def load_labels(path: Path | None, count: int) -> list[str]:
         records = json.loads(path.read_text(encoding="utf-8"))
         labels = sorted({tag for record in records for tag in record["tags"]} | {r["name"] for r in records})
     else:
-        base = [line for line in (ROOT / "tests" / "data" / "cldr_labels.txt").read_text(encoding="utf-8").splitlines()
-                if line and not line.startswith("#")]
+        base = [
+            line
+            for line in (ROOT / "tests" / "data" / "cldr_labels.txt").read_text(encoding="utf-8").splitlines()
+            if line and not line.startswith("#")
+        ]
         labels = base + [f"a photo of {b}" for b in base] + [f"{b} icon" for b in base] + [f"small {b}" for b in base]
     labels = list(dict.fromkeys(labels))
     if len(labels) < count:
@@ -73,8 +76,12 @@ def fresh_cache(parent: Path, exported: Path) -> Path:
 
 def time_process(cache: Path, labels_file: Path, backend: str) -> tuple[float, bool]:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", EMBED_PROCESS, str(cache), str(labels_file), backend],
-                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", EMBED_PROCESS, str(cache), str(labels_file), backend],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(result.stderr)
@@ -127,9 +134,14 @@ def main() -> None:
 
     onnx_s, st_s, lookup_s = statistics.median(onnx_runs), statistics.median(st_runs), statistics.median(lookups)
     results = {
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
-        "labels_source": str(args.labels_json) if args.labels_json and args.labels_json.is_file()
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0],
+        },
+        "labels_source": str(args.labels_json)
+        if args.labels_json and args.labels_json.is_file()
         else "tests/data/cldr_labels.txt (expanded)",
         "first_use_export_process_s": round(first_use, 3),
         "new_50_process": {
@@ -148,10 +160,14 @@ def main() -> None:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"50 new labels, whole process: ONNX {onnx_s:.2f} s vs sentence-transformers {st_s:.2f} s "
-          f"-> {st_s / onnx_s:.1f}x (aim >= 3x); torch imported by the ONNX path: {any(torch_in_onnx)}")
-    print(f"1,000 labels: embed {embed_s:.3f} s, cached lookup {lookup_s * 1000:.1f} ms "
-          f"-> {100 * lookup_s / embed_s:.2f}% (aim <= 5%)")
+    print(
+        f"50 new labels, whole process: ONNX {onnx_s:.2f} s vs sentence-transformers {st_s:.2f} s "
+        f"-> {st_s / onnx_s:.1f}x (aim >= 3x); torch imported by the ONNX path: {any(torch_in_onnx)}"
+    )
+    print(
+        f"1,000 labels: embed {embed_s:.3f} s, cached lookup {lookup_s * 1000:.1f} ms "
+        f"-> {100 * lookup_s / embed_s:.2f}% (aim <= 5%)"
+    )
     print(f"first use (load sentence-transformers + export + verify): {first_use:.1f} s")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 

@@ -37,7 +37,7 @@ class LabelSet:
     unseen_mask: np.ndarray  # (L,) bool
 
     def kinds(self) -> list[str]:
-        """"seen" or "unseen" per label, for output columns."""
+        """ "seen" or "unseen" per label, for output columns."""
         return ["unseen" if unseen else "seen" for unseen in self.unseen_mask.tolist()]
 
     def __len__(self) -> int:
@@ -133,8 +133,9 @@ def _refuse_word_vectors(model: ModelFolder, labels: list[str]) -> SdltagError:
     )
 
 
-def _check_embedder(model: ModelFolder, embedder: str | TextEmbedder | None, cache_dir: Path | None,
-                    warn: Callable[[str], None] | None) -> TextEmbedder | None:
+def _check_embedder(
+    model: ModelFolder, embedder: str | TextEmbedder | None, cache_dir: Path | None, warn: Callable[[str], None] | None
+) -> TextEmbedder | None:
     """The model's text embedder, refusing one that is not the model's."""
     from sdltag.embedding import get_text_embedder
 
@@ -174,8 +175,14 @@ def _check_embedder(model: ModelFolder, embedder: str | TextEmbedder | None, cac
     return text_embedder
 
 
-def _embed_new(model: ModelFolder, entries: list[LabelEntry], *, embedder: str | TextEmbedder | None,
-               cache_dir: Path | None, warn: Callable[[str], None] | None) -> np.ndarray:
+def _embed_new(
+    model: ModelFolder,
+    entries: list[LabelEntry],
+    *,
+    embedder: str | TextEmbedder | None,
+    cache_dir: Path | None,
+    warn: Callable[[str], None] | None,
+) -> np.ndarray:
     if model.manifest.embedder.kind == WORD_VECTORS:
         raise _refuse_word_vectors(model, [e.label for e in entries])
     text_embedder = _check_embedder(model, embedder, cache_dir, warn)

@@ -154,8 +154,9 @@ def dedupe(entries: Sequence[LabelEntry], warn: Callable[[str], None] | None = N
         else:
             duplicates.append((entry, kept))
     if duplicates and warn is not None:
-        shown = [f"{dup.label!r} ({dup.source}, same as {kept.label!r} at {kept.source})" for dup, kept in
-                 duplicates[:10]]
+        shown = [
+            f"{dup.label!r} ({dup.source}, same as {kept.label!r} at {kept.source})" for dup, kept in duplicates[:10]
+        ]
         more = f", and {len(duplicates) - 10} more" if len(duplicates) > 10 else ""
         warn(
             f"ignored {len(duplicates)} duplicate label{'s' if len(duplicates) != 1 else ''} "
@@ -183,8 +184,6 @@ def build_vocabulary(
     if not entries and not allow_empty:
         if files:
             names = ", ".join(str(Path(p)) for p in files)
-            raise SdltagError(
-                f"{names}: no labels found (every line is blank or a comment). Add one label per line."
-            )
+            raise SdltagError(f"{names}: no labels found (every line is blank or a comment). Add one label per line.")
         raise SdltagError("no labels given. Pass a labels file (--labels FILE) or --label TEXT.")
     return dedupe(entries, warn)

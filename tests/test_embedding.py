@@ -69,14 +69,28 @@ def minilm_model(tmp_path_factory: pytest.TempPathFactory, warm_cache: Path):
     """A tiny model folder whose manifest names the real default embedder; labels cat/dog/tree + unseen zebra."""
     embedder = get_text_embedder(None, warm_cache)
     labels = ["cat", "dog", "tree", "zebra"]
-    return build_tiny_model(tmp_path_factory.mktemp("minilm") / "m", labels[:3], embedder.embed(labels),
-                            embedder=embedder.spec.to_json(), unseen_labels=labels[3:], rows=2, size=16, width=4)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("minilm") / "m",
+        labels[:3],
+        embedder.embed(labels),
+        embedder=embedder.spec.to_json(),
+        unseen_labels=labels[3:],
+        rows=2,
+        size=16,
+        width=4,
+    )
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=environment, timeout=120, cwd=Path(__file__).parents[1])
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
 
 
 def test_spec_is_name_plus_weights_hash_and_needs_no_torch(tmp_path: Path) -> None:
@@ -91,21 +105,28 @@ def test_spec_is_name_plus_weights_hash_and_needs_no_torch(tmp_path: Path) -> No
     result = _run_python(code, SDLTAG_HOME=str(tmp_path))
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert out["spec"] == {"kind": "sentence-transformers", "name": DEFAULT_NAME,
-                           "id": f"{DEFAULT_NAME}@sha256:{digest[:16]}", "dim": 384}
+    assert out["spec"] == {
+        "kind": "sentence-transformers",
+        "name": DEFAULT_NAME,
+        "id": f"{DEFAULT_NAME}@sha256:{digest[:16]}",
+        "dim": 384,
+    }
     assert out["heavy"] == []
     # The hash is memoised in the cache, keyed by path, size and mtime.
     stat = weights.stat()
-    assert LabelVectorCache(tmp_path / "cache").get_file_hash(weights.resolve(), stat.st_size,
-                                                             stat.st_mtime_ns) == digest
+    assert (
+        LabelVectorCache(tmp_path / "cache").get_file_hash(weights.resolve(), stat.st_size, stat.st_mtime_ns) == digest
+    )
 
 
 def test_onnx_path_matches_sentence_transformers_on_real_labels(warm_cache: Path, st_model) -> None:
     from sdltag.embedding.st import st_embed
 
     # Real labels, a description, and a text longer than the 256 tokens both truncate to.
-    texts = _real_labels() + ["a striped domestic cat sleeping on a sunny windowsill",
-                              " ".join(["a very long description of a photograph"] * 60)]
+    texts = _real_labels() + [
+        "a striped domestic cat sleeping on a sunny windowsill",
+        " ".join(["a very long description of a photograph"] * 60),
+    ]
     assert len(texts) >= 290
     spec = get_text_embedder(None, warm_cache).spec
     onnx = OnnxTextEncoder(LabelVectorCache(warm_cache).fast_path_dir(spec.id)).embed(texts)
@@ -159,8 +180,12 @@ def test_new_labels_use_the_fast_path_without_torch(cache_dir: Path, tmp_path: P
         assert not heavy, heavy
         print(embedder.last_new)
     """.replace("HEAVY", repr(HEAVY))
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(cache_dir), str(out)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), str(cache_dir), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "2"
     reference = st_embed(st_model, ["lighthouse at dusk", "birthday cake"])
@@ -184,7 +209,9 @@ def test_fully_cached_resolve_imports_nothing_heavy(cache_dir: Path, tmp_path: P
     """.replace("HEAVY", repr(HEAVY))
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), str(minilm_model.path), str(labels), str(cache_dir)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -194,8 +221,11 @@ def test_fully_cached_resolve_imports_nothing_heavy(cache_dir: Path, tmp_path: P
 
 
 def test_resolve_embeds_new_labels_and_descriptions_with_the_models_embedder(cache_dir: Path, minilm_model) -> None:
-    entries = [LabelEntry("Dog", "Dog", "--label"), LabelEntry("tabby", "a striped cat", "--label"),
-               LabelEntry("Zebra", "Zebra", "--label")]
+    entries = [
+        LabelEntry("Dog", "Dog", "--label"),
+        LabelEntry("tabby", "a striped cat", "--label"),
+        LabelEntry("Zebra", "Zebra", "--label"),
+    ]
     label_set = resolve_labels(minilm_model, entries, include_seen=False, cache_dir=cache_dir)
     assert label_set.names == ["dog", "tabby", "zebra"]
     assert label_set.kinds() == ["seen", "unseen", "unseen"]
@@ -223,8 +253,15 @@ def test_another_embedder_is_refused(tmp_path: Path, cache_dir: Path, minilm_mod
 def test_same_name_other_weights_is_refused(tmp_path: Path, cache_dir: Path) -> None:
     spec = get_text_embedder(None, cache_dir).spec
     vectors = np.eye(2, 384, dtype=np.float32)
-    model = build_tiny_model(tmp_path / "m", ["a", "b"], vectors, rows=2, size=16, width=4,
-                             embedder={**spec.to_json(), "id": f"{DEFAULT_NAME}@sha256:ffffffffffffffff"})
+    model = build_tiny_model(
+        tmp_path / "m",
+        ["a", "b"],
+        vectors,
+        rows=2,
+        size=16,
+        width=4,
+        embedder={**spec.to_json(), "id": f"{DEFAULT_NAME}@sha256:ffffffffffffffff"},
+    )
     with pytest.raises(SdltagError, match="different weights"):
         resolve_labels(model, [LabelEntry("c", "c", "--label")], cache_dir=cache_dir)
 

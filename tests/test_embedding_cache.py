@@ -92,8 +92,12 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
     sync = tmp_path / "sync"
     sync.mkdir()
     procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(folder), name, tests_dir, str(sync)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(folder), name, tests_dir, str(sync)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for name in ("a", "b")
     ]
     deadline = time.monotonic() + 60

@@ -50,17 +50,37 @@ def _entry(label: str, text: str | None = None) -> LabelEntry:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory):
     vectors = np.stack([_vector(f"trained {n}") for n in SEEN + UNSEEN])
-    return build_tiny_model(tmp_path_factory.mktemp("ls") / "m", SEEN, vectors, embedder=SPEC,
-                            unseen_labels=UNSEEN, rows=2, size=16, width=4)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("ls") / "m",
+        SEEN,
+        vectors,
+        embedder=SPEC,
+        unseen_labels=UNSEEN,
+        rows=2,
+        size=16,
+        width=4,
+    )
 
 
 @pytest.fixture(scope="module")
 def word_vector_model(tmp_path_factory: pytest.TempPathFactory):
     vectors = np.stack([_vector(n) for n in SEEN + UNSEEN])
-    spec = {"kind": "word-vectors", "name": "nus-wide-glove", "id": "nus-wide-glove@sha256:abcdabcdabcdabcd",
-            "dim": DIM}
-    return build_tiny_model(tmp_path_factory.mktemp("wv") / "m", SEEN, vectors, embedder=spec,
-                            unseen_labels=UNSEEN, rows=2, size=16, width=4)
+    spec = {
+        "kind": "word-vectors",
+        "name": "nus-wide-glove",
+        "id": "nus-wide-glove@sha256:abcdabcdabcdabcd",
+        "dim": DIM,
+    }
+    return build_tiny_model(
+        tmp_path_factory.mktemp("wv") / "m",
+        SEEN,
+        vectors,
+        embedder=spec,
+        unseen_labels=UNSEEN,
+        rows=2,
+        size=16,
+        width=4,
+    )
 
 
 def test_model_labels_only(model) -> None:
@@ -85,8 +105,9 @@ def test_user_labels_follow_and_known_ones_are_reused(model) -> None:
 
 def test_without_seen_only_the_users_labels_remain(model) -> None:
     embedder = RecordingEmbedder(SPEC)
-    label_set = resolve_labels(model, [_entry("Tree"), _entry("kite"), _entry("zebra")], include_seen=False,
-                               embedder=embedder)
+    label_set = resolve_labels(
+        model, [_entry("Tree"), _entry("kite"), _entry("zebra")], include_seen=False, embedder=embedder
+    )
     assert label_set.names == ["tree", "kite", "Zebra"]
     assert label_set.kinds() == ["seen", "unseen", "unseen"]
     np.testing.assert_array_equal(label_set.vectors[0], model.label_vectors[2])
@@ -96,8 +117,9 @@ def test_without_seen_only_the_users_labels_remain(model) -> None:
 def test_a_description_on_a_known_label_is_ignored_with_a_warning(model) -> None:
     warnings: list[str] = []
     embedder = RecordingEmbedder(SPEC)
-    label_set = resolve_labels(model, [_entry("cat", "a feline")], include_seen=False, embedder=embedder,
-                               warn=warnings.append)
+    label_set = resolve_labels(
+        model, [_entry("cat", "a feline")], include_seen=False, embedder=embedder, warn=warnings.append
+    )
     np.testing.assert_array_equal(label_set.vectors[0], model.label_vectors[0])
     assert embedder.calls == [] and len(warnings) == 1 and "'cat'" in warnings[0]
 

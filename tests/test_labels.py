@@ -117,8 +117,11 @@ def test_over_long_label_is_refused_naming_file_and_line(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("line", "message"),
-    [(": only a description", "no label before the colon"), ("cat:", "ends with a colon"),
-     ("bad\x00label", "control character")],
+    [
+        (": only a description", "no label before the colon"),
+        ("cat:", "ends with a colon"),
+        ("bad\x00label", "control character"),
+    ],
 )
 def test_malformed_lines_are_refused(tmp_path: Path, line: str, message: str) -> None:
     path = _write(tmp_path / "bad.txt", f"fine\n{line}\n")
@@ -142,8 +145,9 @@ def test_labels_list_prints_seen_then_marked_unseen(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(4, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    model = build_tiny_model(tmp_path / "m", ["cat", "dog", "tree"], vectors, unseen_labels=["zebra"], rows=2,
-                             size=16, width=4)
+    model = build_tiny_model(
+        tmp_path / "m", ["cat", "dog", "tree"], vectors, unseen_labels=["zebra"], rows=2, size=16, width=4
+    )
     result = CliRunner().invoke(app, ["labels", "list", "--model", str(model.path)])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == ["cat", "dog", "tree", "zebra\t# unseen"]

@@ -30,7 +30,9 @@ def embed(
         [], "--label", metavar="TEXT", help="A label to embed: `label` or `label: description` (repeatable)."
     ),
     embedder: str = typer.Option(
-        None, "--embedder", metavar="NAME_OR_PATH",
+        None,
+        "--embedder",
+        metavar="NAME_OR_PATH",
         help="sentence-transformers model name or folder (default: the bundled all-MiniLM-L6-v2).",
     ),
     cache_dir: Path = typer.Option(None, "--cache-dir", metavar="DIR", help=CACHE_DIR_HELP),
@@ -68,8 +70,10 @@ def list_labels(
         for name in folder.manifest.unseen_labels:
             typer.echo(f"{name}\t# unseen")
     manifest = folder.manifest
-    info(f"{folder.path}: {len(manifest.seen_labels)} seen, {len(manifest.unseen_labels)} unseen labels "
-         f"({manifest.embedder.id})")
+    info(
+        f"{folder.path}: {len(manifest.seen_labels)} seen, {len(manifest.unseen_labels)} unseen labels "
+        f"({manifest.embedder.id})"
+    )
 
 
 def _default_model() -> Path:

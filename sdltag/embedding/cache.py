@@ -266,8 +266,9 @@ class LabelVectorCache:
         """Location, size on disk (database, WAL and fast paths) and entry counts; creates nothing."""
         per_embedder: dict[str, int] = {}
         if self.path.exists():
-            rows = self._run(lambda conn: conn.execute("SELECT embedder, COUNT(*) FROM vectors GROUP BY embedder")
-                             .fetchall())
+            rows = self._run(
+                lambda conn: conn.execute("SELECT embedder, COUNT(*) FROM vectors GROUP BY embedder").fetchall()
+            )
             per_embedder = {str(e): int(n) for e, n in rows}  # type: ignore[union-attr]
         size = 0
         if self.directory.is_dir():
@@ -278,8 +279,11 @@ class LabelVectorCache:
                     except OSError:
                         pass
         fast_root = self.directory / FAST_PATH_DIR
-        fast_paths = (sorted(p.name for p in fast_root.iterdir() if p.is_dir() and not p.name.startswith("."))
-                      if fast_root.is_dir() else [])
+        fast_paths = (
+            sorted(p.name for p in fast_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if fast_root.is_dir()
+            else []
+        )
         return CacheStats(self.path, size, sum(per_embedder.values()), per_embedder, fast_paths)
 
     def clear(self) -> int:

@@ -139,8 +139,11 @@ class OnnxTextEncoder:
         while start < len(order):
             stop = start + 1
             # Sorted ascending, so the last text of a batch is its longest.
-            while (stop < len(order) and stop - start < self.batch_size
-                   and (stop - start + 1) * len(encodings[order[stop]].ids) <= TOKEN_BUDGET):
+            while (
+                stop < len(order)
+                and stop - start < self.batch_size
+                and (stop - start + 1) * len(encodings[order[stop]].ids) <= TOKEN_BUDGET
+            ):
                 stop += 1
             batch = order[start:stop]
             inputs = self._arrays([encodings[i] for i in batch])

@@ -86,8 +86,9 @@ def st_embed(model: Any, texts: Sequence[str], batch_size: int = 64) -> np.ndarr
     """(n, d) float32 unit vectors from sentence-transformers itself."""
     if not texts:
         return np.zeros((0, st_dimension(model)), dtype=np.float32)
-    vectors = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
-                           show_progress_bar=False)
+    vectors = model.encode(
+        list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+    )
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
