@@ -48,7 +48,8 @@ def embed(
     text_embedder = get_text_embedder(embedder, cache_dir, warn=warn)
     text_embedder.embed([entry.text for entry in entries])
     new = int(getattr(text_embedder, "last_new", 0))
-    info(f"{len(entries)} labels: {new} new, {len(entries) - new} already cached ({text_embedder.spec.id})")
+    noun = "label" if len(entries) == 1 else "labels"
+    info(f"{len(entries)} {noun}: {new} new, {len(entries) - new} already cached ({text_embedder.spec.id})")
 
 
 @labels_app.command("list")

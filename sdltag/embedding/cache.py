@@ -65,6 +65,11 @@ def stderr_warn(message: str) -> None:
     print(f"sdltag: warning: {message}", file=sys.stderr, flush=True)
 
 
+def stderr_info(message: str) -> None:
+    """Default progress sink: one line on stderr, for the rare slow step (the one-time export)."""
+    print(f"sdltag: {message}", file=sys.stderr, flush=True)
+
+
 @dataclass
 class CacheStats:
     """What ``sdltag labels cache`` reports."""

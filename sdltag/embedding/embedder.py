@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sdltag.embedding.cache import LabelVectorCache
+from sdltag.embedding.cache import LabelVectorCache, stderr_info
 from sdltag.embedding.locate import TextModelFiles, embedding_dim, make_spec
 from sdltag.embedding.onnx_text import FastPathError, OnnxTextEncoder, read_meta
 from sdltag.errors import SdltagError
@@ -36,6 +36,7 @@ class CachedTextEmbedder:
         self.cache = cache
         self.backend = backend
         self.last_new = 0  # how many texts the last embed() call had to compute
+        self.info: Callable[[str], None] = stderr_info  # progress lines (stderr), e.g. the one-time export
         self._spec: EmbedderSpec | None = None
         self._encoder: Any = None
         self._st_model: Any = None
@@ -134,6 +135,10 @@ class CachedTextEmbedder:
                 self._discard_fast_path(str(exc))
         from sdltag.embedding.st import export_fast_path
 
+        self.info(
+            f"first use of the text embedder {self.spec.id}: exporting it to ONNX in {folder.parent} "
+            "(once, about 20 s); later labels are embedded without torch"
+        )
         try:
             export_fast_path(self._sentence_transformer(), self.files.folder, folder, self.spec.id)
             self._encoder = OnnxTextEncoder(folder)
