@@ -196,3 +196,16 @@ def test_labels_embed_refuses_a_bad_labels_file_before_loading_a_model(tmp_path:
     result = CliRunner().invoke(app, ["labels", "embed", str(path), "--cache-dir", str(tmp_path / "c")])
     assert result.exit_code == 2
     assert f"{path}:2: not UTF-8" in result.output
+
+
+def test_labels_list_defaults_to_the_bundled_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from tests.conftest import build_tiny_model
+
+    vectors = np.eye(2, 8, dtype=np.float32)
+    model = build_tiny_model(tmp_path / "m", ["sun", "moon"], vectors, rows=2, size=16, width=4)
+    monkeypatch.setenv("SDLTAG_MODEL", str(model.path))  # what default_model_dir() honours
+    result = CliRunner().invoke(app, ["labels", "list"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["sun", "moon"]
