@@ -2,7 +2,7 @@
 
 - ``manifest``: ``labels.csv`` (columns ``path,labels``; labels separated by ``;``) or
   ``labels.jsonl`` (one ``{"path": ..., "labels": [...]}`` per line); paths relative to
-  the folder (or absolute).
+  the folder (or absolute); a path on several rows gets the labels of all of them.
 - ``sidecar``: a text file beside each image, ``IMG.jpg.txt`` or ``IMG.txt``, with labels
   separated by commas or newlines.
 - ``folders``: one sub-folder per label (``DATA/dog/001.jpg``); an image found under
@@ -173,15 +173,19 @@ def _read_manifest(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> l
             rows.append((Path(record["path"]), [str(v) for v in labels]))
     else:
         raise SdltagError(f"{root}: no labels.csv or labels.jsonl. Write one, or pick another --format.")
-    resolved: list[tuple[Path, list[str]]] = []
+    # A path listed on several rows (one row per label, as many exports write) gets all their labels.
+    resolved: dict[Path, list[str]] = {}
     for rel, labels in rows:
         path = rel if rel.is_absolute() else root / rel
+        if path in resolved:
+            resolved[path].extend(labels)
+            continue
         if not path.is_file():
             warn(f"{path}: listed in {source.name} but not found, skipped")
             skipped.append((path, "not found"))
             continue
-        resolved.append((path, labels))
-    return resolved
+        resolved[path] = list(labels)
+    return list(resolved.items())
 
 
 def _split_sidecar(text: str) -> list[str]:

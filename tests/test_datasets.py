@@ -38,17 +38,18 @@ def test_manifest_csv(tmp_path: Path) -> None:
     _image(tmp_path / "sub" / "b.png")
     _image(tmp_path / "c.png")
     (tmp_path / "labels.csv").write_text(
-        "path,labels\na.png,  red  panda ;Dog;dog\nsub/b.png,cat\nc.png,\nmissing.png,cat\n", encoding="utf-8"
+        "path,labels\na.png,  red  panda ;Dog;dog\nsub/b.png,cat\nc.png,\nmissing.png,cat\nsub/b.png,sofa\n",
+        encoding="utf-8",
     )
     warnings: list[str] = []
     dataset = read_labeled_dir(tmp_path, warn=warnings.append)
     assert dataset.format == "manifest"
     # Whitespace collapsed as in labels files; case-insensitive duplicates collapsed (first spelling kept).
-    assert _labels(dataset) == {"a.png": ("red panda", "Dog"), "sub/b.png": ("cat",)}
+    assert _labels(dataset) == {"a.png": ("red panda", "Dog"), "sub/b.png": ("cat", "sofa")}
     assert any("missing.png" in w and "not found" in w for w in warnings)
     assert any("c.png" in w and "no label" in w for w in warnings)
     assert {reason for _, reason in dataset.skipped} == {"not found", "no label"}
-    assert dataset.labels == ["Dog", "cat", "red panda"]
+    assert dataset.labels == ["Dog", "cat", "red panda", "sofa"]
 
 
 def test_manifest_csv_needs_its_header(tmp_path: Path) -> None:

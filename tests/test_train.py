@@ -218,3 +218,17 @@ def test_cached_and_streamed_images_train_the_same(tmp_path: Path) -> None:
         runs.append(_weights(result.run_dir / "last.pt"))
     for key in runs[0]:
         torch.testing.assert_close(runs[0][key], runs[1][key], rtol=0, atol=0, msg=key)
+
+
+def test_separate_validation_folder(tmp_path: Path) -> None:
+    data = make_scenes(tmp_path / "data", 16, seed=1)
+    val = make_scenes(tmp_path / "val", 6, seed=2)
+    with open(val / "labels.csv", "a", encoding="utf-8") as handle:  # a label never seen in training: ignored
+        handle.write("img000.png,purple\n")
+    recorder = Recorder()
+    result = train(tiny_config(data, tmp_path / "model", epochs=1, val=str(val)), RuntimeOptions(**OPTIONS),
+                   embedder=HashEmbedder(), reporter=recorder)
+    card = result.model_folder.manifest.model_card
+    assert (card["data"]["train_images"], card["data"]["validation_images"]) == (16, 6)
+    assert recorder.epochs[0][1]["gzsl"]["images"] == 6
+    assert card["calibration"]["fitted_on"] == "validation images"
