@@ -150,10 +150,12 @@ def main() -> None:
             "share_of_core_peak_per_cpu_s": round(achieved_cpu / CORE_PEAK, 3),
             "gemm_share_of_core_peak_per_cpu_s": round(gemm_cpu * 1e9 / CORE_PEAK, 3),
         }
-        print(f"{layout:>14}: {rate:6.1f} img/s  {achieved / 1e9:5.1f} GFLOP/s = {100 * achieved / NOMINAL_PEAK:4.1f}% "
-              f"of 520, {100 * achieved / (gemm * 1e9):4.1f}% of GEMM ({gemm:.0f} GFLOP/s now); per CPU-second "
-              f"{achieved_cpu / 1e9:5.1f} GFLOP = {100 * achieved_cpu / CORE_PEAK:4.1f}% of a core's peak "
-              f"(GEMM {100 * gemm_cpu * 1e9 / CORE_PEAK:4.1f}%)")
+        print(
+            f"{layout:>14}: {rate:6.1f} img/s  {achieved / 1e9:5.1f} GFLOP/s = {100 * achieved / NOMINAL_PEAK:4.1f}% "
+            f"of 520, {100 * achieved / (gemm * 1e9):4.1f}% of GEMM ({gemm:.0f} GFLOP/s now); per CPU-second "
+            f"{achieved_cpu / 1e9:5.1f} GFLOP = {100 * achieved_cpu / CORE_PEAK:4.1f}% of a core's peak "
+            f"(GEMM {100 * gemm_cpu * 1e9 / CORE_PEAK:4.1f}%)"
+        )
     gemm = sum(gemms) / len(gemms)
     report = {
         "backbone": config.backbone,

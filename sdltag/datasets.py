@@ -162,13 +162,13 @@ def _read_manifest(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> l
                 warn(f"{jsonl_path}:{line_no}: not valid JSON ({exc.msg}), line skipped")
                 continue
             if not isinstance(record, dict) or not isinstance(record.get("path"), str):
-                warn(f"{jsonl_path}:{line_no}: needs an object with a string \"path\", line skipped")
+                warn(f'{jsonl_path}:{line_no}: needs an object with a string "path", line skipped')
                 continue
             labels = record.get("labels", [])
             if isinstance(labels, str):
                 labels = labels.split(";")
             if not isinstance(labels, list):
-                warn(f"{jsonl_path}:{line_no}: \"labels\" must be a list of strings, line skipped")
+                warn(f'{jsonl_path}:{line_no}: "labels" must be a list of strings, line skipped')
                 continue
             rows.append((Path(record["path"]), [str(v) for v in labels]))
     else:

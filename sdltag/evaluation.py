@@ -48,10 +48,17 @@ class EvalReport:
             "model": self.model,
             "data": self.data,
             "data_format": self.data_format,
-            "images": {"listed": self.images_listed, "failed": self.images_failed,
-                       "evaluated": self.images_listed - self.images_failed},
-            "labels": {"seen": self.seen_labels, "unseen": self.unseen_labels,
-                       "ignored": len(self.ignored_labels), "ignored_examples": self.ignored_labels[:20]},
+            "images": {
+                "listed": self.images_listed,
+                "failed": self.images_failed,
+                "evaluated": self.images_listed - self.images_failed,
+            },
+            "labels": {
+                "seen": self.seen_labels,
+                "unseen": self.unseen_labels,
+                "ignored": len(self.ignored_labels),
+                "ignored_examples": self.ignored_labels[:20],
+            },
             **{name: metrics.to_json() for name, metrics in self.results.items()},
             "map_rule": self.empty_rule,
             "calibration_ece": self.ece,
@@ -154,8 +161,9 @@ def evaluate(
     if calibration:
         confidences = calibrate(scores, label_set.unseen_mask, calibration)
         for group, mask in (("seen", ~label_set.unseen_mask), ("unseen", label_set.unseen_mask)):
-            ece[group] = round(expected_calibration_error(confidences[:, mask], targets[:, mask]), 5) if mask.any() \
-                else None
+            ece[group] = (
+                round(expected_calibration_error(confidences[:, mask], targets[:, mask]), 5) if mask.any() else None
+            )
     return EvalReport(
         model=str(model.path),
         data=str(dataset.root),
@@ -178,8 +186,11 @@ def format_table(report: EvalReport) -> str:
         f"data:   {report.data} ({report.data_format} layout; {report.images_listed - report.images_failed} images "
         f"evaluated, {report.images_failed} could not be decoded)",
         f"labels: {report.seen_labels} seen, {report.unseen_labels} unseen"
-        + (f"; {len(report.ignored_labels)} label(s) of the folder unknown to the model, ignored"
-           if report.ignored_labels else ""),
+        + (
+            f"; {len(report.ignored_labels)} label(s) of the folder unknown to the model, ignored"
+            if report.ignored_labels
+            else ""
+        ),
         "",
     ]
     header = ["protocol", "images", "labels", "mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5"]
@@ -188,18 +199,29 @@ def format_table(report: EvalReport) -> str:
         if name not in report.results:
             continue
         m = report.results[name]
-        rows.append([name.upper(), str(m.images), str(m.labels), f"{m.map:.2f}"]
-                    + [f"{getattr(m, key)[k]:.2f}" for k in KS for key in ("precision", "recall", "f1")])
+        rows.append(
+            [name.upper(), str(m.images), str(m.labels), f"{m.map:.2f}"]
+            + [f"{getattr(m, key)[k]:.2f}" for k in KS for key in ("precision", "recall", "f1")]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
-        lines.append("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths,
-                                                                                                   strict=True))))
+        lines.append(
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
     if "zsl" not in report.results:
         lines.append("(no unseen labels: ZSL needs --unseen FILE or a model with unseen labels)")
-    rule = ("labels without a positive image are skipped from the mean" if report.empty_rule == "skip"
-            else "labels without a positive image count as 0 (the official SDL code's rule)")
-    lines += ["", f"Percentages. Images kept when they have a label in the ranked set; P/R/F1 are micro; mAP averages "
-              f"per-label AP; {rule}."]
+    rule = (
+        "labels without a positive image are skipped from the mean"
+        if report.empty_rule == "skip"
+        else "labels without a positive image count as 0 (the official SDL code's rule)"
+    )
+    lines += [
+        "",
+        f"Percentages. Images kept when they have a label in the ranked set; P/R/F1 are micro; mAP averages "
+        f"per-label AP; {rule}.",
+    ]
     if report.ece:
         parts = [f"{group} {value:.4f}" for group, value in report.ece.items() if value is not None]
         lines.append("Calibration error (ECE, 15 bins): " + ", ".join(parts) + ".")

@@ -99,8 +99,11 @@ def test_one_folder_per_label(tmp_path: Path) -> None:
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     warnings: list[str] = []
     dataset = read_labeled_dir(tmp_path, format="folders", warn=warnings.append)
-    assert _labels(dataset) == {"dog/1.png": ("dog",), "dog/deeper/2.png": ("dog",), "hot  air balloon/3.png": (
-        "hot air balloon",)}
+    assert _labels(dataset) == {
+        "dog/1.png": ("dog",),
+        "dog/deeper/2.png": ("dog",),
+        "hot  air balloon/3.png": ("hot air balloon",),
+    }
     assert any("loose.png" in w for w in warnings)
 
 

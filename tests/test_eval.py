@@ -33,9 +33,16 @@ def colour_model(path: Path, calibration: dict | None = None) -> Path:
     onnx_path = path.parent / "colour.onnx"
     export_onnx(MeanColour(), spec, onnx_path)
     manifest = Manifest(
-        name="colour", backbone="mean-colour", backbone_config={}, input=spec, rows=1, dim=3,
+        name="colour",
+        backbone="mean-colour",
+        backbone_config={},
+        input=spec,
+        rows=1,
+        dim=3,
         embedder=EmbedderSpec("sentence-transformers", "axes", "axes@sha256:0", 3),
-        seen_labels=["red", "green"], unseen_labels=["blue"], calibration=calibration,
+        seen_labels=["red", "green"],
+        unseen_labels=["blue"],
+        calibration=calibration,
     )
     write_model_folder(path, onnx_path, manifest, np.eye(3, dtype=np.float32))
     return path
@@ -107,10 +114,22 @@ def test_eval_reports_calibration_error(tmp_path: Path) -> None:
     report = evaluate(model, colour_data(tmp_path / "data"), threads=1)
     # Confidences are sigmoid(10 s - 5) of the known scores; ECE recomputed here over every decoded image
     # (grey.png included: calibration concerns all pairs, not only the filtered images).
-    scores = {"red.png": (1, 0, 0), "green.png": (0, 1, 0), "blue.png": (0, 0, 1), "yellow.png": (1, 1, 0),
-              "magenta.png": (1, 0, 1), "grey.png": (128 / 255,) * 3}
-    targets = {"red.png": (1, 0, 0), "green.png": (0, 1, 0), "blue.png": (0, 0, 1), "yellow.png": (1, 1, 0),
-               "magenta.png": (1, 0, 0), "grey.png": (0, 0, 0)}
+    scores = {
+        "red.png": (1, 0, 0),
+        "green.png": (0, 1, 0),
+        "blue.png": (0, 0, 1),
+        "yellow.png": (1, 1, 0),
+        "magenta.png": (1, 0, 1),
+        "grey.png": (128 / 255,) * 3,
+    }
+    targets = {
+        "red.png": (1, 0, 0),
+        "green.png": (0, 1, 0),
+        "blue.png": (0, 0, 1),
+        "yellow.png": (1, 1, 0),
+        "magenta.png": (1, 0, 0),
+        "grey.png": (0, 0, 0),
+    }
     s = np.array(list(scores.values()))
     t = np.array(list(targets.values()))
     conf = 1 / (1 + np.exp(-(10 * s - 5)))

@@ -21,8 +21,16 @@ from sdltag.nn.checkpoint import load_checkpoint
 from sdltag.nn.train import RuntimeOptions, TrainConfig, TrainingInterrupted, TrainReporter, train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-NO_AUGMENT = {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "flip": 0.0, "brightness": 0.0, "contrast": 0.0,
-              "saturation": 0.0, "cutout": 0.0, "cutout_size": 0.5}
+NO_AUGMENT = {
+    "crop_scale": (1.0, 1.0),
+    "crop_ratio": (1.0, 1.0),
+    "flip": 0.0,
+    "brightness": 0.0,
+    "contrast": 0.0,
+    "saturation": 0.0,
+    "cutout": 0.0,
+    "cutout_size": 0.5,
+}
 
 
 class HashEmbedder:
@@ -77,8 +85,9 @@ def make_scenes(root: Path, n: int, size: int = 16, seed: int = 0) -> Path:
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
-    settings = dict(data=str(data), out=str(out), width=8, image_size=16, rows=3, epochs=2, batch_size=8, lr=3e-3,
-                    val_split=0.25)
+    settings = dict(
+        data=str(data), out=str(out), width=8, image_size=16, rows=3, epochs=2, batch_size=8, lr=3e-3, val_split=0.25
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -90,8 +99,9 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
     data = make_scenes(tmp_path / "data", 16)
     recorder = Recorder()
     # Every step sees the same 16 images without augmentation, so the loss must fall.
-    config = tiny_config(data, tmp_path / "model", epochs=12, batch_size=16, val_split=0.0, lr=1e-2, warmup=0.01,
-                         augment=NO_AUGMENT)
+    config = tiny_config(
+        data, tmp_path / "model", epochs=12, batch_size=16, val_split=0.0, lr=1e-2, warmup=0.01, augment=NO_AUGMENT
+    )
     result = train(config, RuntimeOptions(**OPTIONS), embedder=HashEmbedder(), reporter=recorder)
     assert len(recorder.losses) == 12
     assert np.isfinite(recorder.losses).all()
@@ -106,13 +116,21 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_resume_after_interrupt_gives_the_same_weights(tmp_path: Path) -> None:
     data = make_scenes(tmp_path / "data", 40)
     config = dict(epochs=3, batch_size=8, unseen=None)  # 30 training images -> 3 steps per epoch
-    straight = train(tiny_config(data, tmp_path / "a", **config), RuntimeOptions(**OPTIONS), embedder=HashEmbedder(),
-                     reporter=Recorder())
+    straight = train(
+        tiny_config(data, tmp_path / "a", **config),
+        RuntimeOptions(**OPTIONS),
+        embedder=HashEmbedder(),
+        reporter=Recorder(),
+    )
 
     recorder = Recorder(stop_at=5)  # mid-way through the second epoch
     with pytest.raises(TrainingInterrupted) as caught:
-        train(tiny_config(data, tmp_path / "b", **config), RuntimeOptions(**OPTIONS), embedder=HashEmbedder(),
-              reporter=recorder)
+        train(
+            tiny_config(data, tmp_path / "b", **config),
+            RuntimeOptions(**OPTIONS),
+            embedder=HashEmbedder(),
+            reporter=recorder,
+        )
     saved = load_checkpoint(caught.value.checkpoint)
     assert (saved["epoch"], saved["step"], saved["step_in_epoch"]) == (1, 5, 2)
     assert not (tmp_path / "b").exists()  # nothing exported yet
@@ -120,8 +138,12 @@ def test_resume_after_interrupt_gives_the_same_weights(tmp_path: Path) -> None:
     with pytest.raises(SdltagError, match="--resume"):  # a fresh start would clobber the run
         train(tiny_config(data, tmp_path / "b", **config), RuntimeOptions(**OPTIONS), embedder=HashEmbedder())
     resumed_recorder = Recorder()
-    resumed = train(tiny_config(data, tmp_path / "b", **config), RuntimeOptions(resume=True, **OPTIONS),
-                    embedder=HashEmbedder(), reporter=resumed_recorder)
+    resumed = train(
+        tiny_config(data, tmp_path / "b", **config),
+        RuntimeOptions(resume=True, **OPTIONS),
+        embedder=HashEmbedder(),
+        reporter=resumed_recorder,
+    )
     assert len(resumed_recorder.losses) == 9 - 5
 
     a, b = _weights(straight.run_dir / "last.pt"), _weights(resumed.run_dir / "last.pt")
@@ -138,8 +160,12 @@ def test_export_agrees_with_the_checkpoint(tmp_path: Path) -> None:
 
     data = make_scenes(tmp_path / "data", 24)
     (tmp_path / "unseen.txt").write_text("yellow\n", encoding="utf-8")
-    result = train(tiny_config(data, tmp_path / "model", unseen=str(tmp_path / "unseen.txt")),
-                   RuntimeOptions(**OPTIONS), embedder=HashEmbedder(), reporter=Recorder())
+    result = train(
+        tiny_config(data, tmp_path / "model", unseen=str(tmp_path / "unseen.txt")),
+        RuntimeOptions(**OPTIONS),
+        embedder=HashEmbedder(),
+        reporter=Recorder(),
+    )
     folder = result.model_folder
     manifest = folder.manifest
     assert manifest.seen_labels == ["blue", "green", "red"]
@@ -166,20 +192,39 @@ def test_export_agrees_with_the_checkpoint(tmp_path: Path) -> None:
 
 def test_fine_tuning_starts_from_the_given_model(tmp_path: Path) -> None:
     data = make_scenes(tmp_path / "data", 16)
-    first = train(tiny_config(data, tmp_path / "first", epochs=1, val_split=0.0), RuntimeOptions(**OPTIONS),
-                  embedder=HashEmbedder(), reporter=Recorder())
+    first = train(
+        tiny_config(data, tmp_path / "first", epochs=1, val_split=0.0),
+        RuntimeOptions(**OPTIONS),
+        embedder=HashEmbedder(),
+        reporter=Recorder(),
+    )
     # A vanishing learning rate: the fine-tuned weights stay those of --init.
-    second = train(tiny_config(data, tmp_path / "second", epochs=1, val_split=0.0, lr=1e-12, width=4, rows=5,
-                               init=str(first.model_folder.path)),
-                   RuntimeOptions(**OPTIONS), embedder=HashEmbedder(), reporter=Recorder())
+    second = train(
+        tiny_config(
+            data,
+            tmp_path / "second",
+            epochs=1,
+            val_split=0.0,
+            lr=1e-12,
+            width=4,
+            rows=5,
+            init=str(first.model_folder.path),
+        ),
+        RuntimeOptions(**OPTIONS),
+        embedder=HashEmbedder(),
+        reporter=Recorder(),
+    )
     assert second.model_folder.manifest.rows == 3  # the architecture comes from --init
     before, after = _weights(first.model_folder.path / "checkpoint.pt"), _weights(second.run_dir / "last.pt")
     for key in before:
         if before[key].is_floating_point() and "running" not in key:
             torch.testing.assert_close(after[key], before[key], rtol=1e-6, atol=1e-6, msg=key)
     with pytest.raises(SdltagError, match="same embedder"):
-        train(tiny_config(data, tmp_path / "third", init=str(first.model_folder.path)), RuntimeOptions(**OPTIONS),
-              embedder=HashEmbedder(name="other"))
+        train(
+            tiny_config(data, tmp_path / "third", init=str(first.model_folder.path)),
+            RuntimeOptions(**OPTIONS),
+            embedder=HashEmbedder(name="other"),
+        )
 
 
 def test_undecodable_images_are_reported_and_skipped(tmp_path: Path) -> None:
@@ -189,8 +234,12 @@ def test_undecodable_images_are_reported_and_skipped(tmp_path: Path) -> None:
     with open(data / "labels.csv", "a", encoding="utf-8") as handle:
         handle.write("broken.png,red\nempty.png,blue\n")
     recorder = Recorder()
-    result = train(tiny_config(data, tmp_path / "model", epochs=1, val_split=0.0), RuntimeOptions(**OPTIONS),
-                   embedder=HashEmbedder(), reporter=recorder)
+    result = train(
+        tiny_config(data, tmp_path / "model", epochs=1, val_split=0.0),
+        RuntimeOptions(**OPTIONS),
+        embedder=HashEmbedder(),
+        reporter=recorder,
+    )
     assert result.model_folder.path.is_dir()
     assert sum("broken.png" in w for w in recorder.warnings) == 1
     assert sum("empty.png" in w for w in recorder.warnings) == 1
@@ -204,17 +253,23 @@ def test_bad_settings_and_data_are_refused(tmp_path: Path) -> None:
         train(tiny_config(data, tmp_path / "m"), RuntimeOptions(resume=True, **OPTIONS), embedder=HashEmbedder())
     (tmp_path / "all.txt").write_text("red\ngreen\nblue\n", encoding="utf-8")
     with pytest.raises(SdltagError, match="at least 2"):
-        train(tiny_config(data, tmp_path / "m", unseen=str(tmp_path / "all.txt")), RuntimeOptions(**OPTIONS),
-              embedder=HashEmbedder())
+        train(
+            tiny_config(data, tmp_path / "m", unseen=str(tmp_path / "all.txt")),
+            RuntimeOptions(**OPTIONS),
+            embedder=HashEmbedder(),
+        )
 
 
 def test_cached_and_streamed_images_train_the_same(tmp_path: Path) -> None:
     data = make_scenes(tmp_path / "data", 16)
     runs = []
     for name, cache_mb in (("cached", 64), ("streamed", 0)):
-        result = train(tiny_config(data, tmp_path / name, epochs=1, val_split=0.0),
-                       RuntimeOptions(cache_mb=cache_mb, workers=0, threads=1), embedder=HashEmbedder(),
-                       reporter=Recorder())
+        result = train(
+            tiny_config(data, tmp_path / name, epochs=1, val_split=0.0),
+            RuntimeOptions(cache_mb=cache_mb, workers=0, threads=1),
+            embedder=HashEmbedder(),
+            reporter=Recorder(),
+        )
         runs.append(_weights(result.run_dir / "last.pt"))
     for key in runs[0]:
         torch.testing.assert_close(runs[0][key], runs[1][key], rtol=0, atol=0, msg=key)
@@ -226,8 +281,12 @@ def test_separate_validation_folder(tmp_path: Path) -> None:
     with open(val / "labels.csv", "a", encoding="utf-8") as handle:  # a label never seen in training: ignored
         handle.write("img000.png,purple\n")
     recorder = Recorder()
-    result = train(tiny_config(data, tmp_path / "model", epochs=1, val=str(val)), RuntimeOptions(**OPTIONS),
-                   embedder=HashEmbedder(), reporter=recorder)
+    result = train(
+        tiny_config(data, tmp_path / "model", epochs=1, val=str(val)),
+        RuntimeOptions(**OPTIONS),
+        embedder=HashEmbedder(),
+        reporter=recorder,
+    )
     card = result.model_folder.manifest.model_card
     assert (card["data"]["train_images"], card["data"]["validation_images"]) == (16, 6)
     assert recorder.epochs[0][1]["gzsl"]["images"] == 6

@@ -25,8 +25,22 @@ def test_train_then_eval_with_minilm(tmp_path: Path) -> None:
     data = make_scenes(tmp_path / "data", 24)
     (tmp_path / "unseen.txt").write_text("yellow\n", encoding="utf-8")
     runner = CliRunner()
-    result = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "model"), "--epochs", "2", "--unseen",
-                                 str(tmp_path / "unseen.txt"), "--notes", "generated squares", *TINY])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(data),
+            "--out",
+            str(tmp_path / "model"),
+            "--epochs",
+            "2",
+            "--unseen",
+            str(tmp_path / "unseen.txt"),
+            "--notes",
+            "generated squares",
+            *TINY,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "wrote" in result.stderr and "GZSL F1@3" in result.stderr and "epoch 2:" in result.stderr
     folder = load_model_folder(tmp_path / "model")
@@ -40,8 +54,10 @@ def test_train_then_eval_with_minilm(tmp_path: Path) -> None:
     (tmp_path / "extra.txt").write_text("purple\n", encoding="utf-8")
     with open(data / "labels.csv", "a", encoding="utf-8") as handle:
         handle.write("img000.png,purple\n")
-    result = runner.invoke(app, ["eval", str(tmp_path / "model"), str(data), "--unseen", str(tmp_path / "extra.txt"),
-                                 "--format", "json", "-q"])
+    result = runner.invoke(
+        app,
+        ["eval", str(tmp_path / "model"), str(data), "--unseen", str(tmp_path / "extra.txt"), "--format", "json", "-q"],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["labels"]["seen"] == 3 and report["labels"]["unseen"] == 2
@@ -66,8 +82,20 @@ def test_train_help_and_refusals(tmp_path: Path) -> None:
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
     data = make_scenes(tmp_path / "data", 64)
-    command = [sys.executable, "-m", "sdltag", "train", str(data), "--out", str(tmp_path / "model"), *TINY,
-               "--epochs", "200", "--val-split", "0.1"]
+    command = [
+        sys.executable,
+        "-m",
+        "sdltag",
+        "train",
+        str(data),
+        "--out",
+        str(tmp_path / "model"),
+        *TINY,
+        "--epochs",
+        "200",
+        "--val-split",
+        "0.1",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     assert process.stderr is not None

@@ -14,17 +14,26 @@ from sdltag.errors import SdltagError
 @cli_errors
 def evaluate(
     model_dir: Path = typer.Argument(..., help="Model folder (written by `sdltag train` or `sdltag export`)."),
-    data_dir: Path = typer.Argument(..., help="Labeled image folder (labels.csv/jsonl, IMG.txt or XMP sidecars, or "
-                                    "one sub-folder per label)."),
-    unseen: Path | None = typer.Option(None, "--unseen", help="Labels file of extra zero-shot labels to evaluate as "
-                                       "unseen (with the model's own unseen labels)."),
+    data_dir: Path = typer.Argument(
+        ..., help="Labeled image folder (labels.csv/jsonl, IMG.txt or XMP sidecars, or one sub-folder per label)."
+    ),
+    unseen: Path | None = typer.Option(
+        None,
+        "--unseen",
+        help="Labels file of extra zero-shot labels to evaluate as unseen (with the model's own unseen labels).",
+    ),
     fmt: str = typer.Option("table", "--format", "-f", help="Output: table or json."),
-    data_format: str = typer.Option("auto", "--data-format", help="Folder layout: auto, manifest, sidecar, folders, "
-                                    "xmp."),
-    empty_labels: str = typer.Option("skip", "--empty-labels", help="mAP rule for labels with no positive image: "
-                                     "skip (default) or zero (the official SDL code)."),
-    embedder: str | None = typer.Option(None, "--embedder", help="Text embedder for --unseen labels (default: the "
-                                        "model's)."),
+    data_format: str = typer.Option(
+        "auto", "--data-format", help="Folder layout: auto, manifest, sidecar, folders, xmp."
+    ),
+    empty_labels: str = typer.Option(
+        "skip",
+        "--empty-labels",
+        help="mAP rule for labels with no positive image: skip (default) or zero (the official SDL code).",
+    ),
+    embedder: str | None = typer.Option(
+        None, "--embedder", help="Text embedder for --unseen labels (default: the model's)."
+    ),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Label-vector cache folder (default: user cache)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per inference batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -53,8 +62,14 @@ def evaluate(
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        bar = Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       console=Console(stderr=True), transient=True)
+        bar = Progress(
+            TextColumn("evaluating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
         task = bar.add_task("eval", total=None)
 
         def progress(done: int, total: int) -> None:
@@ -62,9 +77,20 @@ def evaluate(
 
         bar.start()
     try:
-        report = run_eval(model, data_dir, unseen_file=unseen, data_format=data_format, batch_size=batch_size,
-                          device=device, threads=threads, embedder=embedder, cache_dir=cache_dir, empty=empty_labels,
-                          warn=warn, progress=progress)
+        report = run_eval(
+            model,
+            data_dir,
+            unseen_file=unseen,
+            data_format=data_format,
+            batch_size=batch_size,
+            device=device,
+            threads=threads,
+            embedder=embedder,
+            cache_dir=cache_dir,
+            empty=empty_labels,
+            warn=warn,
+            progress=progress,
+        )
     finally:
         if bar is not None:
             bar.stop()

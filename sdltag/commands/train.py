@@ -58,8 +58,13 @@ class RichReporter:
         self.progress.start()
         self.steps_per_epoch = steps_per_epoch
         self.task = self.progress.add_task(
-            "train", total=total_steps, completed=done_steps, epoch=1 + done_steps // max(steps_per_epoch, 1),
-            loss="-", lr="-", rate="-",
+            "train",
+            total=total_steps,
+            completed=done_steps,
+            epoch=1 + done_steps // max(steps_per_epoch, 1),
+            loss="-",
+            lr="-",
+            rate="-",
         )
 
     def step(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> None:
@@ -67,8 +72,14 @@ class RichReporter:
             self.loss = loss if not math.isfinite(self.loss) else 0.9 * self.loss + 0.1 * loss
         self.rate = images_per_s if self.rate == 0 else 0.9 * self.rate + 0.1 * images_per_s
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, epoch=epoch + 1, loss=f"{self.loss:.4f}",
-                                 lr=f"{lr:.2e}", rate=f"{self.rate:.0f}")
+            self.progress.update(
+                self.task,
+                completed=step,
+                epoch=epoch + 1,
+                loss=f"{self.loss:.4f}",
+                lr=f"{lr:.2e}",
+                rate=f"{self.rate:.0f}",
+            )
 
     def epoch_end(self, epoch: int, train_loss: float, metrics: dict[str, Any] | None, best: bool) -> None:
         text = f"epoch {epoch}: train loss {train_loss:.4f}"
@@ -89,44 +100,62 @@ class RichReporter:
 
 @cli_errors
 def train(
-    data_dir: Path = typer.Argument(..., help="Labeled image folder (labels.csv/jsonl, IMG.txt or XMP sidecars, or one "
-                                     "sub-folder per label)."),
+    data_dir: Path = typer.Argument(
+        ..., help="Labeled image folder (labels.csv/jsonl, IMG.txt or XMP sidecars, or one sub-folder per label)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write at the end (replaced atomically)."),
     format: str = typer.Option("auto", "--format", help="Folder layout: auto, manifest, sidecar, folders, xmp."),
     val: Path | None = typer.Option(None, "--val", help="Separate labeled folder for validation (else --val-split)."),
     val_split: float = typer.Option(0.1, "--val-split", help="Share of DATA_DIR held out for validation (no --val)."),
-    unseen: Path | None = typer.Option(None, "--unseen", help="Labels file of labels held out of training and used "
-                                       "only for zero-shot validation; they join the model as unseen labels."),
+    unseen: Path | None = typer.Option(
+        None,
+        "--unseen",
+        help="Labels file of labels held out of training and used "
+        "only for zero-shot validation; they join the model as unseen labels.",
+    ),
     backbone: str = typer.Option("smallcnn", "--backbone", help="Image backbone (smallcnn, resnet50, ...)."),
-    width: int | None = typer.Option(None, "--width", help="Backbone width (channels of the first stage); default: "
-                                     "the backbone's own."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Input side in pixels (default 96 for smallcnn, "
-                                          "224 otherwise)."),
+    width: int | None = typer.Option(
+        None, "--width", help="Backbone width (channels of the first stage); default: the backbone's own."
+    ),
+    image_size: int | None = typer.Option(
+        None, "--image-size", help="Input side in pixels (default 96 for smallcnn, 224 otherwise)."
+    ),
     rows: int = typer.Option(7, "--rows", help="M, the number of principal vectors per image."),
     lam: float = typer.Option(0.1, "--lambda", help="Weight of the row-variance regulariser (0..1)."),
-    sigma: bool = typer.Option(True, "--sigma/--no-sigma", help="Semantic-diversity weighting (1 + sigma) of the "
-                               "ranking loss."),
+    sigma: bool = typer.Option(
+        True, "--sigma/--no-sigma", help="Semantic-diversity weighting (1 + sigma) of the ranking loss."
+    ),
     epochs: int = typer.Option(10, "--epochs", help="Passes over the training images."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per optimizer step."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of the one-cycle schedule."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="L2 penalty on weights (not biases or norms)."),
-    optimizer: str = typer.Option("adam", "--optimizer", help="adam (plain L2, the official recipe) or adamw "
-                                  "(decoupled decay)."),
+    optimizer: str = typer.Option(
+        "adam", "--optimizer", help="adam (plain L2, the official recipe) or adamw (decoupled decay)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, the initial weights, batch order and augmentation."),
-    init: Path | None = typer.Option(None, "--init", help="Fine-tune from a model folder written by `sdltag train` "
-                                     "(or a .pt checkpoint); same embedder required."),
-    embedder: str | None = typer.Option(None, "--embedder", help="Text embedder name or folder (default: the bundled "
-                                        "all-MiniLM-L6-v2)."),
+    init: Path | None = typer.Option(
+        None,
+        "--init",
+        help="Fine-tune from a model folder written by `sdltag train` (or a .pt checkpoint); same embedder required.",
+    ),
+    embedder: str | None = typer.Option(
+        None, "--embedder", help="Text embedder name or folder (default: the bundled all-MiniLM-L6-v2)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (mixed precision on CUDA)."),
     workers: int = typer.Option(2, "--workers", help="Processes decoding images (0: decode in the main process)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     cache_mb: int = typer.Option(4096, "--cache-mb", help="Keep decoded images in RAM when they fit in this many MB."),
-    run_dir: Path | None = typer.Option(None, "--run-dir", help="Folder for checkpoints (default: OUT.train beside "
-                                        "the model folder)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in the run folder exactly, "
-                                "with its saved settings."),
-    channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last", help="channels-last memory "
-                                       "layout (can be faster on some CPUs and GPUs)."),
+    run_dir: Path | None = typer.Option(
+        None, "--run-dir", help="Folder for checkpoints (default: OUT.train beside the model folder)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the interrupted run in the run folder exactly, with its saved settings."
+    ),
+    channels_last: bool = typer.Option(
+        False,
+        "--channels-last/--no-channels-last",
+        help="channels-last memory layout (can be faster on some CPUs and GPUs).",
+    ),
     name: str = typer.Option("", "--name", help="Model name recorded in the manifest (default: the folder name)."),
     notes: str = typer.Option("", "--notes", help="Free text for the model card (data source, licence, ...)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; warnings and errors only."),
@@ -168,8 +197,15 @@ def train(
     if workers < 0:
         error(f"--workers {workers}: must be 0 or more.")
         raise typer.Exit(2)
-    options = RuntimeOptions(device=device, workers=workers, threads=threads, cache_mb=cache_mb, run_dir=run_dir,
-                             resume=resume, channels_last=channels_last)
+    options = RuntimeOptions(
+        device=device,
+        workers=workers,
+        threads=threads,
+        cache_mb=cache_mb,
+        run_dir=run_dir,
+        resume=resume,
+        channels_last=channels_last,
+    )
     reporter = RichReporter(quiet=quiet)
     try:
         result = run_training(config, options, reporter=reporter)

@@ -105,9 +105,7 @@ def cutout(images: Tensor, config: AugmentConfig, generator: torch.Generator) ->
     return torch.where(mask, colour, images)
 
 
-def augment_batch(
-    images: Tensor, size: tuple[int, int], config: AugmentConfig, generator: torch.Generator
-) -> Tensor:
+def augment_batch(images: Tensor, size: tuple[int, int], config: AugmentConfig, generator: torch.Generator) -> Tensor:
     """uint8 or [0, 1] float images (B, 3, H, W) -> augmented float images (B, 3, h, w) in [0, 1]."""
     if images.dtype == torch.uint8:
         images = images.float().div_(255.0)

@@ -327,8 +327,13 @@ def principal_vectors(
 
 
 def validation_scores(
-    model: SDLModel, store: ImageStore, targets: np.ndarray, vectors: torch.Tensor, spec: InputSpec,
-    device: torch.device, channels_last: bool = False,
+    model: SDLModel,
+    store: ImageStore,
+    targets: np.ndarray,
+    vectors: torch.Tensor,
+    spec: InputSpec,
+    device: torch.device,
+    channels_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, L) raw scores and the matching (N, L) targets of the decodable validation images."""
     indices, pv = principal_vectors(model, store, spec, device, channels_last)
@@ -394,8 +399,10 @@ def train(
             raise SdltagError(f"{last}: nothing to resume (no checkpoint). Start the run without --resume.")
         resume_state = load_checkpoint(last)
         config = TrainConfig.from_dict(resume_state["train_config"])
-        reporter.message(f"resuming {last} at epoch {resume_state['epoch'] + 1}, step {resume_state['step']} with the "
-                         "run's saved settings (training options given now are ignored)")
+        reporter.message(
+            f"resuming {last} at epoch {resume_state['epoch'] + 1}, step {resume_state['step']} with the "
+            "run's saved settings (training options given now are ignored)"
+        )
     elif (run_dir / LAST).exists():
         raise SdltagError(
             f"{run_dir}: holds an earlier run's checkpoints. Pass --resume to continue it, or delete the folder "
@@ -443,8 +450,10 @@ def train(
     vectors_np = np.asarray(embedder.embed(texts), dtype=np.float32)
     vectors_np /= np.maximum(np.linalg.norm(vectors_np, axis=1, keepdims=True), 1e-12)
     if vectors_np.shape != (len(texts), model_config.dim):
-        raise SdltagError(f"the embedder returned vectors of shape {vectors_np.shape}, expected ({len(texts)}, "
-                          f"{model_config.dim}). Check --embedder.")
+        raise SdltagError(
+            f"the embedder returned vectors of shape {vectors_np.shape}, expected ({len(texts)}, "
+            f"{model_config.dim}). Check --embedder."
+        )
     all_labels = data.seen_labels + data.unseen_labels
     unseen_mask = np.array([False] * len(data.seen_labels) + [True] * len(data.unseen_labels))
     all_vectors = torch.from_numpy(vectors_np)
@@ -458,10 +467,20 @@ def train(
         f"{len(data.train_items)} training and {len(data.val_items)} validation images, "
         f"{len(data.seen_labels)} seen and {len(data.unseen_labels)} unseen labels, {spec.height}x{spec.width}"
     )
-    train_store = ImageStore([i.path for i in data.train_items], spec, cache=train_bytes <= budget,
-                             workers=options.workers, warn=reporter.warn)
-    val_store = ImageStore([i.path for i in data.val_items], spec, cache=train_bytes + val_bytes <= budget,
-                           workers=options.workers, warn=reporter.warn)
+    train_store = ImageStore(
+        [i.path for i in data.train_items],
+        spec,
+        cache=train_bytes <= budget,
+        workers=options.workers,
+        warn=reporter.warn,
+    )
+    val_store = ImageStore(
+        [i.path for i in data.val_items],
+        spec,
+        cache=train_bytes + val_bytes <= budget,
+        workers=options.workers,
+        warn=reporter.warn,
+    )
     usable = torch.nonzero(train_store.ok).flatten()  # (N_ok,) indices of decodable training images
     if len(usable) < 2:
         raise SdltagError(f"{config.data}: fewer than 2 training images could be decoded. Check the files.")
@@ -500,8 +519,11 @@ def train(
         if "scaler" in resume_state:
             scaler.load_state_dict(resume_state["scaler"])
         _set_rng_state(generator, resume_state["rng"])
-        epoch, step, step_in_epoch = int(resume_state["epoch"]), int(resume_state["step"]), int(
-            resume_state["step_in_epoch"])
+        epoch, step, step_in_epoch = (
+            int(resume_state["epoch"]),
+            int(resume_state["step"]),
+            int(resume_state["step_in_epoch"]),
+        )
         loss_sum, loss_count = (float(v) for v in resume_state.get("epoch_loss", (0.0, 0)))
         loss_count = int(loss_count)
         best = dict(resume_state.get("best", best))
@@ -519,12 +541,23 @@ def train(
     }
 
     def save(path: Path, *, full: bool) -> None:
-        payload = {**base_payload, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best": best, "history": history,
-                   "epoch_loss": (loss_sum, loss_count)}
+        payload = {
+            **base_payload,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "epoch": epoch,
+            "step": step,
+            "step_in_epoch": step_in_epoch,
+            "best": best,
+            "history": history,
+            "epoch_loss": (loss_sum, loss_count),
+        }
         if full:
-            payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                           scaler=scaler.state_dict(), rng=_rng_state(generator))
+            payload.update(
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(),
+                rng=_rng_state(generator),
+            )
         save_checkpoint(path, payload)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -546,8 +579,13 @@ def train(
                             x = x.contiguous(memory_format=torch.channels_last)
                         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                             vectors = model(x)  # (B, M, d)
-                        parts = sdl_loss(vectors.float(), seen_vectors, train_targets[indices.to(device)],
-                                         lam=config.lam, use_sigma=config.sigma)
+                        parts = sdl_loss(
+                            vectors.float(),
+                            seen_vectors,
+                            train_targets[indices.to(device)],
+                            lam=config.lam,
+                            use_sigma=config.sigma,
+                        )
                         optimizer.zero_grad(set_to_none=True)
                         scaler.scale(parts.total).backward()
                         if config.grad_clip > 0:
@@ -571,8 +609,9 @@ def train(
                 metrics = None
                 is_best = False
                 if len(data.val_items):
-                    scores, targets = validation_scores(model, val_store, val_targets, all_vectors, spec, device,
-                                                        options.channels_last)
+                    scores, targets = validation_scores(
+                        model, val_store, val_targets, all_vectors, spec, device, options.channels_last
+                    )
                     from sdltag.metrics import zsl_gzsl_metrics
 
                     metrics = _metrics_json(zsl_gzsl_metrics(scores, targets, unseen_mask))
@@ -596,14 +635,38 @@ def train(
         reporter.finish()
         raise TrainingInterrupted(run_dir / LAST) from None
     reporter.finish()
-    return _finish(config, data, model, run_dir, spec, embedder.spec, all_vectors, unseen_mask, val_store,
-                   val_targets, train_store, device, options, history)
+    return _finish(
+        config,
+        data,
+        model,
+        run_dir,
+        spec,
+        embedder.spec,
+        all_vectors,
+        unseen_mask,
+        val_store,
+        val_targets,
+        train_store,
+        device,
+        options,
+        history,
+    )
 
 
 def _finish(
-    config: TrainConfig, data: PreparedData, model: SDLModel, run_dir: Path, spec: InputSpec,
-    embedder: EmbedderSpec, all_vectors: torch.Tensor, unseen_mask: np.ndarray, val_store: ImageStore,
-    val_targets: np.ndarray, train_store: ImageStore, device: torch.device, options: RuntimeOptions,
+    config: TrainConfig,
+    data: PreparedData,
+    model: SDLModel,
+    run_dir: Path,
+    spec: InputSpec,
+    embedder: EmbedderSpec,
+    all_vectors: torch.Tensor,
+    unseen_mask: np.ndarray,
+    val_store: ImageStore,
+    val_targets: np.ndarray,
+    train_store: ImageStore,
+    device: torch.device,
+    options: RuntimeOptions,
     history: list[dict[str, Any]],
 ) -> TrainResult:
     """Best weights -> calibration -> model folder with model card and checkpoint.pt."""
@@ -615,13 +678,15 @@ def _finish(
     best_epoch = int(best_state["best"]["epoch"])
     all_labels = data.seen_labels + data.unseen_labels
     if len(data.val_items):
-        scores, targets = validation_scores(model, val_store, val_targets, all_vectors, spec, device,
-                                            options.channels_last)
+        scores, targets = validation_scores(
+            model, val_store, val_targets, all_vectors, spec, device, options.channels_last
+        )
         calibrated_on = "validation images"
     else:
         train_targets = _targets(data.train_items, all_labels)
-        scores, targets = validation_scores(model, train_store, train_targets, all_vectors, spec, device,
-                                            options.channels_last)
+        scores, targets = validation_scores(
+            model, train_store, train_targets, all_vectors, spec, device, options.channels_last
+        )
         calibrated_on = "training images (no validation set: optimistic)"
     metrics = _metrics_json(zsl_gzsl_metrics(scores, targets, unseen_mask)) if len(data.val_items) else {}
     calibration, report = fit_calibration(scores, targets, unseen_mask)
@@ -650,8 +715,15 @@ def _finish(
 
 
 def _model_card(
-    config: TrainConfig, data: PreparedData, spec: InputSpec, embedder: EmbedderSpec, metrics: dict[str, Any],
-    report: CalibrationReport, best_epoch: int, calibrated_on: str, history: list[dict[str, Any]],
+    config: TrainConfig,
+    data: PreparedData,
+    spec: InputSpec,
+    embedder: EmbedderSpec,
+    metrics: dict[str, Any],
+    report: CalibrationReport,
+    best_epoch: int,
+    calibrated_on: str,
+    history: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The manifest's ``model_card``: data, labels, settings, metrics."""
     counts = data.train_dataset.label_counts()
@@ -678,7 +750,7 @@ def _model_card(
         "best_epoch": best_epoch,
         "metrics": metrics,
         "metrics_note": "validation set; percentages; images with >= 1 label in the evaluated set; "
-                        "labels without a positive skipped from mAP",
+        "labels without a positive skipped from mAP",
         "calibration": {**report.to_json(), "fitted_on": calibrated_on},
         "history": history,
         "notes": config.notes,
@@ -711,12 +783,17 @@ def _model_card_md(card: dict[str, Any], name: str) -> str:
         "| --- | --- |",
     ]
     lines += [f"| {key} | {_fmt(value)} |" for key, value in settings.items() if key != "augment"]
-    lines += [f"| input | {card['input']['size'][0]}x{card['input']['size'][1]} ({card['input']['resize']}) |",
-              f"| embedder | {card['embedder']} |", ""]
+    lines += [
+        f"| input | {card['input']['size'][0]}x{card['input']['size'][1]} ({card['input']['resize']}) |",
+        f"| embedder | {card['embedder']} |",
+        "",
+    ]
     lines += ["## Metrics (validation, best epoch " + str(card["best_epoch"]) + ")", ""]
     if card["metrics"]:
-        lines += ["| protocol | images | labels | mAP | P@3 | R@3 | F1@3 | P@5 | R@5 | F1@5 |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "| protocol | images | labels | mAP | P@3 | R@3 | F1@3 | P@5 | R@5 | F1@5 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for proto, m in card["metrics"].items():
             lines.append(
                 f"| {proto.upper()} | {m['images']} | {m['labels']} | {m['map']:.2f} | "
@@ -727,9 +804,13 @@ def _model_card_md(card: dict[str, Any], name: str) -> str:
     else:
         lines += ["No validation set.", ""]
     cal = card["calibration"]
-    lines += ["## Calibration", "", f"Platt scaling fitted on {cal['fitted_on']}; expected calibration error "
-              f"(15 bins): seen {_fmt(cal['ece_seen'])}, unseen {_fmt(cal['ece_unseen'])}.", ""]
+    lines += [
+        "## Calibration",
+        "",
+        f"Platt scaling fitted on {cal['fitted_on']}; expected calibration error "
+        f"(15 bins): seen {_fmt(cal['ece_seen'])}, unseen {_fmt(cal['ece_unseen'])}.",
+        "",
+    ]
     if card.get("notes"):
         lines += ["## Notes", "", card["notes"], ""]
     return "\n".join(lines)
-
