@@ -291,3 +291,24 @@ def test_separate_validation_folder(tmp_path: Path) -> None:
     assert (card["data"]["train_images"], card["data"]["validation_images"]) == (16, 6)
     assert recorder.epochs[0][1]["gzsl"]["images"] == 6
     assert card["calibration"]["fitted_on"] == "validation images"
+
+
+def test_eval_reproduces_the_validation_metrics(tmp_path: Path) -> None:
+    """`sdltag eval` (ONNX, tagging decode path) on the validation folder gives the model card's metrics."""
+    from sdltag.evaluation import evaluate
+
+    data = make_scenes(tmp_path / "data", 16, seed=3)
+    val = make_scenes(tmp_path / "val", 10, seed=4)
+    (tmp_path / "unseen.txt").write_text("blue\n", encoding="utf-8")
+    result = train(
+        tiny_config(data, tmp_path / "model", epochs=1, val=str(val), unseen=str(tmp_path / "unseen.txt")),
+        RuntimeOptions(**OPTIONS),
+        embedder=HashEmbedder(),
+        reporter=Recorder(),
+    )
+    card = result.model_folder.manifest.model_card["metrics"]
+    report = evaluate(result.model_folder, val, threads=1).to_json()
+    for protocol in ("gzsl", "zsl"):
+        assert report[protocol]["images"] == card[protocol]["images"]
+        assert report[protocol]["map"] == pytest.approx(card[protocol]["map"], abs=1e-3)
+        assert report[protocol]["f1"] == pytest.approx(card[protocol]["f1"], abs=1e-3)

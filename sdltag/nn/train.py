@@ -758,7 +758,7 @@ def _model_card(
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _model_card_md(card: dict[str, Any], name: str) -> str:
