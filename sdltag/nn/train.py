@@ -108,6 +108,7 @@ class TrainConfig:
             (0 <= self.lam <= 1, f"--lambda {self.lam}: must be between 0 and 1"),
             (self.rows >= 1, f"--rows {self.rows}: must be at least 1"),
             (0 <= self.val_split < 1, f"--val-split {self.val_split}: must be in [0, 1)"),
+            (0 <= self.warmup < 1, f"warmup {self.warmup}: must be in [0, 1)"),
             (self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer}: choose {' or '.join(OPTIMIZERS)}"),
             (self.image_size is None or self.image_size >= 16, f"--image-size {self.image_size}: use at least 16"),
             (self.width is None or self.width >= 1, f"--width {self.width}: must be at least 1"),
@@ -501,8 +502,10 @@ def train(
     batch_size = min(config.batch_size, len(usable))
     steps_per_epoch = len(_epoch_batches(len(usable), batch_size, config.seed, 0))
     total_steps = steps_per_epoch * config.epochs
+    # OneCycleLR divides by (warm-up steps - 1): exactly one warm-up step would divide by zero.
+    warmup = 1.5 / total_steps if abs(config.warmup * total_steps - 1) < 1e-6 and total_steps > 1 else config.warmup
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=config.warmup
+        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=warmup
     )
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     generator = torch.Generator(device=device).manual_seed(config.seed)
