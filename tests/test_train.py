@@ -17,20 +17,12 @@ from PIL import Image
 
 from sdltag.errors import SdltagError
 from sdltag.modelfolder import EmbedderSpec
+from sdltag.nn.augment import AugmentConfig
 from sdltag.nn.checkpoint import load_checkpoint
 from sdltag.nn.train import RuntimeOptions, TrainConfig, TrainingInterrupted, TrainReporter, train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-NO_AUGMENT = {
-    "crop_scale": (1.0, 1.0),
-    "crop_ratio": (1.0, 1.0),
-    "flip": 0.0,
-    "brightness": 0.0,
-    "contrast": 0.0,
-    "saturation": 0.0,
-    "cutout": 0.0,
-    "cutout_size": 0.5,
-}
+NO_AUGMENT = AugmentConfig.off().to_dict()
 
 
 class HashEmbedder:
@@ -137,6 +129,14 @@ def test_resume_after_interrupt_gives_the_same_weights(tmp_path: Path) -> None:
 
     with pytest.raises(SdltagError, match="--resume"):  # a fresh start would clobber the run
         train(tiny_config(data, tmp_path / "b", **config), RuntimeOptions(**OPTIONS), embedder=HashEmbedder())
+    labels_csv = data / "labels.csv"
+    original = labels_csv.read_text(encoding="utf-8")
+    labels_csv.write_text(original.replace("img000.png,", "img000.png,purple;"), encoding="utf-8")
+    with pytest.raises(SdltagError, match="changed"):  # other data: an exact resume is impossible
+        train(
+            tiny_config(data, tmp_path / "b", **config), RuntimeOptions(resume=True, **OPTIONS), embedder=HashEmbedder()
+        )
+    labels_csv.write_text(original, encoding="utf-8")
     resumed_recorder = Recorder()
     resumed = train(
         tiny_config(data, tmp_path / "b", **config),

@@ -156,6 +156,14 @@ def train(
         "--channels-last/--no-channels-last",
         help="channels-last memory layout (can be faster on some CPUs and GPUs).",
     ),
+    augment: bool = typer.Option(
+        True, "--augment/--no-augment", help="Random resized crop, flip, colour jitter and cutout while training."
+    ),
+    keep_weights: bool = typer.Option(
+        True,
+        "--keep-weights/--no-keep-weights",
+        help="Also write checkpoint.pt (torch weights, needed by --init) into the model folder.",
+    ),
     name: str = typer.Option("", "--name", help="Model name recorded in the manifest (default: the folder name)."),
     notes: str = typer.Option("", "--notes", help="Free text for the model card (data source, licence, ...)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; warnings and errors only."),
@@ -167,6 +175,7 @@ def train(
     go to OUT.train/ (last.pt every epoch and on Ctrl-C, best.pt by GZSL F1@3); --resume continues
     exactly. The model folder gets Platt calibration fitted on the validation images and a model card.
     """
+    from sdltag.nn.augment import AugmentConfig
     from sdltag.nn.train import RuntimeOptions, TrainConfig, TrainingInterrupted
     from sdltag.nn.train import train as run_training
 
@@ -193,6 +202,7 @@ def train(
         embedder=embedder,
         name=name,
         notes=notes,
+        augment=(AugmentConfig() if augment else AugmentConfig.off()).to_dict(),
     )
     if workers < 0:
         error(f"--workers {workers}: must be 0 or more.")
@@ -205,6 +215,7 @@ def train(
         run_dir=run_dir,
         resume=resume,
         channels_last=channels_last,
+        keep_weights=keep_weights,
     )
     reporter = RichReporter(quiet=quiet)
     try:

@@ -36,6 +36,11 @@ class AugmentConfig:
         return asdict(self)
 
     @classmethod
+    def off(cls) -> AugmentConfig:
+        """No augmentation: the whole image, resized only (what validation sees)."""
+        return cls((1.0, 1.0), (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AugmentConfig:
         return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in data.items()})
 

@@ -86,7 +86,7 @@ class TrainConfig:
     seed: int = 0
     init: str | None = None
     embedder: str | None = None
-    augment: dict[str, Any] = field(default_factory=lambda: AugmentConfig().to_dict())
+    augment: dict[str, Any] = field(default_factory=lambda: AugmentConfig().to_dict())  # AugmentConfig.off(): none
     name: str = ""
     notes: str = ""
 
@@ -129,6 +129,7 @@ class RuntimeOptions:
     run_dir: Path | None = None  # default: <out>.train beside the model folder
     resume: bool = False
     channels_last: bool = False
+    keep_weights: bool = True  # write checkpoint.pt (torch weights, for --init) into the model folder
 
 
 class TrainReporter:
@@ -713,7 +714,8 @@ def _finish(
     weights = {k: v for k, v in best_state.items() if k not in ("format", "format_version")}
     weights["calibration"] = calibration
     weights["metrics"] = metrics
-    save_checkpoint(folder.path / MODEL_CHECKPOINT, weights)
+    if options.keep_weights:
+        save_checkpoint(folder.path / MODEL_CHECKPOINT, weights)
     return TrainResult(folder, run_dir, best_epoch, metrics, report, history)
 
 
