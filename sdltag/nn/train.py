@@ -469,6 +469,12 @@ def train(
         f"{len(data.train_items)} training and {len(data.val_items)} validation images, "
         f"{len(data.seen_labels)} seen and {len(data.unseen_labels)} unseen labels, {spec.height}x{spec.width}"
     )
+    if train_bytes <= budget:
+        reporter.message(f"decoding the images into RAM ({(train_bytes + val_bytes) / 2**20:.0f} MB) ...")
+    else:
+        reporter.message(
+            f"images need {train_bytes / 2**20:.0f} MB > --cache-mb {options.cache_mb}: decoding each epoch"
+        )
     train_store = ImageStore(
         [i.path for i in data.train_items],
         spec,
