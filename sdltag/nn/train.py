@@ -361,6 +361,10 @@ def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _HardStop(KeyboardInterrupt):
+    """A second Ctrl-C: stop now and keep the last consistent checkpoint."""
+
+
 class _SigintFlag:
     """Turns the first Ctrl-C into a flag checked between steps (so the saved state is consistent)."""
 
@@ -374,8 +378,8 @@ class _SigintFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+        if self.raised:  # a second Ctrl-C stops at once, without saving a possibly half-updated state
+            raise _HardStop
         self.raised = True
 
     def __exit__(self, *exc: Any) -> None:
@@ -640,8 +644,11 @@ def train(
                 reporter.epoch_end(epoch, train_loss, metrics, is_best)
                 if sigint.raised:
                     raise KeyboardInterrupt
+    except _HardStop:
+        reporter.finish()
+        raise
     except KeyboardInterrupt:
-        save(run_dir / LAST, full=True)
+        save(run_dir / LAST, full=True)  # raised between steps: the state is consistent
         reporter.finish()
         raise TrainingInterrupted(run_dir / LAST) from None
     reporter.finish()
