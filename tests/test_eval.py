@@ -160,3 +160,22 @@ def test_eval_command_table_and_json(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--format xml" in bad.stderr
     missing = runner.invoke(app, ["eval", str(tmp_path / "nope"), str(tmp_path / "data")])
     assert missing.exit_code == 2 and "nope" in missing.stderr
+
+
+def test_eval_does_not_import_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    colour_model(tmp_path / "model")
+    colour_data(tmp_path / "data")
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from sdltag.cli import app\n"
+        f"r = CliRunner().invoke(app, ['eval', {str(tmp_path / 'model')!r}, {str(tmp_path / 'data')!r}, '-q'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
