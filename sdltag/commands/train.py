@@ -82,6 +82,8 @@ class RichReporter:
             )
 
     def epoch_end(self, epoch: int, train_loss: float, metrics: dict[str, Any] | None, best: bool) -> None:
+        if self.quiet:
+            return
         text = f"epoch {epoch}: train loss {train_loss:.4f}"
         if metrics:
             gzsl = metrics["gzsl"]
@@ -156,6 +158,11 @@ def train(
         "--channels-last/--no-channels-last",
         help="channels-last memory layout (can be faster on some CPUs and GPUs).",
     ),
+    compile: bool = typer.Option(
+        False,
+        "--compile/--no-compile",
+        help="torch.compile the training step: about 1.25x faster on a CPU after a minute of compiling.",
+    ),
     augment: bool = typer.Option(
         True, "--augment/--no-augment", help="Random resized crop, flip, colour jitter and cutout while training."
     ),
@@ -166,7 +173,9 @@ def train(
     ),
     name: str = typer.Option("", "--name", help="Model name recorded in the manifest (default: the folder name)."),
     notes: str = typer.Option("", "--notes", help="Free text for the model card (data source, licence, ...)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; warnings and errors only."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress bar or per-epoch lines: warnings, errors and the final summary only."
+    ),
 ) -> None:
     """Train an SDL model on a labeled folder, validate it each epoch, calibrate it and export it.
 
@@ -216,6 +225,7 @@ def train(
         resume=resume,
         channels_last=channels_last,
         keep_weights=keep_weights,
+        compile=compile,
     )
     reporter = RichReporter(quiet=quiet)
     try:

@@ -130,6 +130,7 @@ class RuntimeOptions:
     resume: bool = False
     channels_last: bool = False
     keep_weights: bool = True  # write checkpoint.pt (torch weights, for --init) into the model folder
+    compile: bool = False  # torch.compile the training forward/backward (~1.25x on CPU after a ~1 min compile)
 
 
 class TrainReporter:
@@ -576,6 +577,8 @@ def train(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     size = (spec.height, spec.width)
+    # The compiled module shares its parameters with ``model``; checkpoints and validation use ``model``.
+    step_model = torch.compile(model) if options.compile else model
     reporter.start(total_steps, step, steps_per_epoch)
     use_amp = device.type == "cuda"
     try:
@@ -592,7 +595,7 @@ def train(
                         if options.channels_last:
                             x = x.contiguous(memory_format=torch.channels_last)
                         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                            vectors = model(x)  # (B, M, d)
+                            vectors = step_model(x)  # (B, M, d)
                         parts = sdl_loss(
                             vectors.float(),
                             seen_vectors,
