@@ -82,7 +82,9 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
     return 2 * n**3 / best / 1e9, repeats * 2 * n**3 / cpu / 1e9
 
 
-def train_throughput(batch_size: int, steps: int, channels_last: bool, labels: int = 1000) -> tuple[float, float]:
+def train_throughput(
+    batch_size: int, steps: int, channels_last: bool, labels: int = 1000, compile: bool = False
+) -> tuple[float, float]:
     """Images per second and per CPU-second of full training steps of the default model (after 3 warm-ups)."""
     config = TrainConfig(data="", out="")
     size = DEFAULT_IMAGE_SIZE[config.backbone]
@@ -92,6 +94,7 @@ def train_throughput(batch_size: int, steps: int, channels_last: bool, labels: i
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    step_model = torch.compile(model) if compile else model  # what `sdltag train --compile` does
     optimizer = torch.optim.Adam(_param_groups(model, config.weight_decay), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps + 10)
     label_vectors = torch.nn.functional.normalize(torch.randn(labels, 384), dim=1)
@@ -105,7 +108,7 @@ def train_throughput(batch_size: int, steps: int, channels_last: bool, labels: i
         x = normalise(augment_batch(pixels, (size, size), augment, generator), spec)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss = sdl_loss(model(x), label_vectors, targets, lam=config.lam).total
+        loss = sdl_loss(step_model(x), label_vectors, targets, lam=config.lam).total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -126,6 +129,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step (~1 min compile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = TrainConfig(data="", out="")
@@ -134,10 +138,13 @@ def main() -> None:
     train_flops_per_image = 3 * 2 * macs
     results = {}
     gemms = []
-    for layout, channels_last in (("contiguous", False), ("channels_last", True)):
+    variants = [("contiguous", False, False), ("channels_last", True, False)]
+    if args.compile:
+        variants.append(("compiled", False, True))
+    for layout, channels_last, compiled in variants:
         gemm, gemm_cpu = matmul_gflops()  # measured right before, under the same load
         gemms.append(gemm)
-        rate, rate_cpu = train_throughput(args.batch_size, args.steps, channels_last)
+        rate, rate_cpu = train_throughput(args.batch_size, args.steps, channels_last, compile=compiled)
         achieved, achieved_cpu = rate * train_flops_per_image, rate_cpu * train_flops_per_image
         results[layout] = {
             "images_per_s": round(rate, 1),

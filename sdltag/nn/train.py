@@ -443,6 +443,11 @@ def train(
             )
         model_config = ModelConfig.from_dict(init_state["model_config"])
         spec = InputSpec.from_json(init_state["input"])
+        if resume_state is None:
+            reporter.message(
+                f"fine-tuning {config.init}: {model_config.backbone}, M={model_config.rows}, "
+                f"{spec.height}x{spec.width} (architecture and input size come from --init)"
+            )
     else:
         backbone_config = {"width": config.width} if config.width else {}
         model_config = ModelConfig(config.backbone, backbone_config, rows=config.rows, dim=embedder.spec.dim)
