@@ -583,7 +583,12 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     size = (spec.height, spec.width)
     # The compiled module shares its parameters with ``model``; checkpoints and validation use ``model``.
-    step_model = torch.compile(model) if options.compile else model
+    step_model = model
+    if options.compile:
+        import torch._dynamo as dynamo
+
+        dynamo.config.suppress_errors = True  # no C++ compiler etc.: run eagerly instead of failing
+        step_model = torch.compile(model)
     reporter.start(total_steps, step, steps_per_epoch)
     use_amp = device.type == "cuda"
     try:
