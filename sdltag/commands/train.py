@@ -12,9 +12,15 @@ import typer
 
 from sdltag.commands._common import cli_errors, error, info
 
+LOG_EVERY_S = 60.0  # when stderr is not a terminal (a log file), one progress line this often
+
 
 class RichReporter:
-    """Training progress on stderr: a Rich bar with loss, lr, images/s and ETA; one line per epoch."""
+    """Training progress on stderr: a Rich bar with loss, lr, images/s and ETA, one line per epoch.
+
+    When stderr is not a terminal (redirected to a log), the bar becomes a plain progress
+    line every ``LOG_EVERY_S`` seconds, so long epochs still show signs of life.
+    """
 
     def __init__(self, quiet: bool = False) -> None:
         from rich.console import Console
@@ -26,6 +32,9 @@ class RichReporter:
         self.rate = 0.0
         self.loss = float("nan")
         self.started = time.perf_counter()
+        self.total = 0
+        self.first_step = 0
+        self.last_log = self.started
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -43,7 +52,9 @@ class RichReporter:
     def start(self, total_steps: int, done_steps: int, steps_per_epoch: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        if self.quiet:
+        self.total, self.first_step = total_steps, done_steps
+        self.started = self.last_log = time.perf_counter()
+        if self.quiet or not self.console.is_terminal:
             return
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"),
@@ -79,6 +90,14 @@ class RichReporter:
                 loss=f"{self.loss:.4f}",
                 lr=f"{lr:.2e}",
                 rate=f"{self.rate:.0f}",
+            )
+        elif not self.quiet and time.perf_counter() - self.last_log >= LOG_EVERY_S:
+            self.last_log = now = time.perf_counter()
+            per_step = (now - self.started) / max(step - self.first_step, 1)
+            eta = int(per_step * (self.total - step))
+            self._line(
+                f"sdltag: step {step}/{self.total} (epoch {epoch + 1})  loss {self.loss:.4f}  lr {lr:.2e}  "
+                f"{self.rate:.0f} img/s  ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
             )
 
     def epoch_end(self, epoch: int, train_loss: float, metrics: dict[str, Any] | None, best: bool) -> None:
