@@ -114,3 +114,17 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
 
     state = load_checkpoint(last)
     assert state["step"] >= 7 and "optimizer" in state and "rng" in state
+
+
+def test_progress_lines_in_a_log_file(monkeypatch, capsys) -> None:
+    import sdltag.commands.train as command
+
+    monkeypatch.setattr(command, "LOG_EVERY_S", 0.0)
+    reporter = command.RichReporter()
+    reporter.start(total_steps=10, done_steps=4, steps_per_epoch=5)  # resumed at step 4; stderr is not a terminal
+    reporter.step(5, 0, 2.5, 1e-3, 120.0)
+    reporter.epoch_end(1, 2.5, {"gzsl": {"f1": {"3": 12.5}, "map": 7.25}}, True)
+    reporter.finish()
+    err = capsys.readouterr().err
+    assert "step 5/10 (epoch 1)  loss 2.5000  lr 1.00e-03  120 img/s  ETA" in err
+    assert "epoch 1: train loss 2.5000  GZSL F1@3 12.50 mAP 7.25  (best so far)" in err
