@@ -14,7 +14,7 @@ from sdltag.nn.model import ModelConfig, SDLHead, SDLModel, sdl_scores
 TINY = {
     "smallcnn": ({"width": 4}, 32),
     "resnet50": ({"width": 4, "layers": (1, 1, 1, 1)}, 64),
-    "tresnet_m": ({"width_factor": 0.125}, 64),
+    "tresnet_m": ({"width_factor": 0.125, "layers": (1, 1, 1, 1)}, 64),
 }
 
 
