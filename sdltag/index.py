@@ -16,7 +16,6 @@ finished. This module knows sqlite3 and numpy only.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sdltag.errors import SdltagError
+from sdltag.modelfolder import file_sha256
 
 HASH_NAME = "sha256"
 
@@ -58,13 +58,9 @@ MIGRATIONS: list[tuple[int, str, Callable[[sqlite3.Connection], None]]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
-def file_hash(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes (hashlib releases the GIL, so decode threads can hash in parallel)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+# The content hash of an image: sha256 of its bytes (hashlib releases the GIL, so decode
+# threads hash in parallel).
+file_hash = file_sha256
 
 
 def _key(path: Path | str) -> bytes:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sdltag.embedding.cache import LabelVectorCache
 from sdltag.errors import SdltagError
-from sdltag.modelfolder import EmbedderSpec
+from sdltag.modelfolder import EmbedderSpec, file_sha256
 
 DEFAULT_NAME = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
@@ -116,11 +116,7 @@ def _file_sha256(path: Path, cache: LabelVectorCache) -> str:
     memo = cache.get_file_hash(key, stat.st_size, stat.st_mtime_ns)
     if memo is not None:
         return memo
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    value = digest.hexdigest()
+    value = file_sha256(path)
     cache.put_file_hash(key, stat.st_size, stat.st_mtime_ns, value)
     return value
 
