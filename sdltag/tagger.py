@@ -116,7 +116,8 @@ class TagSummary:
             parts.append(f"{skipped} skipped ({', '.join(reasons)})")
         else:
             parts.append("0 skipped")
-        return f"{', '.join(parts)}; {rate:.1f} images/s in {self.seconds:.1f} s"
+        took = f"{self.seconds:.1f}" if self.seconds >= 10 else f"{self.seconds:.2f}"
+        return f"{', '.join(parts)}; {rate:.1f} images/s in {took} s"
 
 
 class Scorer:
