@@ -148,22 +148,39 @@ def recipe_parser(description: str, default_out: str, default_epochs: int) -> ar
     parser.add_argument("--seed", type=int, default=0, help="Training seed (default 0).")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2).")
     parser.add_argument("--workers", type=int, default=2, help="Processes for scene generation and decoding.")
-    parser.add_argument("--resume", action="store_true", help="Continue the interrupted run in WORK/runs/NAME.")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue an interrupted run (automatic when WORK/runs/NAME/last.pt exists).",
+    )
     parser.add_argument("--data-only", action="store_true", help="Generate the scenes and stop.")
     return parser
 
 
 def run_training(config: Any, run_dir: Path, args: argparse.Namespace) -> Any:
-    """Train (or resume) and return the ``TrainResult``; Ctrl-C leaves a resumable checkpoint."""
+    """Train (or resume) and return the ``TrainResult``; Ctrl-C leaves a resumable checkpoint.
+
+    A run folder holding ``last.pt`` is resumed with its saved settings (a finished run
+    only re-exports its best epoch).
+    """
+    # Import everything the end of the run needs now, so that a long run never fails at
+    # its export because the source tree changed underneath it.
+    import sdltag.metrics  # noqa: F401
+    import sdltag.nn.calibration  # noqa: F401
+    import sdltag.nn.export  # noqa: F401
     from sdltag.errors import SdltagError
     from sdltag.nn.train import RuntimeOptions, TrainingInterrupted, train
+
+    resume = args.resume or (run_dir / "last.pt").is_file()
+    if resume:
+        log(f"resuming the run in {run_dir} with its saved settings")
 
     options = RuntimeOptions(
         device="auto",
         workers=args.workers,
         threads=args.threads,
         run_dir=run_dir,
-        resume=args.resume,
+        resume=resume,
         channels_last=True,  # ~1.25x faster for smallcnn on this 2-core CPU
     )
     try:
