@@ -67,14 +67,18 @@ def top_k(scores: np.ndarray, k: int, threshold: float | None = None) -> list[li
     """Per image, the (label index, score) pairs of the ``k`` best labels, best first.
 
     Ties are broken by label index so the order is deterministic; pairs below
-    ``threshold`` are dropped.
+    ``threshold`` are dropped. Only the candidates at or above each row's k-th best
+    score are sorted, so re-scoring a large index with many labels stays cheap.
     """
+    n_images, n_labels = scores.shape
+    k = max(0, min(k, n_labels))
+    if k == 0:
+        return [[] for _ in range(n_images)]
+    kth = np.partition(scores, n_labels - k, axis=1)[:, n_labels - k]  # (B,) the k-th best score
     results: list[list[tuple[int, float]]] = []
-    if scores.shape[1] == 0:
-        return [[] for _ in range(scores.shape[0])]
-    k = max(0, min(k, scores.shape[1]))
-    for row in scores:
-        order = np.lexsort((np.arange(row.size), -row))[:k]
+    for row, cutoff in zip(scores, kth, strict=True):
+        candidates = np.flatnonzero(row >= cutoff)  # >= k entries; more only when ties straddle the cut
+        order = candidates[np.lexsort((candidates, -row[candidates]))][:k]
         picked = [(int(i), float(row[i])) for i in order]
         if threshold is not None:
             picked = [(i, s) for i, s in picked if s >= threshold]

@@ -92,3 +92,14 @@ def test_calibration_and_top_k() -> None:
     # ties broken by label index; threshold drops low scores
     assert scoring.top_k(scores, 3) == [[(0, 2.0), (3, 2.0), (2, 0.5)]]
     assert scoring.top_k(scores, 10, threshold=1.0) == [[(0, 2.0), (3, 2.0)]]
+
+
+def test_top_k_matches_a_full_sort_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 5, size=(40, 30)).astype(np.float32)  # many ties
+    for k in (1, 3, 10, 30, 50):
+        expected = [
+            [(int(i), float(row[i])) for i in sorted(range(row.size), key=lambda i: (-row[i], i))[:k]] for row in scores
+        ]
+        assert scoring.top_k(scores, k) == expected
+    assert scoring.top_k(scores, 0) == [[] for _ in range(40)]
