@@ -128,9 +128,9 @@ class RuntimeOptions:
     cache_mb: int = 4096
     run_dir: Path | None = None  # default: <out>.train beside the model folder
     resume: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC: oneDNN's fast convolution path on CPUs (bench_train: ~2.8x per step)
     keep_weights: bool = True  # write checkpoint.pt (torch weights, for --init) into the model folder
-    compile: bool = False  # torch.compile the training forward/backward (~1.25x on CPU after a ~1 min compile)
+    compile: bool = False  # torch.compile the training forward/backward (~1 min compile)
 
 
 class TrainReporter:
