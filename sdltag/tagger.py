@@ -71,7 +71,7 @@ class TagOptions:
     top_k: int = 10
     threshold: float | None = None
     raw_scores: bool = False
-    batch_size: int = 16
+    batch_size: int = 32
     decode_threads: int | None = None
     max_megapixels: float = 100.0
 

@@ -151,7 +151,7 @@ def tag(
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Walk sub-folders (default: yes)."),
     include_hidden: bool = typer.Option(False, "--include-hidden", help="Also tag hidden files, ._*, @eaDir, .git."),
     null: bool = typer.Option(False, "--null", "-0", help="Paths on stdin are NUL-separated (find -print0)."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per inference batch."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per inference batch."),
     threads: int = typer.Option(
         None, "--threads", min=1, help="Threads for decoding and for inference (default: all cores)."
     ),
