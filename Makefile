@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all lint bench clean
+.PHONY: venv demo test test-all lint bench bench-zsl model-emoji examples clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,28 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sdltag tests benchmarks
 	$(VENV)/bin/ruff format --check sdltag tests benchmarks
+
+# Benchmarks (measure this machine; results go to benchmarks/results/).
+bench: $(STAMP)
+	$(PY) benchmarks/bench_labels.py
+	$(PY) benchmarks/bench_tag.py
+	$(PY) benchmarks/bench_train.py --compile
+
+# The emoji-scenes zero-shot benchmark and the bundled models (benchmarks/README.md).
+# EMOJI_DATA: the emoji folder (twitter/, google/, emoji.json); WORK: scratch space.
+EMOJI_DATA ?= ../shared/datasets/emoji
+WORK ?= work
+bench-zsl: $(STAMP)
+	$(PY) -m benchmarks.recipe_emoji_zsl --data $(EMOJI_DATA) --work $(WORK) --out $(WORK)/models/emoji-zsl
+	$(PY) -m benchmarks.recipe_emoji_zsl --data $(EMOJI_DATA) --work $(WORK) --variant m1 --out $(WORK)/models/zsl-m1-s0
+	$(PY) -m benchmarks.zsl_baselines --test $(WORK)/data/zsl-test --unseen benchmarks/unseen_labels.txt \
+		--out benchmarks/results/baselines-zsl-test.json
+
+model-emoji: $(STAMP)
+	$(PY) -m benchmarks.recipe_emoji --data $(EMOJI_DATA) --work $(WORK) --out models/emoji
+
+examples: $(STAMP)
+	$(PY) -m benchmarks.make_examples --data $(EMOJI_DATA) --out examples/images
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -38,6 +38,7 @@ def test_train_then_eval_with_minilm(tmp_path: Path) -> None:
             str(tmp_path / "unseen.txt"),
             "--notes",
             "generated squares",
+            "--no-flip",
             *TINY,
         ],
     )
@@ -48,6 +49,7 @@ def test_train_then_eval_with_minilm(tmp_path: Path) -> None:
     assert manifest.embedder.name.lower().endswith("minilm-l6-v2") and manifest.dim == 384
     assert manifest.unseen_labels == ["yellow"]
     assert manifest.model_card["notes"] == "generated squares"
+    assert manifest.model_card["settings"]["augment"]["flip"] == 0.0  # --no-flip
     assert (tmp_path / "model.train" / "best.pt").is_file()
 
     # A further zero-shot label, embedded with the model's own embedder.

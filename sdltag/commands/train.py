@@ -187,6 +187,12 @@ def train(
     augment: bool = typer.Option(
         True, "--augment/--no-augment", help="Random resized crop, flip, colour jitter and cutout while training."
     ),
+    flip: bool = typer.Option(
+        True,
+        "--flip/--no-flip",
+        help="Random horizontal flips while training; turn off when labels name a side or direction "
+        "(left, right, arrows) or images hold text.",
+    ),
     keep_weights: bool = typer.Option(
         True,
         "--keep-weights/--no-keep-weights",
@@ -232,7 +238,7 @@ def train(
         embedder=embedder,
         name=name,
         notes=notes,
-        augment=(AugmentConfig() if augment else AugmentConfig.off()).to_dict(),
+        augment=((AugmentConfig() if flip else AugmentConfig(flip=0.0)) if augment else AugmentConfig.off()).to_dict(),
     )
     if workers < 0:
         error(f"--workers {workers}: must be 0 or more.")
