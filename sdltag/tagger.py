@@ -199,6 +199,8 @@ class _Run:
         self.ready: list[tuple[_Slot, np.ndarray]] = []  # (slot, (M, d)) waiting to be scored
         self.batch: list[tuple[_Slot, np.ndarray, os.stat_result, str | None]] = []  # waiting for the model
         self.inflight: deque[tuple[_Slot, Future, os.stat_result]] = deque()
+        self.pool: ThreadPoolExecutor | None = None
+        self.warmed = False
 
     def fail(self, slot: _Slot, reason: str) -> None:
         problem = Problem(os.fsdecode(os.fspath(slot.path)), reason)
@@ -209,6 +211,12 @@ class _Run:
     def record(self, path: Path, st: os.stat_result, content_hash: str | None, vectors: np.ndarray) -> None:
         if self.index_writable and content_hash is not None:
             self.index.put(path, st.st_size, st.st_mtime_ns, content_hash, self.model_id, vectors)
+
+    def _warm_up(self) -> None:
+        try:
+            self.image_model()
+        except Exception:  # noqa: BLE001 - the same error is raised again, on the main thread, by run_batch
+            pass
 
     def run_batch(self) -> None:
         if not self.batch:
@@ -263,6 +271,11 @@ class _Run:
                 self.fail(slot, exc.reason)
                 return
         self.batch.append((slot, prepared.array, st, prepared.content_hash))
+        if not self.warmed:
+            # The first decoded image: load the image model on the pool while the batch fills, so its
+            # start-up overlaps decoding (a run with nothing to decode never loads it).
+            self.pool.submit(self._warm_up)
+            self.warmed = True
         if len(self.batch) >= self.options.batch_size:
             self.run_batch()
 
@@ -272,6 +285,7 @@ class _Run:
         window = max(2 * self.options.batch_size, 4 * workers)
         known = frozenset(self.index.known_hashes(self.model_id)) if self.index is not None else frozenset()
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdltag-decode")
+        self.pool = pool
         try:
             for path in self.files:
                 slot = _Slot(path)

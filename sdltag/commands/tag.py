@@ -89,18 +89,20 @@ class _ImageModelFactory:
         choose_providers(device, available_providers())  # refuse an impossible --device before any work
         self.model, self.device, self.threads, self.quiet = model, device, threads, quiet
         self.instance = None
+        self._lock = threading.Lock()  # the tagger may warm the session up from a decode thread
 
     def __call__(self):
-        if self.instance is None:
-            from sdltag.runtime import ImageModel
+        with self._lock:
+            if self.instance is None:
+                from sdltag.runtime import ImageModel
 
-            self.instance = ImageModel(self.model, device=self.device, threads=self.threads)
-            threads = self.threads or os.cpu_count() or 1
-            info(
-                f"model {self.model.manifest.name or self.model.path.name} on onnxruntime "
-                f"{self.instance.provider} ({threads} thread{'s' if threads != 1 else ''})"
-            )
-        return self.instance
+                self.instance = ImageModel(self.model, device=self.device, threads=self.threads)
+                threads = self.threads or os.cpu_count() or 1
+                info(
+                    f"model {self.model.manifest.name or self.model.path.name} on onnxruntime "
+                    f"{self.instance.provider} ({threads} thread{'s' if threads != 1 else ''})"
+                )
+            return self.instance
 
 
 def _open_index(no_index: bool, index_path: Path | None, dry_run: bool):
