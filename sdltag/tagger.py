@@ -284,8 +284,7 @@ class _Run:
         workers = self.options.decode_threads or os.cpu_count() or 2
         window = max(2 * self.options.batch_size, 4 * workers)
         known = frozenset(self.index.known_hashes(self.model_id)) if self.index is not None else frozenset()
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdltag-decode")
-        self.pool = pool
+        self.pool = pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdltag-decode")
         try:
             for path in self.files:
                 slot = _Slot(path)
@@ -343,7 +342,9 @@ def tag_files(
 
     ``image_model`` is a zero-argument factory returning an object with
     ``run((B, 3, H, W)) -> (B, M, d)`` (``sdltag.runtime.ImageModel``); it is called
-    only when some image is not in the index, so a pure re-tag never loads onnxruntime.
+    only once an image has been decoded, so a pure re-tag never loads onnxruntime. It is
+    first called from a decode thread (to overlap the session's start-up), so it must
+    be thread-safe and return the same object every time.
     ``index`` (optional) supplies stored matrices and receives new ones unless
     ``index_writable`` is False (a dry run). Work is committed in batches, so an
     interrupted call keeps what it finished.
