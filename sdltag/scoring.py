@@ -37,8 +37,9 @@ def sdl_scores(principal_vectors: np.ndarray, label_vectors: np.ndarray) -> np.n
     return flat.reshape(batch, rows, -1).max(axis=1)  # (B, L)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function, written with tanh so large |x| never overflows; keeps x's dtype."""
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 def calibrate(scores: np.ndarray, unseen_mask: np.ndarray | None, calibration: dict[str, Any] | None) -> np.ndarray:
@@ -60,7 +61,7 @@ def calibrate(scores: np.ndarray, unseen_mask: np.ndarray | None, calibration: d
         mask = np.asarray(unseen_mask, dtype=bool)
         a[mask] = float(unseen["a"])
         b[mask] = float(unseen["b"])
-    return _sigmoid(scores * a + b)
+    return sigmoid(scores * a + b)  # float32: scores, a and b are float32
 
 
 def top_k(scores: np.ndarray, k: int, threshold: float | None = None) -> list[list[tuple[int, float]]]:

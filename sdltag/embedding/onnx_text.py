@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from sdltag.scoring import l2_normalize
+
 META_FILE = "meta.json"
 ONNX_FILE = "text_model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -150,5 +152,4 @@ class OnnxTextEncoder:
             (vectors,) = session.run([self.meta["output"]], inputs)  # (B, d)
             out[batch] = vectors
             start = stop
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-12)
+        return l2_normalize(out)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from sdltag.scoring import sigmoid
+
 ECE_BINS = 15
 
 
@@ -73,10 +75,6 @@ def expected_calibration_error(confidences: np.ndarray, targets: np.ndarray, bin
     return float(np.abs(pos_sum - conf_sum).sum() / c.size)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
-
-
 @dataclass
 class CalibrationReport:
     """ECE of the fitted calibration on the data it was fitted on, per label group."""
@@ -116,7 +114,7 @@ def fit_calibration(
             continue
         a, b = fit_platt(s, y)
         calibration[group] = {"a": a, "b": b}
-        eces[group] = expected_calibration_error(_sigmoid(a * s + b), y)
+        eces[group] = expected_calibration_error(sigmoid(a * s + b), y)
     if "seen" not in calibration:
         if "unseen" not in calibration:
             return None, CalibrationReport(None, None, pairs["seen"], pairs["unseen"])

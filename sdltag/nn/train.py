@@ -39,6 +39,7 @@ from sdltag.nn.checkpoint import load_checkpoint, save_checkpoint
 from sdltag.nn.data import ImageStore, cache_bytes, normalise
 from sdltag.nn.loss import sdl_loss
 from sdltag.nn.model import ModelConfig, SDLModel, sdl_scores
+from sdltag.scoring import l2_normalize
 
 DEFAULT_IMAGE_SIZE = {"smallcnn": 96}  # others: 224
 FALLBACK_IMAGE_SIZE = 224
@@ -459,8 +460,7 @@ def train(
 
     # Label vectors: seen labels, then unseen, unit length.
     texts = data.seen_labels + data.unseen_texts
-    vectors_np = np.asarray(embedder.embed(texts), dtype=np.float32)
-    vectors_np /= np.maximum(np.linalg.norm(vectors_np, axis=1, keepdims=True), 1e-12)
+    vectors_np = l2_normalize(embedder.embed(texts))
     if vectors_np.shape != (len(texts), model_config.dim):
         raise SdltagError(
             f"the embedder returned vectors of shape {vectors_np.shape}, expected ({len(texts)}, "
