@@ -27,8 +27,10 @@ import numpy as np
 
 from sdltag.errors import SdltagError
 from sdltag.modelfolder import file_sha256
+from sdltag.sqlite_retry import retry_while_busy
 
 HASH_NAME = "sha256"
+BUSY_TIMEOUT_S = 30.0
 
 
 def _migration_1(conn: sqlite3.Connection) -> None:
@@ -153,16 +155,21 @@ class ImageIndex:
 
     @staticmethod
     def _connect_and_migrate(path: Path) -> sqlite3.Connection:
-        conn = sqlite3.connect(str(path), timeout=30.0)
+        # isolation_level="IMMEDIATE": every write batch starts with BEGIN IMMEDIATE, taking the
+        # write lock before it reads anything, so two tag runs sharing an index queue on the busy
+        # timeout instead of deadlocking (SQLite refuses at once a reader that wants to write while
+        # another writer commits).
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level="IMMEDIATE")
         try:
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            retry_while_busy(
+                lambda: conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations "
+                    "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+                ),
+                BUSY_TIMEOUT_S,
             )
-            conn.commit()
-            applied = {int(v): str(n) for v, n in conn.execute("SELECT version, name FROM schema_migrations")}
-            newest = max(applied, default=0)
+            newest = max(ImageIndex._applied(conn), default=0)
             if newest > SCHEMA_VERSION:
                 raise SdltagError(
                     f"{path}: this index was written by a newer sdltag (schema version {newest}, this sdltag "
@@ -170,18 +177,33 @@ class ImageIndex:
                     "another --index FILE."
                 )
             for version, name, step in MIGRATIONS:
-                if version in applied:
-                    continue
-                with conn:  # one transaction per step: a step is applied whole or not at all
-                    step(conn)
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                        (version, name, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
-                    )
+                if version not in ImageIndex._applied(conn):
+                    retry_while_busy(lambda v=version, n=name, s=step: ImageIndex._apply(conn, v, n, s), BUSY_TIMEOUT_S)
         except BaseException:
             conn.close()
             raise
         return conn
+
+    @staticmethod
+    def _applied(conn: sqlite3.Connection) -> dict[int, str]:
+        return {int(v): str(n) for v, n in conn.execute("SELECT version, name FROM schema_migrations")}
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, version: int, name: str, step: Callable[[sqlite3.Connection], None]) -> None:
+        """One step in one write transaction, checked again under the lock (another process may have run it)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if version not in ImageIndex._applied(conn):
+                step(conn)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (version, name, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     @property
     def schema_version(self) -> int:

@@ -120,6 +120,81 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
     conn.close()
 
 
+OPENER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[3])
+    from test_embedding_cache import _vector
+    from sdltag.embedding.cache import LabelVectorCache
+    sync, me = Path(sys.argv[2]), sys.argv[4]
+    (sync / f"ready-{me}").touch()
+    while not (sync / "go").exists():
+        time.sleep(0.001)
+    LabelVectorCache(sys.argv[1]).put_many("demo@sha256:0123456789abcdef", [(me, _vector(me))])
+    print("done")
+    """
+)
+
+
+def test_processes_creating_a_new_cache_at_once(tmp_path: Path) -> None:
+    """The first use of a cache by several processes at once (where SQLite refuses the switch to
+    WAL without waiting while another process reads the new file): every one of them succeeds."""
+    tests_dir = str(Path(__file__).parent)
+    for trial in range(5):
+        folder, sync = tmp_path / f"cache-{trial}", tmp_path / f"sync-{trial}"
+        sync.mkdir()
+        names = [f"p{i}" for i in range(4)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPENER, str(folder), str(sync), tests_dir, name],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name in names
+        ]
+        while not all((sync / f"ready-{n}").exists() for n in names) and all(p.poll() is None for p in procs):
+            time.sleep(0.005)
+        (sync / "go").touch()
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0 and out.strip() == "done", err
+            assert "warning" not in err
+        assert set(LabelVectorCache(folder).get_many(EMBEDDER, names)) == set(names)
+
+
+def test_retry_while_busy_retries_lock_errors_only() -> None:
+    from sdltag.sqlite_retry import retry_while_busy
+
+    calls = []
+
+    def locked_twice() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "ok"
+
+    assert retry_while_busy(locked_twice) == "ok" and len(calls) == 3
+
+    def damaged() -> None:
+        calls.append(1)
+        raise sqlite3.OperationalError("database disk image is malformed")
+
+    calls.clear()
+    with pytest.raises(sqlite3.OperationalError, match="malformed"):
+        retry_while_busy(damaged)
+    assert len(calls) == 1  # damage is not retried
+
+    def always_locked() -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        retry_while_busy(always_locked, timeout=0.2)
+    assert time.monotonic() - started < 2.0
+
+
 def _filled_cache(folder: Path, count: int = 400) -> LabelVectorCache:
     cache = LabelVectorCache(folder)
     cache.put_many(EMBEDDER, [(f"t{i}", _vector(f"t{i}", 384)) for i in range(count)])

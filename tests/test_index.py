@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,54 @@ def test_unwritable_index_location_names_the_fix(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(SdltagError, match="--index FILE.*--no-index"):
         ImageIndex.open(blocker / "sub" / "i.db")
+
+
+INDEX_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import numpy as np
+    from sdltag.index import ImageIndex
+    index_path, me, sync = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    (sync / f"ready-{me}").touch()
+    while not (sync / "go").exists():
+        time.sleep(0.002)
+    index = ImageIndex.open(index_path, commit_every=4)
+    for i in range(120):
+        path = Path(f"/photos/{me}/{i}.jpg")
+        index.lookup(path, i, i, "m")  # a read inside the open write batch, as tag does
+        index.put(path, i, i, f"{me}-{i}", "m", np.full((2, 3), i, np.float32))
+        index.known_hashes("m")
+    index.close()
+    print("done")
+    """
+)
+
+
+def test_two_tag_runs_share_one_index(tmp_path: Path) -> None:
+    """Two processes creating and writing one index at once: no "database is locked", nothing lost."""
+    index_path = tmp_path / "shared" / "index.sqlite3"
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    names = ("a", "b", "c")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", INDEX_WRITER, str(index_path), name, str(sync)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    ]
+    while not all((sync / f"ready-{n}").exists() for n in names):
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.005)
+    (sync / "go").touch()
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.strip() == "done"
+    with ImageIndex.open(index_path) as index:
+        assert index.count("m") == 3 * 120
+        assert index.known_hashes("m") == {f"{n}-{i}" for n in names for i in range(120)}

@@ -32,6 +32,7 @@ import numpy as np
 
 from sdltag.errors import SdltagError
 from sdltag.paths import cache_dir as resolve_cache_dir
+from sdltag.sqlite_retry import retry_while_busy
 
 DB_FILE = "labels.sqlite3"
 FAST_PATH_DIR = "text-models"
@@ -103,11 +104,11 @@ class LabelVectorCache:
             return self._conn
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._conn = self._open_checked()
+            self._conn = retry_while_busy(self._open_checked)
         except sqlite3.DatabaseError as exc:
             if _is_corruption(exc):
                 self._set_aside(str(exc))
-                self._conn = self._open_checked()
+                self._conn = retry_while_busy(self._open_checked)
             elif _is_access_problem(exc):
                 return self._in_memory(f"cannot write the label cache {self.path} ({exc})")
             else:
@@ -131,7 +132,11 @@ class LabelVectorCache:
                 # Before the first table exists: 16 KiB pages hold ~10 vectors of 384-d each
                 # (4 KiB pages would hold 2 and waste half of every page).
                 conn.execute("PRAGMA page_size = 16384")
-            conn.execute("PRAGMA journal_mode = WAL")
+            # WAL is a property of the file: only its creator switches it (the switch needs an
+            # exclusive lock that SQLite refuses at once, busy timeout or not, while another
+            # process reads the new file, hence also the retry in ``_connect``, see ``sdltag.sqlite_retry``).
+            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
             result = conn.execute("PRAGMA quick_check").fetchone()[0]
             if result != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {result}")
@@ -178,7 +183,7 @@ class LabelVectorCache:
         with self._lock:
             conn = self._connect()
             try:
-                return work(conn)
+                return retry_while_busy(lambda: work(conn))
             except sqlite3.DatabaseError as exc:
                 if not _is_corruption(exc) or not self.persistent:
                     raise _busy_error(self.path, exc) from None
@@ -234,7 +239,8 @@ class LabelVectorCache:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
             return len(rows)
 
