@@ -28,6 +28,9 @@ from sdltag.scoring import calibrate, sdl_scores, top_k
 from sdltag.writers import Tag, TagResult
 
 SCORE_CHUNK = 256  # images scored per matrix product when their vectors come from the index
+# While the label vectors are still being computed (a Future), matrices wait unscored up to this
+# many images (7 x 384 float32 = 10.5 KB each, so ~43 MB); then the run waits for the labels.
+MAX_UNSCORED = 4096
 
 
 @dataclass
@@ -176,7 +179,7 @@ class _Run:
         self,
         files: list[Path],
         model: ModelFolder,
-        labels: LabelSpace,
+        labels: LabelSpace | Future,
         options: TagOptions,
         index: ImageIndex | None,
         index_writable: bool,
@@ -193,7 +196,9 @@ class _Run:
         self.index_writable = index_writable and index is not None
         self.image_model = image_model
         self.on_result, self.on_problem, self.on_progress = on_result, on_problem, on_progress
-        self.scorer = Scorer(labels, model.manifest.calibration, options)
+        self.labels = labels
+        self.calibration = model.manifest.calibration
+        self._scorer: Scorer | None = None
         self.summary = TagSummary()
         self.slots: deque[_Slot] = deque()
         self.ready: list[tuple[_Slot, np.ndarray]] = []  # (slot, (M, d)) waiting to be scored
@@ -201,6 +206,18 @@ class _Run:
         self.inflight: deque[tuple[_Slot, Future, os.stat_result]] = deque()
         self.pool: ThreadPoolExecutor | None = None
         self.warmed = False
+
+    @property
+    def labels_ready(self) -> bool:
+        return not isinstance(self.labels, Future) or self.labels.done()
+
+    @property
+    def scorer(self) -> Scorer:
+        """The scorer, waiting for the label vectors if they are still being computed (their error is raised)."""
+        if self._scorer is None:
+            labels = self.labels.result() if isinstance(self.labels, Future) else self.labels
+            self._scorer = Scorer(labels, self.calibration, self.options)
+        return self._scorer
 
     def fail(self, slot: _Slot, reason: str) -> None:
         problem = Problem(os.fsdecode(os.fspath(slot.path)), reason)
@@ -228,10 +245,11 @@ class _Run:
             self.ready.append((slot, matrix))
         self.summary.tagged += len(self.batch)
         self.batch = []
-        self.score_ready()
+        self.score_ready(force=False)
 
-    def score_ready(self) -> None:
-        if not self.ready:
+    def score_ready(self, force: bool = True) -> None:
+        """Score the waiting matrices; unless ``force``, only once the labels are there or too many wait."""
+        if not self.ready or not (force or self.labels_ready or len(self.ready) >= MAX_UNSCORED):
             return
         stacked = np.stack([matrix for _, matrix in self.ready])  # (B, M, d)
         for (slot, _), tags in zip(self.ready, self.scorer.tags(stacked), strict=True):
@@ -303,7 +321,7 @@ class _Run:
                         self.summary.unchanged += 1
                         self.ready.append((slot, vectors))
                         if len(self.ready) >= SCORE_CHUNK:
-                            self.score_ready()
+                            self.score_ready(force=False)
                         continue
                 future = pool.submit(
                     _prepare, path, self.spec, self.options.max_megapixels, self.index is not None, known
@@ -329,7 +347,7 @@ def tag_files(
     files: list[Path],
     *,
     model: ModelFolder,
-    labels: LabelSpace,
+    labels: LabelSpace | Future,
     image_model: Callable[[], object],
     on_result: Callable[[TagResult], None],
     on_problem: Callable[[Problem], None],
@@ -345,6 +363,9 @@ def tag_files(
     only once an image has been decoded, so a pure re-tag never loads onnxruntime. It is
     first called from a decode thread (to overlap the session's start-up), so it must
     be thread-safe and return the same object every time.
+    ``labels`` may be a ``Future`` of the ``LabelSpace`` (the label vectors being computed on
+    another thread): looking files up, decoding and running the model go on meanwhile,
+    and the first scoring waits for it (its exception, if any, is raised from here).
     ``index`` (optional) supplies stored matrices and receives new ones unless
     ``index_writable`` is False (a dry run). Work is committed in batches, so an
     interrupted call keeps what it finished.

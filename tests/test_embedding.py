@@ -294,6 +294,30 @@ def test_broken_export_is_replaced(tmp_path: Path, warm_cache: Path) -> None:
     assert float(vector[0] @ expected[0]) >= 0.9999
 
 
+def test_optimised_text_graph_is_saved_reused_and_replaced_when_damaged(tmp_path: Path, warm_cache: Path) -> None:
+    """The first session saves onnxruntime's optimised graph; later ones start from it with the same vectors."""
+    spec = get_text_embedder(None, warm_cache).spec
+    source = LabelVectorCache(warm_cache).fast_path_dir(spec.id)
+    folder = tmp_path / "fast"
+    folder.mkdir()
+    for name in ("meta.json", "tokenizer.json", "text_model.onnx"):
+        (folder / name).symlink_to(source / name)
+    texts = _real_labels()[:40] + ["a striped domestic cat sleeping on a sunny windowsill"]
+    first = OnnxTextEncoder(folder)
+    optimised = first._optimized_path()
+    assert not optimised.exists()
+    reference = first.embed(texts)
+    assert optimised.is_file() and not list(folder.glob(".*.partial"))
+    second = OnnxTextEncoder(folder)
+    np.testing.assert_allclose(second.embed(texts), reference, atol=2e-6)
+    assert second._session._model_path == str(optimised)  # started from the saved graph
+    optimised.write_bytes(b"not an onnx graph")  # damaged: dropped, the original used and saved again
+    third = OnnxTextEncoder(folder)
+    np.testing.assert_allclose(third.embed(texts), reference, atol=2e-6)
+    assert third._session._model_path == str(folder / "text_model.onnx")
+    assert optimised.stat().st_size > 1_000_000
+
+
 def test_labels_embed_command_reports_new_and_cached(tmp_path: Path, cache_dir: Path) -> None:
     from sdltag.cli import app
 

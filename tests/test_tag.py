@@ -433,3 +433,62 @@ def test_interrupted_run_keeps_finished_work_and_resumes(tmp_path: Path, tiny_mo
         assert done >= 4  # committed on the way out although no batch of 1000 was reached
         _, _, summary, factory = _run(files, tiny_model, labels, index=index)
     assert summary.unchanged == done and factory.images == 10 - done
+
+
+# -- label vectors computed on another thread ----------------------------------------------------
+
+
+def test_labels_as_a_future_overlap_and_match(tmp_path: Path, tiny_model) -> None:
+    """Scoring waits for label vectors still being computed; the results equal those of ready labels."""
+    import threading
+    from concurrent.futures import Future
+
+    files = _photos(tmp_path / "p", 9)
+    labels = _extra_labels(tiny_model, ["zebra", "kite"])
+    expected, _, _, _ = _run(files, tiny_model, labels, batch_size=2, top_k=5)
+    future: Future = Future()
+    decoded = threading.Event()
+
+    class Signalling(Counting):
+        def __call__(self):
+            decoded.set()  # the model is asked for: decoding began before the labels were there
+            return super().__call__()
+
+    threading.Thread(target=lambda: (decoded.wait(30), future.set_result(labels)), daemon=True).start()
+    got, problems, summary, factory = _run(
+        files, tiny_model, future, factory=Signalling(tiny_model), batch_size=2, top_k=5
+    )
+    assert not problems and summary.tagged == 9 and factory.images == 9
+    assert [(r.path, [(t.label, t.score, t.kind) for t in r.tags]) for r in got] == [
+        (r.path, [(t.label, t.score, t.kind) for t in r.tags]) for r in expected
+    ]
+
+
+def test_label_error_from_the_thread_is_raised_and_indexed_work_kept(tmp_path: Path, tiny_model) -> None:
+    from concurrent.futures import Future
+
+    from sdltag.errors import SdltagError
+
+    files = _photos(tmp_path / "p", 4)
+    future: Future = Future()
+    future.set_exception(SdltagError("the labels cannot be embedded"))
+    with ImageIndex.open(tmp_path / "i.db") as index:
+        with pytest.raises(SdltagError, match="cannot be embedded"):
+            _run(files, tiny_model, future, index=index)
+        assert index.count(tiny_model.model_id) == 4  # the model's work is kept for the next run
+
+
+def test_cli_label_problem_reported_even_with_nothing_to_tag(tmp_path: Path, tiny_model) -> None:
+    """A user label this model's embedder cannot embed: exit 2 with the reason, with or without images."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    files = _photos(tmp_path / "lib", 2)
+    for target in (empty, files[0].parent):
+        result = CliRunner().invoke(
+            app,
+            ["tag", str(target), "--model", str(tiny_model.path), "--no-index", "--label", "zebra",
+             "--cache-dir", str(tmp_path / "cache")],
+        )  # fmt: skip
+        assert result.exit_code == 2, (result.stdout, result.stderr)
+        assert "test-embedder" in result.stderr
+        assert result.stdout == ""

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO
@@ -36,8 +37,13 @@ def resolve_label_space(
     embedder: str | None = None,
     cache_dir: Path | None = None,
     warn_fn: Callable[[str], None] = warn,
+    background: bool = False,
 ):
-    """The labels to score: the model's own, plus the user's (``--labels``/``--label``) via ``label_space``."""
+    """The labels to score: the model's own, plus the user's (``--labels``/``--label``) via ``label_space``.
+
+    With ``background``, the labels files are read and checked here and the embedding
+    runs on a thread: the result is then a ``Future`` of the ``LabelSpace``.
+    """
     from sdltag.tagger import LabelSpace
 
     if not label_files and not inline:
@@ -51,10 +57,21 @@ def resolve_label_space(
         from sdltag.label_space import resolve_labels
     except ModuleNotFoundError as exc:  # pragma: no cover - the module ships with sdltag
         raise SdltagError(f"user labels need sdltag.label_space, which is missing here ({exc}).") from None
-    label_set = resolve_labels(
-        model, entries, include_seen=not no_seen, embedder=embedder or None, cache_dir=cache_dir, warn=warn_fn
-    )
-    return LabelSpace.from_label_set(label_set)
+
+    def embed() -> LabelSpace:
+        label_set = resolve_labels(
+            model, entries, include_seen=not no_seen, embedder=embedder or None, cache_dir=cache_dir, warn=warn_fn
+        )
+        return LabelSpace.from_label_set(label_set)
+
+    if background:
+        # The label file was read and checked above; embedding (an onnxruntime session, which
+        # releases the GIL) overlaps finding the files and reading the index.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdltag-labels")
+        future = pool.submit(embed)
+        pool.shutdown(wait=False)
+        return future
+    return embed()
 
 
 def read_stdin_paths(null: bool, stream: IO[bytes] | None = None) -> list[Path]:
@@ -169,7 +186,7 @@ def tag(
     input was tagged, 1 when some failed (each named on stderr), 2 for usage errors.
     """
     from sdltag.images import discover
-    from sdltag.tagger import TagOptions, tag_files
+    from sdltag.tagger import LabelSpace, TagOptions, tag_files
     from sdltag.writers import make_writer, open_output, stdout_stream
     from sdltag.xmp import NAMINGS, XmpError, sidecar_path, write_keywords
 
@@ -178,7 +195,7 @@ def tag(
     fmt = _format_for(fmt, output)
     model = load_model(model_dir)
     label_space = resolve_label_space(
-        model, labels_files, label, no_seen=no_seen, embedder=embedder, cache_dir=cache_dir
+        model, labels_files, label, no_seen=no_seen, embedder=embedder, cache_dir=cache_dir, background=True
     )
     factory = _ImageModelFactory(model, device, threads, quiet)
 
@@ -274,6 +291,8 @@ def tag(
                 index_writable=not dry_run,
                 on_progress=(lambda n: progress.advance(task, n)) if progress else None,
             )
+        if not isinstance(label_space, LabelSpace):
+            label_space.result()  # a run that scored nothing still reports a label problem
         writer.close()
         if index is not None and not dry_run:
             # rows of files deleted or renamed since: search must not list them
