@@ -195,7 +195,7 @@ def format_table(report: EvalReport) -> str:
     ]
     header = ["protocol", "images", "labels", "mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5"]
     rows = [header]
-    for name in ("zsl", "gzsl"):
+    for name in ("zsl", "gzsl", "seen"):
         if name not in report.results:
             continue
         m = report.results[name]

@@ -149,10 +149,13 @@ def zsl_gzsl_metrics(
     ks: tuple[int, ...] = (3, 5),
     empty: str = "skip",
 ) -> dict[str, RankingMetrics]:
-    """GZSL on every column and, when some labels are unseen, ZSL on the unseen columns only."""
+    """GZSL on every column and, when some labels are unseen, ZSL on the unseen columns only and
+    "seen" on the seen columns only (how well the training labels themselves were learned)."""
     scores, targets = _check(scores, targets)
     results = {"gzsl": ranking_metrics(scores, targets, ks, empty)}
     if unseen_mask is not None and np.asarray(unseen_mask).any():
         mask = np.asarray(unseen_mask, dtype=bool)
         results["zsl"] = ranking_metrics(scores[:, mask], targets[:, mask], ks, empty)
+        if (~mask).any():
+            results["seen"] = ranking_metrics(scores[:, ~mask], targets[:, ~mask], ks, empty)
     return results

@@ -109,7 +109,10 @@ def test_zsl_uses_unseen_columns_and_their_own_filtering() -> None:
     assert zsl.images == 2  # image 0 has no unseen label
     assert zsl.labels == 2
     assert zsl.precision[1] == pytest.approx(100.0)  # among unseen only: 0.8 > 0.6 and 0.9 > 0.3
+    seen = results["seen"]  # the seen column alone: only image 0 has a seen label
+    assert seen.images == 1 and seen.labels == 1 and seen.map == pytest.approx(100.0)
     assert "zsl" not in zsl_gzsl_metrics(scores, targets, None)
+    assert "seen" not in zsl_gzsl_metrics(scores, targets, None)  # GZSL is already "seen" there
 
 
 def test_shape_mismatch_is_refused() -> None:

@@ -1,0 +1,163 @@
+"""The results table of RESULTS.md, from the JSON files the recipes and baselines wrote.
+
+Every ``results/{zsl,xs}-<variant>-lam<lambda>[-e<epochs>]-s<seed>.json`` (written by
+``recipe_emoji_zsl``) is one trained model's ``sdltag eval`` output; runs that differ
+only in the seed form one row, reported as mean +/- sample standard deviation over the
+seeds (n given). ``results/baselines-*.json`` (written by ``zsl_baselines``) add the
+random and label-frequency-prior rows of the test set they name. Ratios of each
+learned row's mean to the M=1 row of the same protocol and budget, and to random, are
+printed under the table: the issue's aim is >= 1.25x M=1 (ZSL and GZSL mAP) and >= 5x random.
+
+    python -m benchmarks.zsl_table                      # print the markdown table
+    python -m benchmarks.zsl_table --out results/zsl-table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("results")
+NAME = re.compile(
+    r"^(?P<protocol>zsl|xs)-(?P<variant>[a-z0-9]+)-lam(?P<lam>[0-9.e-]+?)(?:-e(?P<epochs>\d+))?-s(?P<seed>\d+)$"
+)
+VARIANTS = {
+    "sdl": "SDL (M=7, sigma weighting, lambda {lam})",
+    "nosigma": "SDL without sigma weighting (M=7, lambda {lam})",
+    "m1": "M=1 (one principal vector, Fast0Tag-style)",
+}
+COLUMNS = [("zsl", "map"), ("zsl", "3"), ("zsl", "5"), ("gzsl", "map"), ("gzsl", "3"), ("gzsl", "5")]
+SEEN_COLUMNS = [("seen", "map"), ("seen", "3"), ("seen", "5")]
+DEFAULT_EPOCHS = 3
+
+
+def _value(metrics: dict, protocol: str, what: str) -> float | None:
+    block = metrics.get(protocol)
+    if not block:
+        return None
+    return float(block["map"]) if what == "map" else float(block["f1"][what])
+
+
+def load_runs(folder: Path) -> dict[tuple[str, str, str, int], list[dict]]:
+    """Runs grouped by (protocol, variant, lambda, epochs), each with its seed and metrics."""
+    groups: dict[tuple[str, str, str, int], list[dict]] = defaultdict(list)
+    for path in sorted(folder.glob("*.json")):
+        match = NAME.match(path.stem)
+        if not match:
+            continue
+        record = json.loads(path.read_text())
+        epochs = int(match["epochs"] or record.get("epochs") or DEFAULT_EPOCHS)
+        key = (match["protocol"], match["variant"], match["lam"], epochs)
+        groups[key].append({"seed": int(match["seed"]), "metrics": record["metrics"], "file": path.name})
+    return groups
+
+
+def _stats(values: list[float]) -> tuple[float, float, int]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std, len(values)
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, std, n = _stats(values)
+    return f"{mean:.2f}" if n == 1 else f"{mean:.2f} +/- {std:.2f}"
+
+
+def build_table(folder: Path = RESULTS) -> str:
+    groups = load_runs(folder)
+    lines = []
+    means: dict[tuple[str, str, str, int], dict[tuple[str, str], float]] = {}
+    titles = {"zsl": "main (in-domain) protocol, test `zsl-test`", "xs": "cross-style protocol, test `xs-test` (Noto)"}
+    for protocol, title in titles.items():
+        keys = sorted((k for k in groups if k[0] == protocol), key=lambda k: (k[3], k[1], k[2]))
+        baselines = _baselines(folder, "zsl-test" if protocol == "zsl" else "xs-test")
+        if not keys and not baselines:
+            continue
+        lines += [f"### {title}", ""]
+        header = (
+            "| row | budget | seeds | ZSL mAP | ZSL F1@3 | ZSL F1@5 | GZSL mAP | GZSL F1@3 | GZSL F1@5 "
+            "| seen-only mAP | seen-only F1@3 |"
+        )
+        lines += [header, "|" + " --- |" * (header.count("|") - 1)]
+        for key in keys:
+            runs = sorted(groups[key], key=lambda r: r["seed"])
+            cells, row_means = [], {}
+            for column in COLUMNS + SEEN_COLUMNS[:2]:
+                values = [v for r in runs if (v := _value(r["metrics"], *column)) is not None]
+                cells.append(_cell(values))
+                if values:
+                    row_means[column] = statistics.fmean(values)
+            means[key] = row_means
+            name = VARIANTS.get(key[1], key[1]).format(lam=key[2])
+            seeds = ",".join(str(r["seed"]) for r in runs)
+            lines.append(
+                f"| {name} | {key[3]} epoch{'s' if key[3] != 1 else ''} | {seeds} | " + " | ".join(cells) + " |"
+            )
+        for row_name, row in baselines.items():
+            cells = []
+            for protocol_name, what in COLUMNS:
+                stat = row.get(f"{protocol_name} {'map' if what == 'map' else 'f1@' + what}")
+                if stat is None:
+                    cells.append("-")
+                elif stat["n"] > 1:
+                    cells.append(f"{stat['mean']:.2f} +/- {stat['std']:.2f}")
+                else:
+                    cells.append(f"{stat['mean']:.2f}")
+            n = max((s["n"] for s in row.values()), default=1)
+            lines.append(f"| {row_name} | - | {n} draw{'s' if n != 1 else ''} | " + " | ".join(cells) + " | - | - |")
+        lines.append("")
+        ratio_lines = []
+        random_row = baselines.get("random", {})
+        for key in keys:
+            if key[1] == "m1":
+                continue
+            base = means.get((key[0], "m1", key[2], key[3])) or next(
+                (means[k] for k in keys if k[1] == "m1" and k[3] == key[3]), None
+            )
+            parts = []
+            for column, label in ((("zsl", "map"), "ZSL mAP"), (("gzsl", "map"), "GZSL mAP")):
+                mine = means[key].get(column)
+                if mine is None:
+                    continue
+                if base and base.get(column):
+                    parts.append(f"{label} {mine / base[column]:.2f}x M=1")
+                rnd = random_row.get(f"{column[0]} map")
+                if rnd:
+                    parts.append(f"{mine / rnd['mean']:.1f}x random")
+            if parts:
+                label = VARIANTS.get(key[1], key[1]).format(lam=key[2]).split(" (")[0]
+                ratio_lines.append(f"- {label}, {key[3]} epoch(s): " + "; ".join(parts))
+        if ratio_lines:
+            lines += ["Ratios of means:", "", *ratio_lines, ""]
+    return "\n".join(lines)
+
+
+def _baselines(folder: Path, test_name: str) -> dict[str, dict]:
+    path = folder / f"baselines-{test_name}.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())["rows"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the emoji-scenes results table from benchmarks/results/.")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Folder of result JSON files.")
+    parser.add_argument("--out", type=Path, help="Also write the table to this file.")
+    args = parser.parse_args(argv)
+    table = build_table(args.results)
+    if args.out:
+        args.out.write_text(table + "\n", encoding="utf-8")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
