@@ -185,6 +185,13 @@ def tag(
     image to stdout (or --output) and optionally to XMP sidecars. Exit 0 when every
     input was tagged, 1 when some failed (each named on stderr), 2 for usage errors.
     """
+    fmt = _format_for(fmt, output)
+    model = load_model(model_dir)
+    # First the labels, whose embedding (on a thread) is the longest step of a re-tag; the
+    # imports below and finding the files then overlap it.
+    label_space = resolve_label_space(
+        model, labels_files, label, no_seen=no_seen, embedder=embedder, cache_dir=cache_dir, background=True
+    )
     from sdltag.images import discover
     from sdltag.tagger import LabelSpace, TagOptions, tag_files
     from sdltag.writers import make_writer, open_output, stdout_stream
@@ -192,11 +199,6 @@ def tag(
 
     if xmp_naming not in NAMINGS:
         raise SdltagError(f"--xmp-naming {xmp_naming!r} is not one of {', '.join(NAMINGS)}.")
-    fmt = _format_for(fmt, output)
-    model = load_model(model_dir)
-    label_space = resolve_label_space(
-        model, labels_files, label, no_seen=no_seen, embedder=embedder, cache_dir=cache_dir, background=True
-    )
     factory = _ImageModelFactory(model, device, threads, quiet)
 
     inputs: list[Path] = []
