@@ -28,7 +28,7 @@ app = typer.Typer(
 )
 
 # Command modules, registered in this order; a module that is not there yet is skipped.
-COMMAND_MODULES = ("tag", "search", "labels", "train", "evaluate", "export", "official")
+COMMAND_MODULES = ("tag", "search", "labels", "train", "evaluate", "export", "quantize", "official")
 
 
 def _version(value: bool) -> None:
