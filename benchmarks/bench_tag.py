@@ -59,6 +59,9 @@ def make_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
+    done = [folder / f"DSC_{i:05d}.jpg" for i in range(count)]
+    if all(path.is_file() for path in done):  # a kept --workdir from an earlier run: the same photos
+        return done
     rng = np.random.default_rng(seed)
     small_h, small_w = HEIGHT // 8, WIDTH // 8
     ys, xs = np.mgrid[0:small_h, 0:small_w].astype(np.float32)
@@ -213,6 +216,10 @@ def main() -> None:
     from sdltag.modelfolder import default_model_dir, load_model_folder
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdltag-bench-"))
+    if work.is_dir():  # a kept --workdir: keep only the photos (indexes, caches and outputs start empty)
+        for entry in work.iterdir():
+            if entry.name != "photos":
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     home = work / "home"
     stand_in = False
     if args.model is not None:
