@@ -306,8 +306,13 @@ def test_optimised_text_graph_is_saved_reused_and_replaced_when_damaged(tmp_path
     first = OnnxTextEncoder(folder)
     optimised = first._optimized_path()
     assert not optimised.exists()
+    stale = folder / "text_model.optimized-ort0.1.onnx"  # another onnxruntime version's copy
+    stale.write_bytes(b"old")
     reference = first.embed(texts)
-    assert optimised.is_file() and not list(folder.glob(".*.partial"))
+    assert not stale.exists()
+    assert optimised.is_file() and not list(folder.glob(".optimise.*"))
+    data = optimised.with_name(optimised.name + ".data")  # the weights, mapped into memory on load
+    assert data.stat().st_size > 50_000_000 and optimised.stat().st_size < 5_000_000
     second = OnnxTextEncoder(folder)
     np.testing.assert_allclose(second.embed(texts), reference, atol=2e-6)
     assert second._session._model_path == str(optimised)  # started from the saved graph
@@ -315,7 +320,11 @@ def test_optimised_text_graph_is_saved_reused_and_replaced_when_damaged(tmp_path
     third = OnnxTextEncoder(folder)
     np.testing.assert_allclose(third.embed(texts), reference, atol=2e-6)
     assert third._session._model_path == str(folder / "text_model.onnx")
-    assert optimised.stat().st_size > 1_000_000
+    assert optimised.stat().st_size > 10_000 and data.stat().st_size > 50_000_000  # saved again
+    data.unlink()  # the graph without its weights: dropped too, and rebuilt
+    fourth = OnnxTextEncoder(folder)
+    np.testing.assert_allclose(fourth.embed(texts), reference, atol=2e-6)
+    assert fourth._session._model_path == str(folder / "text_model.onnx") and data.is_file()
 
 
 def test_labels_embed_command_reports_new_and_cached(tmp_path: Path, cache_dir: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ TOKENIZER_FILE = "tokenizer.json"
 FAST_PATH_FORMAT = 1
 TOKEN_BUDGET = 4096  # padded tokens per onnxruntime call
 CPU = "CPUExecutionProvider"
+OPTIMIZED_PREFIX = "text_model.optimized-ort"
 
 
 class FastPathError(Exception):
@@ -105,13 +107,17 @@ class OnnxTextEncoder:
         return options
 
     def _optimized_path(self) -> Path:
-        """onnxruntime's optimised graph, kept per onnxruntime version (its fused operators are that version's)."""
+        """onnxruntime's optimised graph, kept per onnxruntime version (its fused operators are that version's).
+
+        Its weights sit beside it in ``<name>.data``, which onnxruntime maps into memory
+        instead of parsing and copying 90 MB of protobuf: the session starts about 4x faster.
+        """
         import onnxruntime as ort
 
-        return self.folder / f"text_model.ort-{ort.__version__}.onnx"
+        return self.folder / f"{OPTIMIZED_PREFIX}{ort.__version__}.onnx"
 
     def _load_optimized(self) -> Any:
-        """The session from the graph optimised on an earlier run (a third faster to start), if there is one."""
+        """The session from the graph optimised on an earlier run, if there is a usable one."""
         import onnxruntime as ort
 
         path = self._optimized_path()
@@ -131,17 +137,35 @@ class OnnxTextEncoder:
         # "extended", not "all": the saved graph then holds no layout tied to this CPU's instruction set.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         target = self._optimized_path()
-        partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.partial")
-        options.optimized_model_filepath = str(partial)
+        data_name = f"{target.name}.data"
+        # Written into a private folder under the final names (the graph records its data file's
+        # name), then moved into place: the data first, the graph last, each rename atomic, so a
+        # graph is never seen without its data.
+        staging = self.folder / f".optimise.{os.getpid()}.{threading.get_ident()}"
+        try:
+            staging.mkdir(exist_ok=True)
+        except OSError:
+            staging = None  # a read-only cache: every run optimises again
+        if staging is not None:
+            options.optimized_model_filepath = str(staging / target.name)
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             session = ort.InferenceSession(str(self.folder / ONNX_FILE), sess_options=options, providers=[CPU])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            partial.unlink(missing_ok=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
             raise FastPathError(f"{self.folder / ONNX_FILE}: cannot be loaded ({exc})") from None
-        try:
-            os.replace(partial, target)  # atomic: another process sees the whole file or none
-        except OSError:
-            partial.unlink(missing_ok=True)  # a read-only cache: every run optimises again
+        if staging is not None:
+            try:
+                os.replace(staging / data_name, self.folder / data_name)
+                os.replace(staging / target.name, target)
+            except OSError:
+                pass  # not saved: the next run optimises again
+            shutil.rmtree(staging, ignore_errors=True)
+            for stale in self.folder.glob(f"{OPTIMIZED_PREFIX}*"):  # those of other onnxruntime versions
+                if stale.name not in (target.name, data_name):
+                    stale.unlink(missing_ok=True)
         return session
 
     def _prepare(self, texts: Sequence[str]) -> list[str]:
