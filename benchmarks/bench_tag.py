@@ -360,16 +360,22 @@ def main() -> None:
             "difference_mb": round(big_mem["max_rss_mb"] - base_mem["max_rss_mb"], 1),
             "target": "<= 100",
         }
-        # a second set of 100 labels, new to the cache as well
-        labels_file_2 = work / "new_labels_2.txt"
-        labels_file_2.write_text(labels_file.read_text(encoding="utf-8").replace("new label", "other label"), "utf-8")
-        big_retag = run_sdltag(["tag", str(big), *common, *big_index, "--labels", str(labels_file_2)], env)
-        results["retag_100_new_labels"][f"{args.count * args.scale}_images"] = {
-            "first_run_seconds": big_mem["seconds"],
-            "retag_seconds": big_retag["seconds"],
-            "ratio": round(big_mem["seconds"] / big_retag["seconds"], 2),
-            "run": big_retag,
-        }
+
+        def retag_record(folder: Path, index_args: list[str], first_run: dict, word: str) -> dict:
+            """Re-tag ``folder`` with another 100 labels, new to the cache too; its ratio to ``first_run``."""
+            labels = work / f"new_labels_{word}.txt"
+            labels.write_text(labels_file.read_text(encoding="utf-8").replace("new label", word), "utf-8")
+            retag = run_sdltag(["tag", str(folder), *common, *index_args, "--labels", str(labels)], env)
+            return {
+                "first_run_seconds": first_run["seconds"],
+                "retag_seconds": retag["seconds"],
+                "ratio": round(first_run["seconds"] / retag["seconds"], 2),
+                "run": retag,
+            }
+
+        results["retag_100_new_labels"][f"{args.count * args.scale}_images"] = retag_record(
+            big, big_index, big_mem, "other label"
+        )
         if args.large:
             # A library-sized folder: the re-tag's fixed cost (start-up, embedding the labels)
             # weighs less the more photos there are; the first run here is timed in full.
@@ -380,16 +386,8 @@ def main() -> None:
                 os.link(photo, large / f"{n // len(photos):03d}_{photo.name}")
             large_index = ["--index", str(work / "large.db")]
             large_first = run_sdltag(["tag", str(large), *common, *large_index], env)
-            labels_file_3 = work / "new_labels_3.txt"
-            labels_file_3.write_text(labels_file.read_text(encoding="utf-8").replace("new label", "third"), "utf-8")
-            large_retag = run_sdltag(["tag", str(large), *common, *large_index, "--labels", str(labels_file_3)], env)
-            results["retag_100_new_labels"][f"{args.large}_images"] = {
-                "first_run_seconds": large_first["seconds"],
-                "retag_seconds": large_retag["seconds"],
-                "ratio": round(large_first["seconds"] / large_retag["seconds"], 2),
-                "first_run": large_first,
-                "run": large_retag,
-            }
+            record = retag_record(large, large_index, large_first, "third")
+            results["retag_100_new_labels"][f"{args.large}_images"] = {**record, "first_run": large_first}
 
         one = photos[0]
         run_sdltag(["tag", str(one), "--model", str(model_dir), "--no-index", "--quiet"], env)  # warm caches
