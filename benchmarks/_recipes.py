@@ -154,6 +154,16 @@ def recipe_parser(description: str, default_out: str, default_epochs: int) -> ar
         help="Continue an interrupted run (automatic when WORK/runs/NAME/last.pt exists).",
     )
     parser.add_argument("--data-only", action="store_true", help="Generate the scenes and stop.")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="Training device (default auto)."
+    )
+    parser.add_argument(
+        "--label-vectors",
+        type=Path,
+        default=None,
+        help="Label vectors from benchmarks.label_vectors instead of the text model (machines without it).",
+    )
+    parser.add_argument("--eval-threads", type=int, default=None, help="Threads of the final `sdltag eval`.")
     return parser
 
 
@@ -175,8 +185,14 @@ def run_training(config: Any, run_dir: Path, args: argparse.Namespace) -> Any:
     if resume:
         log(f"resuming the run in {run_dir} with its saved settings")
 
+    embedder = None
+    if getattr(args, "label_vectors", None):
+        from benchmarks.label_vectors import PrecomputedEmbedder
+
+        embedder = PrecomputedEmbedder(args.label_vectors)
+        log(f"label vectors from {args.label_vectors} ({embedder.spec.id})")
     options = RuntimeOptions(
-        device="auto",
+        device=getattr(args, "device", "auto"),
         workers=args.workers,
         threads=args.threads,
         run_dir=run_dir,
@@ -184,7 +200,7 @@ def run_training(config: Any, run_dir: Path, args: argparse.Namespace) -> Any:
         channels_last=True,  # ~1.25x faster for smallcnn on this 2-core CPU
     )
     try:
-        result = train(config, options, reporter=make_reporter())
+        result = train(config, options, embedder=embedder, reporter=make_reporter())
     except TrainingInterrupted as stop:
         log(f"interrupted; resume with --resume (checkpoint {stop.checkpoint})")
         sys.exit(130)

@@ -46,6 +46,12 @@ STAGES = (Stage("emoji-stage1", TRAIN_16K, 5, 2e-3, False), Stage("emoji-stage2"
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = recipe_parser("Train the default model models/emoji on emoji scenes.", "models/emoji", STAGES[0].epochs)
+    parser.add_argument(
+        "--final-epochs",
+        type=int,
+        default=STAGES[-1].epochs,
+        help=f"Epochs of the last stage (default {STAGES[-1].epochs}; the GPU run of RESULTS.md used more).",
+    )
     args = parser.parse_args(argv)
     train_dirs = {stage.name: ensure_split(args.data, args.work, stage.data, args.workers) for stage in STAGES}
     val_dir = ensure_split(args.data, args.work, VAL, args.workers)
@@ -57,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for number, stage in enumerate(STAGES, start=1):
         last = number == len(STAGES)
         out = args.out if last else args.work / "models" / stage.name
-        run_dir = args.work / "runs" / stage.name
+        epochs = args.final_epochs if last else stage.epochs
+        run_dir = args.work / "runs" / (stage.name + ("" if epochs == stage.epochs else f"-e{epochs}"))
         if not last and (out / "manifest.json").is_file() and (run_dir / "best.pt").is_file():
             log(f"stage {number} ({stage.name}) already done: {out}")
             previous = out
@@ -72,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows=7,
             lam=0.1,
             sigma=True,
-            epochs=stage.epochs,
+            epochs=epochs,
             batch_size=64,
             lr=stage.lr,
             weight_decay=1e-4,

@@ -74,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = "zsl" if args.protocol == "main" else "xs"
     budget = "" if args.epochs == EPOCHS else f"-e{args.epochs}"
     tag = f"{prefix}-{args.variant}-lam{args.lam:g}{budget}-s{args.seed}"
+    validation = None
     if not args.skip_train:
         from sdltag.nn.train import TrainConfig
 
@@ -100,10 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "benchmarks/unseen_labels.txt were held out of training.",
         )
         log(f"recipe_emoji_zsl ({tag}): {config}")
-        run_training(config, args.work / "runs" / tag, args)
+        trained = run_training(config, args.work / "runs" / tag, args)
+        validation = {"best_epoch": trained.best_epoch, "metrics": trained.metrics, "history": trained.history}
     log(f"evaluating {args.out} on {test_dir}")
-    sdltag = Path(sys.executable).with_name("sdltag")
-    command = [str(sdltag), "eval", str(args.out), str(test_dir), "--format", "json"]
+    script = Path(sys.executable).with_name("sdltag")  # the installed command; else the module
+    sdltag = [str(script)] if script.is_file() else [sys.executable, "-m", "sdltag"]
+    command = [*sdltag, "eval", str(args.out), str(test_dir), "--format", "json"]
+    if args.eval_threads:
+        command += ["--threads", str(args.eval_threads)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         log(f"sdltag eval failed ({result.returncode}): {result.stderr.strip()}")
@@ -121,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "test": str(test_dir),
         "command": " ".join(command),
         "metrics": metrics,
+        "validation": validation,  # val-1k (or xs-val) figures of the run; None with --skip-train
     }
     out_file = RESULTS / f"{tag}.json"
     out_file.write_text(json.dumps(record, indent=2) + "\n")
