@@ -5,9 +5,10 @@ Each command group lives in ``sdltag/commands/<name>.py`` and registers itself h
 
 from __future__ import annotations
 
-from sdltag._platform import tune_openblas
+from sdltag._platform import single_thread_blas, tune_openblas
 
-tune_openblas()  # must run before anything imports numpy
+tune_openblas()  # both must run before anything imports numpy
+single_thread_blas()
 
 import importlib  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The image index: one SQLite file of principal-vector matrices, so re-tagging never re-runs the model.
 
-Per image and model: the absolute path, size, mtime (ns), a content hash (sha256)
+Per image and model: the absolute path, size, mtime (ns), a content hash (xxh3-128)
 and the (M, d) float32 matrix the model made, with the model's identity
 (``ModelFolder.model_id``). A file whose size and mtime are unchanged is skipped; a
 renamed or copied file reuses the matrix of any file with the same hash; another
@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from sdltag.errors import SdltagError
-from sdltag.modelfolder import file_sha256
 from sdltag.sqlite_retry import retry_while_busy
 
-HASH_NAME = "sha256"
+HASH_NAME = "xxh3-128"
 BUSY_TIMEOUT_S = 30.0
 
 
@@ -41,7 +40,7 @@ def _migration_1(conn: sqlite3.Connection) -> None:
             model_id   TEXT    NOT NULL,   -- ModelFolder.model_id of the model that made the vectors
             size       INTEGER NOT NULL,
             mtime_ns   INTEGER NOT NULL,
-            hash       TEXT    NOT NULL,   -- sha256 of the file's bytes
+            hash       TEXT    NOT NULL,   -- content hash of the file's bytes (see file_hash)
             rows       INTEGER NOT NULL,   -- M
             dim        INTEGER NOT NULL,   -- d
             vectors    BLOB    NOT NULL,   -- (M, d) little-endian float32
@@ -60,9 +59,22 @@ MIGRATIONS: list[tuple[int, str, Callable[[sqlite3.Connection], None]]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
-# The content hash of an image: sha256 of its bytes (hashlib releases the GIL, so decode
-# threads hash in parallel).
-file_hash = file_sha256
+def file_hash(path: Path, chunk: int = 1 << 20) -> str:
+    """The content hash of an image: ``xxh3-128:`` and the XXH3 128-bit digest of its bytes.
+
+    Used only to recognise a renamed or copied file (never against an adversary), so a
+    fast non-cryptographic hash: 0.02 ms for a 1 MB JPEG against 0.54 ms for sha256 here,
+    time the decode threads spend on decoding instead. The prefix names the algorithm:
+    indexes written before it hold bare sha256 digests, which simply never match (their
+    files are still found by path, size and mtime).
+    """
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return f"{HASH_NAME}:{digest.hexdigest()}"
 
 
 def _key(path: Path | str) -> bytes:

@@ -31,6 +31,9 @@ SCORE_CHUNK = 256  # images scored per matrix product when their vectors come fr
 # While the label vectors are still being computed (a Future), matrices wait unscored up to this
 # many images (7 x 384 float32 = 10.5 KB each, so ~43 MB); then the run waits for the labels.
 MAX_UNSCORED = 4096
+# numpy's BLAS runs on one thread in sdltag (sdltag._platform.single_thread_blas); batches of at
+# least this many images (re-tagging from the index) are scored in parts on several threads.
+PARALLEL_SCORE_MIN = 128
 
 
 @dataclass
@@ -132,9 +135,17 @@ class Scorer:
         self.options = options
         self.kinds = ["unseen" if u else "seen" for u in labels.unseen_mask]
 
-    def scores(self, principal_vectors: np.ndarray) -> np.ndarray:
+    def _scores(self, principal_vectors: np.ndarray) -> np.ndarray:
         raw = sdl_scores(principal_vectors, self.labels.vectors)  # (B, L)
         return calibrate(raw, self.labels.unseen_mask, self.calibration)
+
+    def scores(self, principal_vectors: np.ndarray) -> np.ndarray:
+        """(B, M, d) -> (B, L) scores; big batches in parts on threads (numpy releases the GIL)."""
+        parts = min(os.cpu_count() or 1, 4, len(principal_vectors) // (PARALLEL_SCORE_MIN // 2))
+        if parts < 2:
+            return self._scores(principal_vectors)
+        with ThreadPoolExecutor(max_workers=parts, thread_name_prefix="sdltag-score") as pool:
+            return np.concatenate(list(pool.map(self._scores, np.array_split(principal_vectors, parts))))
 
     def tags(self, principal_vectors: np.ndarray) -> list[list[Tag]]:
         picked = top_k(self.scores(principal_vectors), self.options.top_k, self.options.threshold)

@@ -130,8 +130,13 @@ def test_killed_writer_keeps_committed_batches(tmp_path: Path) -> None:
 
 
 def test_file_hash(tmp_path: Path) -> None:
+    """XXH3-128 of the bytes (the reference test vector of "abc"), read in chunks, prefixed with its name."""
     (tmp_path / "a").write_bytes(b"abc")
-    assert file_hash(tmp_path / "a") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert file_hash(tmp_path / "a") == "xxh3-128:06b05ab6733a618578af5f94892f3950"
+    big = bytes(range(256)) * 5000  # 1.28 MB: more than one read
+    (tmp_path / "b").write_bytes(big)
+    (tmp_path / "c").write_bytes(big[:-1] + b"\x00")
+    assert file_hash(tmp_path / "b") == file_hash(tmp_path / "b", chunk=4096) != file_hash(tmp_path / "c")
 
 
 def test_unwritable_index_location_names_the_fix(tmp_path: Path) -> None:

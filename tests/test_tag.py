@@ -186,6 +186,33 @@ def test_threshold_top_k_calibration_and_raw(tmp_path: Path, tiny_model) -> None
         assert len(row) == min(3, int((scores >= 0.5).sum()))
 
 
+def test_big_batches_are_scored_in_parts_with_the_same_result(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-tag's big batches are split over threads; the scores are those of one product."""
+    import sdltag.tagger as tagger
+    from sdltag.scoring import calibrate, sdl_scores
+
+    labels = LabelSpace.from_model(tiny_model)
+    calibration = {"method": "platt", "seen": {"a": 2.0, "b": -0.5}}
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(301, tiny_model.manifest.rows, tiny_model.manifest.dim)).astype(np.float32)
+    monkeypatch.setattr(tagger.os, "cpu_count", lambda: 4)
+    threads: list[str] = []
+    original = sdl_scores
+
+    def spy(pv, lv):
+        threads.append(__import__("threading").current_thread().name)
+        return original(pv, lv)
+
+    monkeypatch.setattr(tagger, "sdl_scores", spy)
+    scores = Scorer(labels, calibration, TagOptions()).scores(vectors)
+    expected = calibrate(original(vectors, labels.vectors), labels.unseen_mask, calibration)
+    np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-7)
+    assert len(threads) == 4 and all(name.startswith("sdltag-score") for name in threads)  # 4 parts
+    threads.clear()
+    Scorer(labels, calibration, TagOptions()).scores(vectors[:40])  # a pipeline-sized batch: this thread
+    assert threads == [__import__("threading").current_thread().name]
+
+
 # -- the command ------------------------------------------------------------------------------
 
 
