@@ -140,6 +140,41 @@ def build_table(folder: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(folder: Path = RESULTS) -> str:
+    """The lambda sweep (SDL, seed 0, 3 epochs): validation figures, which choose lambda, and test figures.
+
+    Reads ``results/lambda-sweep/`` and ``results/`` (a lambda's seed-0 run that is also a
+    table row lives in ``results/``); only runs that recorded their validation figures count.
+    """
+    runs: dict[float, dict] = {}
+    for path in sorted((folder / "lambda-sweep").glob("*.json")) + sorted(folder.glob("*.json")):
+        match = NAME.match(path.stem)
+        if not match or match["protocol"] != "zsl" or match["variant"] != "sdl" or match["seed"] != "0":
+            continue
+        record = json.loads(path.read_text())
+        if int(match["epochs"] or record.get("epochs") or DEFAULT_EPOCHS) != DEFAULT_EPOCHS:
+            continue
+        validation = (record.get("validation") or {}).get("metrics") or {}
+        if "zsl" in validation and "gzsl" in validation:
+            runs.setdefault(float(match["lam"]), {"validation": validation, "test": record["metrics"]})
+    if not runs:
+        return ""
+    choice = max(runs, key=lambda lam: runs[lam]["validation"]["zsl"]["map"] + runs[lam]["validation"]["gzsl"]["map"])
+    lines = [
+        "| lambda | val ZSL mAP | val GZSL mAP | val mean | test ZSL mAP | test GZSL mAP |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for lam in sorted(runs):
+        val, test = runs[lam]["validation"], runs[lam]["test"]
+        mean = (val["zsl"]["map"] + val["gzsl"]["map"]) / 2
+        mark = " (chosen)" if lam == choice else ""
+        lines.append(
+            f"| {lam:g}{mark} | {val['zsl']['map']:.2f} | {val['gzsl']['map']:.2f} | {mean:.2f} | "
+            f"{test['zsl']['map']:.2f} | {test['gzsl']['map']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def _baselines(folder: Path, test_name: str) -> dict[str, dict]:
     path = folder / f"baselines-{test_name}.json"
     if not path.is_file():
@@ -153,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="Also write the table to this file.")
     args = parser.parse_args(argv)
     table = build_table(args.results)
+    sweep = sweep_table(args.results)
+    if sweep:
+        table += "\n### Lambda, chosen on the validation scenes (SDL, seed 0, 3 epochs)\n\n" + sweep + "\n"
     if args.out:
         args.out.write_text(table + "\n", encoding="utf-8")
     print(table)
