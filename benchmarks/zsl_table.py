@@ -134,7 +134,7 @@ def build_table(folder: Path = RESULTS) -> str:
                     parts.append(f"{mine / rnd['mean']:.1f}x random")
             if parts:
                 label = VARIANTS.get(key[1], key[1]).format(lam=key[2]).split(" (")[0]
-                ratio_lines.append(f"- {label}, {key[3]} epoch(s): " + "; ".join(parts))
+                ratio_lines.append(f"- {label}, lambda {key[2]}, {key[3]} epoch(s): " + "; ".join(parts))
         if ratio_lines:
             lines += ["Ratios of means:", "", *ratio_lines, ""]
     return "\n".join(lines)

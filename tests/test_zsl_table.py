@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.zsl_table import build_table, load_runs
+from benchmarks.zsl_table import build_table, load_runs, sweep_table
 
 
 def _result(folder: Path, name: str, zsl_map: float, gzsl_map: float, epochs: int = 1) -> None:
@@ -31,4 +31,24 @@ def test_rows_group_seeds_and_ratios_use_the_same_budget(tmp_path: Path) -> None
     assert "| 10.00 +/- 1.00 |" in sdl_row  # seen-only mAP
     assert "| random | - | 5 draws | 1.40 +/- 0.10 |" in table
     # 7 / 5 = 1.40x M=1 of the same (1-epoch) budget, never the 3-epoch row's 100
-    assert "SDL, 1 epoch(s): ZSL mAP 1.40x M=1; 5.0x random; GZSL mAP 1.50x M=1; 9.0x random" in table
+    assert "SDL, lambda 0.1, 1 epoch(s): ZSL mAP 1.40x M=1; 5.0x random; GZSL mAP 1.50x M=1; 9.0x random" in table
+
+
+def test_lambda_sweep_is_chosen_on_validation_never_on_test(tmp_path: Path) -> None:
+    (tmp_path / "lambda-sweep").mkdir()
+    block = lambda m: {"map": m, "f1": {"3": m, "5": m}}  # noqa: E731
+    # lambda 0.3: best on validation (mean 9), worst on test; lambda 1: best on test only
+    for lam, val, test in ((0.1, (7.0, 8.0), 5.0), (0.3, (9.0, 9.0), 4.0), (1.0, (2.0, 2.0), 50.0)):
+        record = {
+            "epochs": 3,
+            "metrics": {"zsl": block(test), "gzsl": block(test)},
+            "validation": {"metrics": {"zsl": block(val[0]), "gzsl": block(val[1])}},
+        }
+        folder = tmp_path if lam == 0.3 else tmp_path / "lambda-sweep"  # a tuned row's seed 0 lives in results/
+        (folder / f"zsl-sdl-lam{lam:g}-s0.json").write_text(json.dumps(record))
+    _result(tmp_path, "zsl-sdl-lam0.01-s0", 99.0, 99.0, epochs=3)  # no validation figures: not in the sweep
+    _result(tmp_path / "lambda-sweep", "zsl-sdl-lam0.1-e10-s0", 99.0, 99.0, epochs=10)  # another budget
+    table = sweep_table(tmp_path)
+    lines = [line for line in table.splitlines() if line.startswith("| 0") or line.startswith("| 1")]
+    assert [line.split(" |")[0] for line in lines] == ["| 0.1", "| 0.3 (chosen)", "| 1"]
+    assert "| 0.3 (chosen) | 9.00 | 9.00 | 9.00 | 4.00 | 4.00 |" in table
