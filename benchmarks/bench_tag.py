@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument(
         "--large", type=int, default=10000, help="photos (hard links) in a library-sized re-tag run; 0 skips it"
     )
+    parser.add_argument("--repeats", type=int, default=3, help="decode-loop / first-run pairs (median reported)")
     parser.add_argument("--naive-count", type=int, default=20, help="photos timed through the naive pipeline")
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled model)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="cores to use")
@@ -260,31 +261,43 @@ def main() -> None:
             str(work / "out.jsonl"),
         ]
 
-        decode_rate = draft_decode_baseline(photos, (spec.height, spec.width), args.threads)
-        first = run_sdltag(["tag", str(work / "photos"), *common, "--index", str(work / "index.db")], env)
-        tag_rate = args.count / first["seconds"]
-        pipeline_rate = _summary_rate(first["summary"]) or tag_rate
+        # Interleaved pairs (decode-only loop, then a first run with a fresh index): this machine's
+        # speed drifts with its neighbours' load, so each pair is measured back to back and the
+        # median pair's ratio is the result.
+        pairs = []
+        for repeat in range(args.repeats):
+            decode_rate = draft_decode_baseline(photos, (spec.height, spec.width), args.threads)
+            index = work / ("index.db" if repeat == 0 else f"index-repeat{repeat}.db")
+            first = run_sdltag(["tag", str(work / "photos"), *common, "--index", str(index)], env)
+            tag_rate = args.count / first["seconds"]
+            pipeline_rate = _summary_rate(first["summary"]) or tag_rate
+            pairs.append((pipeline_rate / decode_rate, decode_rate, pipeline_rate, tag_rate, first))
+        ratio, decode_rate, pipeline_rate, tag_rate, first = sorted(pairs, key=lambda pair: pair[0])[len(pairs) // 2]
         results["throughput"] = {
             "draft_decode_images_per_s": round(decode_rate, 2),
             "sdltag_first_run": first,
             "sdltag_images_per_s": round(pipeline_rate, 2),
-            "ratio": round(pipeline_rate / decode_rate, 3),
+            "ratio": round(ratio, 3),
+            "ratios_of_all_pairs": [round(pair[0], 3) for pair in pairs],
             "sdltag_whole_process_images_per_s": round(tag_rate, 2),
             "whole_process_ratio": round(tag_rate / decode_rate, 3),
             "target": ">= 0.85 (ratio)",
             "note": "ratio: the tag loop's own rate (its summary line: decode, hash, infer, index, write) against "
-            "the decode-only loop; whole_process_ratio also counts start-up and model load",
+            "the decode-only loop measured just before it; the median of --repeats such pairs; "
+            "whole_process_ratio also counts start-up and model load",
         }
 
         # The same run with an 8-bit copy of the model (`sdltag quantize`, calibrated on the photos).
         int8_dir = work / "model-int8"  # run_sdltag stops the benchmark if the command fails
         run_sdltag(["quantize", str(model_dir), str(work / "photos"), "--out", str(int8_dir), "--count", "64"], env)
         int8_common = [*common[:1], str(int8_dir), *common[2:]]
+        int8_decode_rate = draft_decode_baseline(photos, (spec.height, spec.width), args.threads)
         int8_run = run_sdltag(["tag", str(work / "photos"), *int8_common, "--index", str(work / "int8.db")], env)
         int8_rate = _summary_rate(int8_run["summary"]) or args.count / int8_run["seconds"]
         results["throughput"]["int8"] = {
             "sdltag_images_per_s": round(int8_rate, 2),
-            "ratio": round(int8_rate / decode_rate, 3),
+            "ratio": round(int8_rate / int8_decode_rate, 3),
+            "draft_decode_images_per_s": round(int8_decode_rate, 2),
             "run": int8_run,
             "fidelity": load_model_folder(int8_dir).manifest.provenance["quantization"]["fidelity"],
             "note": "sdltag quantize MODEL PHOTOS --count 64; fidelity vs the float model on held-out photos",
