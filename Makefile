@@ -39,17 +39,24 @@ bench: $(STAMP)
 # EMOJI_DATA: the emoji folder (twitter/, google/, emoji.json); WORK: scratch space.
 EMOJI_DATA ?= ../shared/datasets/emoji
 WORK ?= work
-# Every learned row of benchmarks/RESULTS.md (about 25 minutes per run on 2 cores), the
-# image-blind rows, then the table. ZSL_VARIANTS="sdl" ZSL_SEEDS="0" for the committed model only.
-ZSL_VARIANTS ?= sdl m1 nosigma
+# Every learned row of benchmarks/RESULTS.md, as variant:lambda:epochs:protocol, each over
+# ZSL_SEEDS (a 3-epoch run is about 25 minutes on 2 cores, a 10-epoch run about 70; add
+# ZSL_ARGS="--device cuda" on a GPU), then the image-blind rows and the table.
+# ZSL_ROWS="sdl:0.1:10:main" ZSL_SEEDS="0" for the committed models/emoji-zsl only.
+ZSL_ROWS ?= sdl:0.1:3:main sdl:0.3:3:main nosigma:0.1:3:main m1:0.1:3:main sdl:0.1:10:main m1:0.1:10:main sdl:0.1:3:xs m1:0.1:3:xs
 ZSL_SEEDS ?= 0 1 2
+ZSL_ARGS ?=
 bench-zsl: $(STAMP)
-	for variant in $(ZSL_VARIANTS); do for seed in $(ZSL_SEEDS); do \
-		$(PY) -m benchmarks.recipe_emoji_zsl --data $(EMOJI_DATA) --work $(WORK) --variant $$variant --seed $$seed \
-			--out $(WORK)/models/zsl-$$variant-s$$seed || exit 1; \
+	for row in $(ZSL_ROWS); do for seed in $(ZSL_SEEDS); do \
+		set -- $$(echo $$row | tr : ' '); \
+		$(PY) -m benchmarks.recipe_emoji_zsl --data $(EMOJI_DATA) --work $(WORK) --variant $$1 --lam $$2 \
+			--epochs $$3 --protocol $$4 --seed $$seed $(ZSL_ARGS) \
+			--out $(WORK)/models/$$4-$$1-lam$$2-e$$3-s$$seed || exit 1; \
 	done; done
 	$(PY) -m benchmarks.zsl_baselines --test $(WORK)/data/zsl-test --unseen benchmarks/unseen_labels.txt \
 		--out benchmarks/results/baselines-zsl-test.json
+	$(PY) -m benchmarks.zsl_baselines --test $(WORK)/data/xs-test --unseen benchmarks/unseen_labels.txt \
+		--out benchmarks/results/baselines-xs-test.json
 	$(PY) -m benchmarks.zsl_table
 
 model-emoji: $(STAMP)
