@@ -157,7 +157,11 @@ class Campaign:
 
     # ---- jobs ---------------------------------------------------------------------------
     def seconds_per_unit(self) -> float:
-        rates = [(j.ended - j.started) / j.units for j in self.jobs if j.state == "done" and j.started and j.ended]
+        rates = [
+            (j.ended - j.started) / j.units
+            for j in self.jobs
+            if j.state == "done" and j.started is not None and j.ended is not None
+        ]
         return max(rates) if rates else self.args.unit_s
 
     def _resolve_lam(self, job: Job) -> float | None | str:
