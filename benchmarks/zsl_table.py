@@ -182,10 +182,27 @@ def _baselines(folder: Path, test_name: str) -> dict[str, dict]:
     return json.loads(path.read_text())["rows"]
 
 
+START, END = "<!-- zsl_table: start -->", "<!-- zsl_table: end -->"
+
+
+def replace_between_markers(text: str, table: str) -> str:
+    """``text`` with everything between the START and END markers replaced by ``table``."""
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise SystemExit(f"the file needs one {START} line followed by one {END} line")
+    head, rest = text.split(START)
+    _, tail = rest.split(END)
+    return f"{head}{START}\n{table.strip()}\n{END}{tail}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the emoji-scenes results table from benchmarks/results/.")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Folder of result JSON files.")
     parser.add_argument("--out", type=Path, help="Also write the table to this file.")
+    parser.add_argument(
+        "--update",
+        type=Path,
+        help="Replace the text between the table markers of this markdown file (RESULTS.md) with the table.",
+    )
     args = parser.parse_args(argv)
     table = build_table(args.results)
     sweep = sweep_table(args.results)
@@ -193,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         table += "\n### Lambda, chosen on the validation scenes (SDL, seed 0, 3 epochs)\n\n" + sweep + "\n"
     if args.out:
         args.out.write_text(table + "\n", encoding="utf-8")
+    if args.update:
+        updated = replace_between_markers(args.update.read_text(encoding="utf-8"), table)
+        args.update.write_text(updated, encoding="utf-8")
     print(table)
     return 0
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.zsl_table import build_table, load_runs, sweep_table
+import pytest
+
+from benchmarks.zsl_table import build_table, load_runs, replace_between_markers, sweep_table
 
 
 def _result(folder: Path, name: str, zsl_map: float, gzsl_map: float, epochs: int = 1) -> None:
@@ -52,3 +54,12 @@ def test_lambda_sweep_is_chosen_on_validation_never_on_test(tmp_path: Path) -> N
     lines = [line for line in table.splitlines() if line.startswith("| 0") or line.startswith("| 1")]
     assert [line.split(" |")[0] for line in lines] == ["| 0.1", "| 0.3 (chosen)", "| 1"]
     assert "| 0.3 (chosen) | 9.00 | 9.00 | 9.00 | 4.00 | 4.00 |" in table
+
+
+def test_update_replaces_only_the_marked_table() -> None:
+    text = "intro\n<!-- zsl_table: start -->\nold table\n<!-- zsl_table: end -->\nverdict\n"
+    assert replace_between_markers(text, "| new |\n") == (
+        "intro\n<!-- zsl_table: start -->\n| new |\n<!-- zsl_table: end -->\nverdict\n"
+    )
+    with pytest.raises(SystemExit, match="needs one"):
+        replace_between_markers("no markers here", "| new |")
