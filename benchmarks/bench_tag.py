@@ -291,13 +291,19 @@ def main() -> None:
         int8_dir = work / "model-int8"  # run_sdltag stops the benchmark if the command fails
         run_sdltag(["quantize", str(model_dir), str(work / "photos"), "--out", str(int8_dir), "--count", "64"], env)
         int8_common = [*common[:1], str(int8_dir), *common[2:]]
-        int8_decode_rate = draft_decode_baseline(photos, (spec.height, spec.width), args.threads)
-        int8_run = run_sdltag(["tag", str(work / "photos"), *int8_common, "--index", str(work / "int8.db")], env)
-        int8_rate = _summary_rate(int8_run["summary"]) or args.count / int8_run["seconds"]
+        int8_pairs = []
+        for repeat in range(args.repeats):
+            int8_decode_rate = draft_decode_baseline(photos, (spec.height, spec.width), args.threads)
+            int8_index = work / f"int8-{repeat}.db"
+            int8_run = run_sdltag(["tag", str(work / "photos"), *int8_common, "--index", str(int8_index)], env)
+            int8_rate = _summary_rate(int8_run["summary"]) or args.count / int8_run["seconds"]
+            int8_pairs.append((int8_rate / int8_decode_rate, int8_decode_rate, int8_rate, int8_run))
+        _, int8_decode_rate, int8_rate, int8_run = sorted(int8_pairs, key=lambda pair: pair[0])[len(int8_pairs) // 2]
         results["throughput"]["int8"] = {
             "sdltag_images_per_s": round(int8_rate, 2),
             "ratio": round(int8_rate / int8_decode_rate, 3),
             "draft_decode_images_per_s": round(int8_decode_rate, 2),
+            "ratios_of_all_pairs": [round(pair[0], 3) for pair in int8_pairs],
             "run": int8_run,
             "fidelity": load_model_folder(int8_dir).manifest.provenance["quantization"]["fidelity"],
             "note": "sdltag quantize MODEL PHOTOS --count 64; fidelity vs the float model on held-out photos",
