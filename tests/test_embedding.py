@@ -341,3 +341,39 @@ def test_labels_embed_command_reports_new_and_cached(tmp_path: Path, cache_dir: 
     assert "4 labels: 0 new, 4 already cached" in result.output
     result = CliRunner().invoke(app, ["labels", "cache", "--cache-dir", str(cache_dir)])
     assert "entries: 4" in result.stdout
+
+
+def test_a_failed_export_is_not_retried_until_a_version_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A text model that cannot be exported to ONNX costs that attempt once, not in every process."""
+    import sdltag.embedding.st as st
+    from sdltag.embedding import clear_embedder_memo
+    from sdltag.embedding.embedder import EXPORT_FAILED, CachedTextEmbedder
+
+    attempts: list[str] = []
+
+    def failing_export(*args, **kwargs) -> None:
+        attempts.append("export")
+        raise RuntimeError("no exporter for this model")
+
+    monkeypatch.setattr(st, "export_fast_path", failing_export)
+    monkeypatch.setattr(st, "st_embed", lambda model, texts: np.full((len(texts), 384), 384**-0.5, np.float32))
+    monkeypatch.setattr(CachedTextEmbedder, "_sentence_transformer", lambda self: object())
+    warnings: list[str] = []
+    folder = tmp_path / "cache"
+    try:
+        first = get_text_embedder(None, folder, warn=warnings.append)
+        assert first.embed(["alpha"]).shape == (1, 384)
+        assert attempts == ["export"] and "cannot export" in warnings[0]
+        marker = next((folder / FAST_PATH_DIR).glob(f"*{EXPORT_FAILED}"))
+        assert "no exporter" in json.loads(marker.read_text())["reason"]
+        clear_embedder_memo()  # as a new process would
+        get_text_embedder(None, folder, warn=warnings.append).embed(["beta"])
+        assert attempts == ["export"] and len(warnings) == 1  # not tried again, no second warning
+        monkeypatch.setattr(CachedTextEmbedder, "_export_versions", staticmethod(lambda: {"sdltag": "newer"}))
+        clear_embedder_memo()  # an upgrade may fix the export: tried again
+        get_text_embedder(None, folder, warn=warnings.append).embed(["gamma"])
+        assert attempts == ["export", "export"]
+    finally:
+        clear_embedder_memo()

@@ -11,8 +11,10 @@ Order of work for ``embed(texts)``:
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,8 @@ from sdltag.embedding.locate import TextModelFiles, embedding_dim, make_spec
 from sdltag.embedding.onnx_text import FastPathError, OnnxTextEncoder, read_meta
 from sdltag.errors import SdltagError
 from sdltag.modelfolder import EmbedderSpec
+
+EXPORT_FAILED = ".export-failed"  # marker beside a fast-path folder whose export failed
 
 BACKENDS = ("auto", "onnx", "sentence-transformers")
 
@@ -40,6 +44,7 @@ class CachedTextEmbedder:
         self._spec: EmbedderSpec | None = None
         self._encoder: Any = None
         self._st_model: Any = None
+        self._export_failure_noted = False
 
     @property
     def warn(self) -> Callable[[str], None]:
@@ -116,17 +121,67 @@ class CachedTextEmbedder:
                     raise SdltagError(f"the ONNX text model keeps failing ({exc})", exit_code=1) from None
         raise AssertionError("unreachable")
 
+    def _note_failed_export(self, folder: Path, reason: str) -> None:
+        from sdltag.paths import atomic_write
+
+        record = {"reason": " ".join(reason.split())[:300], "versions": self._export_versions()}
+        try:
+            with atomic_write(folder.with_name(folder.name + EXPORT_FAILED)) as handle:
+                handle.write(json.dumps(record, indent=1) + "\n")
+        except OSError:
+            pass  # an unwritable cache only costs the next process the same attempt
+
     def _discard_fast_path(self, reason: str) -> None:
         folder = self.cache.fast_path_dir(self.spec.id)
         self.warn(f"the exported text model in {folder} is broken ({reason}); exporting it again")
         shutil.rmtree(folder, ignore_errors=True)
         self._encoder = None
 
+    @staticmethod
+    def _export_versions() -> dict[str, str]:
+        """What an export attempt depends on; a failure is retried once any of these changes."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        from sdltag import __version__
+
+        versions = {"sdltag": __version__}
+        for package in ("torch", "onnx", "sentence-transformers", "transformers"):
+            try:
+                versions[package] = version(package)
+            except PackageNotFoundError:
+                versions[package] = "-"
+        return versions
+
+    def _failed_export(self, folder: Path) -> str | None:
+        """The reason of an earlier failed export with the same package versions, else None."""
+        marker = folder.with_name(folder.name + EXPORT_FAILED)
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("versions") != self._export_versions():
+            return None
+        return str(record.get("reason", "unknown"))
+
     def _fast_encoder(self) -> OnnxTextEncoder | None:
-        """The ONNX encoder, exporting it on first use; None when only sentence-transformers can embed."""
+        """The ONNX encoder, exporting it on first use; None when only sentence-transformers can embed.
+
+        A failed export leaves a marker beside the folder (``<folder>.export-failed``), so later
+        processes go straight to sentence-transformers instead of failing the same export
+        again; it is retried when sdltag, torch, onnx or (sentence-)transformers change
+        version, or after ``sdltag labels cache --clear``.
+        """
         if self._encoder is not None:
             return self._encoder
         folder = self.cache.fast_path_dir(self.spec.id)
+        if self.backend != "onnx" and not folder.exists():
+            reason = self._failed_export(folder)
+            if reason is not None:
+                if not self._export_failure_noted:
+                    self.info(f"the text embedder {self.spec.id} could not be exported to ONNX earlier ({reason}); "
+                              "embedding new labels with sentence-transformers")  # fmt: skip
+                    self._export_failure_noted = True
+                return None
         try:
             self._encoder = OnnxTextEncoder(folder)
             return self._encoder
@@ -149,9 +204,11 @@ class CachedTextEmbedder:
                 raise SdltagError(
                     f"cannot export the embedder {self.spec.id} to ONNX ({type(exc).__name__}: {exc}).", exit_code=1
                 ) from None
+            reason = f"{type(exc).__name__}: {exc}"
             self.warn(
-                f"cannot export the embedder {self.spec.id} to ONNX ({type(exc).__name__}: {exc}); "
+                f"cannot export the embedder {self.spec.id} to ONNX ({reason}); "
                 "embedding new labels with sentence-transformers (slower)"
             )
+            self._note_failed_export(folder, reason)
             return None
         return self._encoder
