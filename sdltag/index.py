@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sdltag.errors import SdltagError
+from sdltag.modelfolder import hash_file
 from sdltag.sqlite_retry import retry_while_busy
 
 HASH_NAME = "xxh3-128"
@@ -70,11 +71,7 @@ def file_hash(path: Path, chunk: int = 1 << 20) -> str:
     """
     import xxhash
 
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return f"{HASH_NAME}:{digest.hexdigest()}"
+    return f"{HASH_NAME}:{hash_file(path, xxhash.xxh3_128(), chunk).hexdigest()}"
 
 
 def _key(path: Path | str) -> bytes:

@@ -38,12 +38,16 @@ EMBEDDINGS_FILE = "label_embeddings.npy"
 RESIZE_RULES = ("squash", "shorter_center_crop")
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def hash_file(path: Path, digest: Any, chunk: int = 1 << 20) -> Any:
+    """Feed a file's bytes to ``digest`` (any object with ``update``) in chunks; returns it."""
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    return hash_file(path, hashlib.sha256(), chunk).hexdigest()
 
 
 @dataclass(frozen=True)
