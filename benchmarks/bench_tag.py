@@ -264,21 +264,28 @@ def main() -> None:
         # Interleaved pairs (decode-only loop, then a first run with a fresh index): this machine's
         # speed drifts with its neighbours' load, so each pair is measured back to back and the
         # median pair's ratio is the result.
-        pairs = []
-        for repeat in range(args.repeats):
-            decode_rate = draft_decode_baseline(photos, (spec.height, spec.width), args.threads)
-            index = work / ("index.db" if repeat == 0 else f"index-repeat{repeat}.db")
-            first = run_sdltag(["tag", str(work / "photos"), *common, "--index", str(index)], env)
-            tag_rate = args.count / first["seconds"]
-            pipeline_rate = _summary_rate(first["summary"]) or tag_rate
-            pairs.append((pipeline_rate / decode_rate, decode_rate, pipeline_rate, tag_rate, first))
-        ratio, decode_rate, pipeline_rate, tag_rate, first = sorted(pairs, key=lambda pair: pair[0])[len(pairs) // 2]
+        def median_pair(tag_args: list[str], index_name) -> tuple[list[float], float, float, float, dict]:
+            """All pairs' ratios, then the median pair's decode rate, tag-loop rate, whole-process rate, run."""
+            pairs = []
+            for repeat in range(args.repeats):
+                decode_rate = draft_decode_baseline(photos, (spec.height, spec.width), args.threads)
+                index = work / index_name(repeat)
+                run = run_sdltag(["tag", str(work / "photos"), *tag_args, "--index", str(index)], env)
+                whole_rate = args.count / run["seconds"]
+                loop_rate = _summary_rate(run["summary"]) or whole_rate
+                pairs.append((loop_rate / decode_rate, decode_rate, loop_rate, whole_rate, run))
+            _, decode_rate, loop_rate, whole_rate, run = sorted(pairs, key=lambda pair: pair[0])[len(pairs) // 2]
+            return [round(pair[0], 3) for pair in pairs], decode_rate, loop_rate, whole_rate, run
+
+        ratios, decode_rate, pipeline_rate, tag_rate, first = median_pair(
+            common, lambda repeat: "index.db" if repeat == 0 else f"index-repeat{repeat}.db"
+        )
         results["throughput"] = {
             "draft_decode_images_per_s": round(decode_rate, 2),
             "sdltag_first_run": first,
             "sdltag_images_per_s": round(pipeline_rate, 2),
-            "ratio": round(ratio, 3),
-            "ratios_of_all_pairs": [round(pair[0], 3) for pair in pairs],
+            "ratio": round(pipeline_rate / decode_rate, 3),
+            "ratios_of_all_pairs": ratios,
             "sdltag_whole_process_images_per_s": round(tag_rate, 2),
             "whole_process_ratio": round(tag_rate / decode_rate, 3),
             "target": ">= 0.85 (ratio)",
@@ -291,19 +298,14 @@ def main() -> None:
         int8_dir = work / "model-int8"  # run_sdltag stops the benchmark if the command fails
         run_sdltag(["quantize", str(model_dir), str(work / "photos"), "--out", str(int8_dir), "--count", "64"], env)
         int8_common = [*common[:1], str(int8_dir), *common[2:]]
-        int8_pairs = []
-        for repeat in range(args.repeats):
-            int8_decode_rate = draft_decode_baseline(photos, (spec.height, spec.width), args.threads)
-            int8_index = work / f"int8-{repeat}.db"
-            int8_run = run_sdltag(["tag", str(work / "photos"), *int8_common, "--index", str(int8_index)], env)
-            int8_rate = _summary_rate(int8_run["summary"]) or args.count / int8_run["seconds"]
-            int8_pairs.append((int8_rate / int8_decode_rate, int8_decode_rate, int8_rate, int8_run))
-        _, int8_decode_rate, int8_rate, int8_run = sorted(int8_pairs, key=lambda pair: pair[0])[len(int8_pairs) // 2]
+        int8_ratios, int8_decode_rate, int8_rate, _, int8_run = median_pair(
+            int8_common, lambda repeat: f"int8-{repeat}.db"
+        )
         results["throughput"]["int8"] = {
             "sdltag_images_per_s": round(int8_rate, 2),
             "ratio": round(int8_rate / int8_decode_rate, 3),
             "draft_decode_images_per_s": round(int8_decode_rate, 2),
-            "ratios_of_all_pairs": [round(pair[0], 3) for pair in int8_pairs],
+            "ratios_of_all_pairs": int8_ratios,
             "run": int8_run,
             "fidelity": load_model_folder(int8_dir).manifest.provenance["quantization"]["fidelity"],
             "note": "sdltag quantize MODEL PHOTOS --count 64; fidelity vs the float model on held-out photos",
