@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks._recipes import log
+
 RESULTS = Path(__file__).with_name("results")
 DEFAULT_LAM = 0.1
 
@@ -111,10 +113,6 @@ def smoke_campaign() -> list[Job]:
 
 
 CAMPAIGNS = {"gpu": gpu_campaign, "smoke": smoke_campaign}
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 class Campaign:
