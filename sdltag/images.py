@@ -139,7 +139,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(path: Path, max_megapixels: float = 100.0, target: tuple[int, int] | None = None) -> Image.Image:
+def open_image(
+    path: Path, max_megapixels: float = 100.0, target: tuple[int, int] | None = None, data: bytes | None = None
+) -> Image.Image:
     """Open ``path`` as an EXIF-oriented 8-bit RGB image.
 
     JPEGs are decoded with ``draft()`` at the smallest DCT scale that still covers
@@ -148,7 +150,9 @@ def open_image(path: Path, max_megapixels: float = 100.0, target: tuple[int, int
     GIFs give their first frame; HEIC/HEIF go through pillow-heif and camera RAW
     files through their embedded JPEG preview (rawpy). An image whose declared size
     exceeds ``max_megapixels`` is refused before decoding. Every failure raises
-    ``ImageError`` with a one-line reason.
+    ``ImageError`` with a one-line reason. ``data``, when given, is the file's bytes
+    already read (by the content hash): decoded from memory instead of reading the file
+    again (not for RAW files, which rawpy reads itself).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -158,12 +162,12 @@ def open_image(path: Path, max_megapixels: float = 100.0, target: tuple[int, int
         else:
             if suffix in HEIF_EXTENSIONS:
                 _register_heif()
-            if path.stat().st_size == 0:
+            if (len(data) if data is not None else path.stat().st_size) == 0:
                 raise ImageError(path, "empty file (0 bytes)")
             _allow_pixels(max_megapixels)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(path)
+                image = Image.open(io.BytesIO(data) if data is not None else path)
         width, height = image.size
         megapixels = width * height / 1e6
         if megapixels > max_megapixels:
@@ -233,16 +237,21 @@ def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
         image = image.crop((left, top, left + spec.width, top + spec.height))
     elif image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), resample, reducing_gap=REDUCING_GAP)
-    pixels = np.asarray(image, dtype=np.float32)  # (H, W, 3) in 0..255
+    pixels = np.asarray(image)  # (H, W, 3) uint8
     scale = 1.0 / (255.0 * np.asarray(spec.std, dtype=np.float32))
     offset = np.asarray(spec.mean, dtype=np.float32) / np.asarray(spec.std, dtype=np.float32)
-    normalised = pixels * scale - offset  # ((x / 255) - mean) / std
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1))  # (3, H, W)
+    # ((x / 255) - mean) / std, one channel plane at a time straight into the (3, H, W) array:
+    # no float (H, W, 3) temporaries and no transposing copy (3x cheaper than the array expression).
+    out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    for c in range(3):
+        np.multiply(pixels[:, :, c], scale[c], out=out[c], casting="unsafe")
+        out[c] -= offset[c]
+    return out
 
 
-def load_image(path: Path, spec: InputSpec, max_megapixels: float = 100.0) -> np.ndarray:
-    """Decode ``path`` and return the model input (3, H, W) float32; raises ``ImageError``."""
-    image = open_image(path, max_megapixels=max_megapixels, target=(spec.height, spec.width))
+def load_image(path: Path, spec: InputSpec, max_megapixels: float = 100.0, data: bytes | None = None) -> np.ndarray:
+    """Decode ``path`` (or its bytes ``data``) and return the model input (3, H, W) float32; raises ``ImageError``."""
+    image = open_image(path, max_megapixels=max_megapixels, target=(spec.height, spec.width), data=data)
     return preprocess(image, spec)
 
 

@@ -74,6 +74,13 @@ def file_hash(path: Path, chunk: int = 1 << 20) -> str:
     return f"{HASH_NAME}:{hash_file(path, xxhash.xxh3_128(), chunk).hexdigest()}"
 
 
+def bytes_hash(data: bytes) -> str:
+    """``file_hash`` of a file already read into memory (the tag pipeline decodes from the same bytes)."""
+    import xxhash
+
+    return f"{HASH_NAME}:{xxhash.xxh3_128_hexdigest(data)}"
+
+
 def _key(path: Path | str) -> bytes:
     return os.fsencode(os.path.abspath(path))
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sdltag.images import ImageError, load_image
-from sdltag.index import ImageIndex, file_hash
+from sdltag.images import RAW_EXTENSIONS, ImageError, load_image
+from sdltag.index import ImageIndex, bytes_hash, file_hash
 from sdltag.modelfolder import InputSpec, ModelFolder
 from sdltag.scoring import calibrate, sdl_scores, top_k
 from sdltag.writers import Tag, TagResult
@@ -34,6 +34,9 @@ MAX_UNSCORED = 4096
 # numpy's BLAS runs on one thread in sdltag (sdltag._platform.single_thread_blas); batches of at
 # least this many images (re-tagging from the index) are scored in parts on several threads.
 PARALLEL_SCORE_MIN = 128
+# Files up to this size are read once: hashed, then decoded from the same bytes (larger ones are
+# hashed in chunks and decoded from disk, so a huge TIFF is never held twice in memory).
+READ_ONCE_MAX = 64 << 20
 
 
 @dataclass
@@ -160,18 +163,26 @@ class _Prepared:
     array: np.ndarray | None  # (3, H, W)
 
 
-def _prepare(path: Path, spec: InputSpec, max_megapixels: float, want_hash: bool, known: frozenset[str]) -> _Prepared:
+def _prepare(
+    path: Path, size: int, spec: InputSpec, max_megapixels: float, want_hash: bool, known: frozenset[str]
+) -> _Prepared:
     content_hash = None
+    data = None
     if want_hash:
         try:
-            content_hash = file_hash(path)
+            if size <= READ_ONCE_MAX and path.suffix.lower() not in RAW_EXTENSIONS:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+                content_hash = bytes_hash(data)
+            else:
+                content_hash = file_hash(path)
         except PermissionError:
             raise ImageError(path, "permission denied (cannot read the file)") from None
         except OSError as exc:
             raise ImageError(path, f"cannot read ({exc.strerror or exc})") from None
         if content_hash in known:
             return _Prepared(content_hash, None)
-    return _Prepared(content_hash, load_image(path, spec, max_megapixels))
+    return _Prepared(content_hash, load_image(path, spec, max_megapixels, data=data))
 
 
 @dataclass
@@ -335,7 +346,7 @@ class _Run:
                             self.score_ready(force=False)
                         continue
                 future = pool.submit(
-                    _prepare, path, self.spec, self.options.max_megapixels, self.index is not None, known
+                    _prepare, path, st.st_size, self.spec, self.options.max_megapixels, self.index is not None, known
                 )
                 self.inflight.append((slot, future, st))
                 while len(self.inflight) >= window:

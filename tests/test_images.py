@@ -124,6 +124,21 @@ def test_load_image_shape(tmp_path: Path) -> None:
     assert array.shape == (3, 32, 32) and np.isfinite(array).all()
 
 
+def test_decoding_from_the_bytes_read_for_the_hash_is_the_same(tmp_path: Path) -> None:
+    """tag reads a file once (hash, then decode from memory): same pixels as decoding from disk, EXIF included."""
+    image = Image.new("RGB", (400, 200), (200, 30, 30))
+    image.paste((20, 20, 220), (0, 0, 100, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "o.jpg"
+    image.save(path, exif=exif)
+    spec = InputSpec(40, 32)
+    from_disk = load_image(path, spec)
+    from_bytes = load_image(path, spec, data=path.read_bytes())
+    assert from_bytes.shape == (3, 40, 32)
+    np.testing.assert_array_equal(from_bytes, from_disk)
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 
@@ -140,8 +155,9 @@ def _bomb_png(path: Path, width: int, height: int) -> Path:
     return path
 
 
+@pytest.mark.parametrize("from_bytes", [False, True], ids=["from-disk", "from-bytes"])
 @pytest.mark.parametrize("case", ["empty", "truncated", "text", "bomb", "corrupt_png", "over_cap"])
-def test_bad_files_raise_image_error_with_one_line(tmp_path: Path, case: str) -> None:
+def test_bad_files_raise_image_error_with_one_line(tmp_path: Path, case: str, from_bytes: bool) -> None:
     if case == "empty":
         path = tmp_path / "empty.jpg"
         path.write_bytes(b"")
@@ -168,10 +184,10 @@ def test_bad_files_raise_image_error_with_one_line(tmp_path: Path, case: str) ->
     else:
         path = _jpeg(tmp_path / "big.jpg", size=(2000, 1000))
         with pytest.raises(ImageError, match="over the 1 MP cap"):
-            open_image(path, max_megapixels=1.0)
+            open_image(path, max_megapixels=1.0, data=path.read_bytes() if from_bytes else None)
         return
     with pytest.raises(ImageError) as info:
-        load_image(path, InputSpec(32, 32))
+        load_image(path, InputSpec(32, 32), data=path.read_bytes() if from_bytes else None)
     message = str(info.value)
     assert "\n" not in message and str(path) in message and expect in message
     assert info.value.exit_code == 1

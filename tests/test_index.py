@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sdltag.errors import SdltagError
-from sdltag.index import MIGRATIONS, SCHEMA_VERSION, ImageIndex, file_hash
+from sdltag.index import MIGRATIONS, SCHEMA_VERSION, ImageIndex, bytes_hash, file_hash
 
 
 def _matrix(seed: int) -> np.ndarray:
@@ -137,6 +137,8 @@ def test_file_hash(tmp_path: Path) -> None:
     (tmp_path / "b").write_bytes(big)
     (tmp_path / "c").write_bytes(big[:-1] + b"\x00")
     assert file_hash(tmp_path / "b") == file_hash(tmp_path / "b", chunk=4096) != file_hash(tmp_path / "c")
+    # the tag pipeline hashes the bytes it then decodes: the same digest as hashing the file
+    assert bytes_hash(big) == file_hash(tmp_path / "b") and bytes_hash(b"abc") == file_hash(tmp_path / "a")
 
 
 def test_unwritable_index_location_names_the_fix(tmp_path: Path) -> None:
