@@ -8,6 +8,8 @@ Layout of a model folder (format version 1)::
       manifest.json          everything tagging must match (see ``Manifest``)
       label_embeddings.npy   float32 (L, d), L2-normalised rows: the seen labels,
                              then the manifest's ``unseen`` labels, in manifest order
+      model.int8.onnx        optional: the same graph quantised to 8 bits (``sdltag quantize
+                             --attach``), listed under the manifest's ``onnx_int8``
       MODEL_CARD.md          optional, human-readable
 
 Everything that must agree between training and tagging (input size, resize rule,
@@ -29,11 +31,14 @@ from typing import Any
 import numpy as np
 
 from sdltag.errors import SdltagError
+from sdltag.paths import atomic_write
 
 FORMAT_NAME = "sdltag-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
+INT8_ONNX_FILE = "model.int8.onnx"
+PRECISIONS = ("float", "int8")
 EMBEDDINGS_FILE = "label_embeddings.npy"
 RESIZE_RULES = ("squash", "shorter_center_crop")
 
@@ -123,10 +128,12 @@ class Manifest:
     provenance: dict[str, Any] = field(default_factory=dict)
     model_card: dict[str, Any] = field(default_factory=dict)
     onnx: dict[str, Any] = field(default_factory=dict)
+    # The optional 8-bit graph: file, sha256, bytes and how it was made (``sdltag quantize --attach``).
+    onnx_int8: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "name": self.name,
@@ -142,6 +149,9 @@ class Manifest:
             "provenance": self.provenance,
             "model_card": self.model_card,
         }
+        if self.onnx_int8:
+            data["onnx_int8"] = self.onnx_int8
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
@@ -161,26 +171,64 @@ class Manifest:
             provenance=dict(data.get("provenance", {})),
             model_card=dict(data.get("model_card", {})),
             onnx=dict(data.get("onnx", {})),
+            onnx_int8=dict(data["onnx_int8"]) if data.get("onnx_int8") else None,
             format_version=int(data["format_version"]),
         )
 
 
 @dataclass
 class ModelFolder:
-    """A validated model folder. ``label_vectors`` rows follow ``all_labels``."""
+    """A validated model folder. ``label_vectors`` rows follow ``all_labels``.
+
+    ``precision`` says which graph runs: ``float`` (``model.onnx``) or ``int8`` (the
+    attached ``model.int8.onnx``); ``onnx_path`` and ``model_id`` follow it, so the index
+    keeps the two graphs' vectors apart.
+    """
 
     path: Path
     manifest: Manifest
     _label_vectors: np.ndarray | None = None
+    precision: str = "float"
 
     @property
     def onnx_path(self) -> Path:
+        if self.precision == "int8" and self.manifest.onnx_int8:
+            return self.path / str(self.manifest.onnx_int8.get("file", INT8_ONNX_FILE))
         return self.path / ONNX_FILE
 
     @property
     def model_id(self) -> str:
-        """Identity of the image model: the ONNX file's sha256 (recorded at export)."""
+        """Identity of the image model that runs: the sha256 of its ONNX file (recorded when written)."""
+        if self.precision == "int8" and self.manifest.onnx_int8:
+            return str(self.manifest.onnx_int8["sha256"])
         return str(self.manifest.onnx["sha256"])
+
+    @property
+    def has_int8(self) -> bool:
+        """Whether the manifest lists an 8-bit graph (``with_precision`` checks its file)."""
+        return bool(self.manifest.onnx_int8)
+
+    def with_precision(self, precision: str) -> ModelFolder:
+        """This folder running its ``float`` or ``int8`` graph; refuses a missing or damaged 8-bit file."""
+        if precision not in PRECISIONS:
+            raise SdltagError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+        if precision == "int8":
+            if not self.manifest.onnx_int8:
+                raise SdltagError(
+                    f"{self.path}: this model has no 8-bit graph. Add one with `sdltag quantize {self.path} "
+                    "IMAGES --attach`, or use --precision float."
+                )
+            int8 = self.path / str(self.manifest.onnx_int8.get("file", INT8_ONNX_FILE))
+            expected = self.manifest.onnx_int8.get("bytes")
+            if not int8.is_file():
+                raise _refuse(int8, "missing (the manifest lists it)", "Run `sdltag quantize --attach` again.")
+            if expected is not None and int8.stat().st_size != int(expected):
+                raise _refuse(
+                    int8,
+                    f"is {int8.stat().st_size} bytes but was {expected} when written (truncated or corrupt)",
+                    "Run `sdltag quantize --attach` again, or use --precision float.",
+                )
+        return ModelFolder(self.path, self.manifest, self._label_vectors, precision)
 
     @property
     def all_labels(self) -> list[str]:
@@ -194,8 +242,8 @@ class ModelFolder:
         return self._label_vectors
 
     def verify_onnx(self) -> None:
-        """Check the ONNX file's hash against the manifest (reads the whole file)."""
-        expected = self.manifest.onnx.get("sha256")
+        """Check the running ONNX file's hash against the manifest (reads the whole file)."""
+        expected = self.model_id
         if expected and file_sha256(self.onnx_path) != expected:
             raise SdltagError(
                 f"{self.onnx_path}: the file does not match the hash in {MANIFEST} (corrupt or replaced). "
@@ -319,6 +367,7 @@ def write_model_folder(
             "sha256": file_sha256(staging / ONNX_FILE),
             "bytes": (staging / ONNX_FILE).stat().st_size,
         }
+        manifest.onnx_int8 = None  # an 8-bit graph belongs to the graph it was quantised from
         np.save(staging / EMBEDDINGS_FILE, vectors, allow_pickle=False)
         (staging / MANIFEST).write_text(
             json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
@@ -337,6 +386,43 @@ def write_model_folder(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_model_folder(out_dir)
+
+
+def attach_int8(model: ModelFolder, int8_file: Path, details: dict[str, Any], card_section: str = "") -> ModelFolder:
+    """Add (or replace) the 8-bit graph of ``model``'s folder: ``model.int8.onnx`` plus its manifest entry.
+
+    The ONNX file is written beside its final name and renamed into place, then the
+    manifest is replaced the same way, so a reader sees the old folder or the new one;
+    a crash in between leaves an unlisted file the next attach replaces.
+    """
+    folder = model.path
+    partial = folder / f".{INT8_ONNX_FILE}.partial-{os.getpid()}"
+    try:
+        shutil.copyfile(int8_file, partial)
+        entry = {
+            **details,
+            "file": INT8_ONNX_FILE,
+            "input": model.manifest.onnx.get("input", "images"),
+            "output": model.manifest.onnx.get("output", "principal_vectors"),
+            "sha256": file_sha256(partial),
+            "bytes": partial.stat().st_size,
+        }
+        os.replace(partial, folder / INT8_ONNX_FILE)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    data["onnx_int8"] = entry
+    with atomic_write(folder / MANIFEST) as out:
+        out.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    card = folder / "MODEL_CARD.md"
+    if card_section and card.is_file():
+        text = card.read_text(encoding="utf-8")
+        marker = "\n\n## 8-bit graph\n"
+        text = text.split(marker)[0].rstrip("\n") + marker + "\n" + card_section.strip("\n") + "\n"
+        with atomic_write(card) as out:
+            out.write(text)
+    return load_model_folder(folder)
 
 
 DEFAULT_MODEL = "emoji"

@@ -15,6 +15,7 @@ Imports onnx and onnxruntime's quantisation tools (not torch).
 
 from __future__ import annotations
 
+import copy
 import random
 import tempfile
 from collections.abc import Callable
@@ -26,7 +27,7 @@ import numpy as np
 
 from sdltag.errors import SdltagError
 from sdltag.images import ImageError, discover, load_image
-from sdltag.modelfolder import ModelFolder, write_model_folder
+from sdltag.modelfolder import ModelFolder, attach_int8, write_model_folder
 from sdltag.runtime import ImageModel
 from sdltag.scoring import sdl_scores
 
@@ -94,18 +95,24 @@ def fidelity(
 def quantize_model_folder(
     model: ModelFolder,
     images: Path,
-    out: Path,
+    out: Path | None,
     *,
     count: int = 256,
     seed: int = 0,
     name: str = "",
     warn: Callable[[str], None] = lambda message: None,
 ) -> tuple[ModelFolder, Fidelity]:
-    """Write an 8-bit copy of ``model`` to ``out``, calibrated on images of ``images``; returns it and its fidelity."""
+    """Quantise ``model``, calibrated on images of ``images``; returns the result and its fidelity.
+
+    With ``out``, a separate 8-bit model folder is written there; with ``out=None`` the
+    8-bit graph is attached to ``model``'s own folder (``model.int8.onnx``), where
+    ``--precision auto`` picks it on CPUs with 8-bit dot-product instructions.
+    """
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    model = model.with_precision("float")
     if model.manifest.provenance.get("quantization"):
         raise SdltagError(f"{model.path}: this model is already quantised. Quantise the float model it came from.")
     if count < 2:
@@ -148,31 +155,32 @@ def quantize_model_folder(
         )
         float_vectors = ImageModel(model, device="cpu").run(check)
         result = fidelity(float_vectors, int8_vectors, model.label_vectors, held_out)
-        manifest = model.manifest
         source_id = model.model_id
-        manifest.name = name or out.name
-        manifest.provenance = {
-            **manifest.provenance,
-            "quantization": {
-                "method": METHOD,
-                "source_model": source_id,
-                "calibration_images": len(calibration),
-                "calibration_folder": str(images),
-                "onnxruntime": ort.__version__,
-                "fidelity": result.to_json(),
-            },
+        details = {
+            "method": METHOD,
+            "source_model": source_id,
+            "calibration_images": len(calibration),
+            "calibration_folder": str(images),
+            "onnxruntime": ort.__version__,
+            "fidelity": result.to_json(),
         }
+        section = (
+            f"Quantised from model {source_id[:16]} by `sdltag quantize` ({METHOD}), calibrated "
+            f"on {len(calibration)} images of `{images}`. Against the float model on {result.images} "
+            f"{'held-out' if held_out else 'calibration'} images: score correlation {result.score_correlation:.4f}, "
+            f"top-10 overlap {result.top10_overlap:.3f}.\n"
+        )
+        if out is None:
+            return attach_int8(model, quantized, details, section), result
+        manifest = copy.deepcopy(model.manifest)
+        manifest.name = name or out.name
+        manifest.provenance = {**manifest.provenance, "quantization": details}
         manifest.onnx = {k: v for k, v in manifest.onnx.items() if k not in ("sha256", "bytes")}
         card = (
             (model.path / "MODEL_CARD.md").read_text(encoding="utf-8")
             if (model.path / "MODEL_CARD.md").is_file()
             else ""
         )
-        card += (
-            f"\n\n## 8-bit copy\n\nQuantised from model {source_id[:16]} by `sdltag quantize` ({METHOD}), calibrated "
-            f"on {len(calibration)} images of `{images}`. Against the float model on {result.images} "
-            f"{'held-out' if held_out else 'calibration'} images: score correlation {result.score_correlation:.4f}, "
-            f"top-10 overlap {result.top10_overlap:.3f}.\n"
-        )
+        card += "\n\n## 8-bit copy\n\n" + section
         folder = write_model_folder(out, quantized, manifest, model.label_vectors, card)
     return folder, result

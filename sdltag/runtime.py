@@ -13,8 +13,12 @@ from sdltag.errors import SdltagError
 from sdltag.modelfolder import ModelFolder
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "float", "int8")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# numpy's names for the CPU instructions that multiply 8-bit values into 32-bit sums without
+# an intermediate 16-bit step: with them onnxruntime's integer kernels cannot saturate.
+_INT8_DOT_FEATURES = (("AVX512VNNI", "AVX-512 VNNI"), ("AVXVNNI", "AVX-VNNI"), ("ASIMDDP", "Arm dot product"))
 
 
 def available_providers() -> list[str]:
@@ -37,6 +41,51 @@ def choose_providers(device: str, available: list[str]) -> list[str]:
             )
         return [CUDA, CPU]
     return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def int8_dot_product() -> str | None:
+    """The name of this CPU's 8-bit dot-product instructions (VNNI, Arm dot product), or None.
+
+    Without them (x86 with AVX2 only) onnxruntime's u8 x s8 kernels add pairs of products
+    in 16 bits, which can saturate, so ``--precision auto`` keeps the float graph there.
+    """
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy 1.x
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return None
+    for key, name in _INT8_DOT_FEATURES:
+        if features.get(key):
+            return name
+    return None
+
+
+def resolve_precision(model: ModelFolder, precision: str, device: str) -> tuple[ModelFolder, str]:
+    """The model folder running the graph ``precision`` picks, and a few words on why.
+
+    ``float`` and ``int8`` are taken as asked (``int8`` needs an attached 8-bit graph and
+    the CPU); ``auto`` takes the 8-bit graph when the folder has one, the model runs on the
+    CPU and the CPU has 8-bit dot-product instructions, else the float graph.
+    """
+    if precision not in PRECISIONS:
+        raise SdltagError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    if precision == "float":
+        return model.with_precision("float"), "float graph (--precision float)"
+    on_cuda = choose_providers(device, available_providers())[0] == CUDA
+    if precision == "int8":
+        if on_cuda:
+            raise SdltagError("--precision int8 runs on the CPU. Add --device cpu, or use --precision float.")
+        return model.with_precision("int8"), "8-bit graph (--precision int8)"
+    if not model.has_int8:
+        return model.with_precision("float"), "float graph"
+    if on_cuda:
+        return model.with_precision("float"), "float graph (the 8-bit one is for CPUs)"
+    feature = int8_dot_product()
+    if feature is None:
+        return model.with_precision("float"), "float graph (this CPU has no VNNI or dot-product instructions)"
+    return model.with_precision("int8"), f"8-bit graph ({feature}; --precision float for the float one)"
 
 
 class ImageModel:

@@ -37,6 +37,12 @@ def evaluate(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Label-vector cache folder (default: user cache)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per inference batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option(
+        "float",
+        "--precision",
+        help="Graph to evaluate: float (default: the model as trained, the same on every machine), int8 "
+        "(its attached 8-bit graph) or auto (what `sdltag tag` runs here).",
+    ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Threads for decoding and inference."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
@@ -55,7 +61,9 @@ def evaluate(
         raise SdltagError(f"--format {fmt}: choose table or json.")
     if empty_labels not in ("skip", "zero"):
         raise SdltagError(f"--empty-labels {empty_labels}: choose skip or zero.")
-    model = load_model_folder(model_dir)
+    from sdltag.runtime import resolve_precision
+
+    model, _ = resolve_precision(load_model_folder(model_dir), precision, device)
     progress = None
     bar = None
     if not quiet:

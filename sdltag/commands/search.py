@@ -89,6 +89,9 @@ def search(
     embedder: str = typer.Option(None, "--embedder", help="Text embedder for the query (default: the model's)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Label-vector cache folder (default: user cache)."),
     raw_scores: bool = typer.Option(False, "--raw-scores", help="Raw SDL scores instead of calibrated confidences."),
+    precision: str = typer.Option(
+        "auto", "--precision", help="Whose vectors to rank: auto (what `sdltag tag` runs here), float or int8."
+    ),
 ) -> None:
     """Search indexed images by a label (tag-based retrieval); the image model never runs.
 
@@ -107,11 +110,21 @@ def search(
     path = Path(index_path).expanduser() if index_path else default_index_path()
     if not path.is_file():
         raise SdltagError(f"{path}: no index yet. Run `sdltag tag FOLDER` first (or pass --index FILE).")
-    model = load_model(model_dir)
+    from sdltag.runtime import resolve_precision
+
+    model, _ = resolve_precision(load_model(model_dir), precision, "auto")
     label_space = query_label_space(model, query, embedder, cache_dir)
     folders = [Path(p) for p in (paths or [])]
     with ImageIndex.open_readonly(path) as index:
         hits = rank_indexed(index, model, label_space, folders, top, raw_scores=raw_scores)
+        if not hits and precision == "auto" and model.has_int8:
+            # tagged with the other graph of the same model (e.g. --precision float, or on another CPU)
+            try:
+                other = model.with_precision("float" if model.precision == "int8" else "int8")
+            except SdltagError:
+                other = None
+            if other is not None:
+                hits = rank_indexed(index, other, label_space, folders, top, raw_scores=raw_scores)
     if not hits:
         where = ", ".join(str(p) for p in folders) or "the index"
         info(f"no images indexed with this model under {where}; run `sdltag tag` on them first")

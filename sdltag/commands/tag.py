@@ -100,11 +100,11 @@ def _format_for(fmt: str | None, output: Path | None) -> str:
 class _ImageModelFactory:
     """Creates the onnxruntime session on first use and says which execution provider is active."""
 
-    def __init__(self, model, device: str, threads: int | None, quiet: bool) -> None:
+    def __init__(self, model, device: str, threads: int | None, quiet: bool, graph: str = "") -> None:
         from sdltag.runtime import available_providers, choose_providers
 
         choose_providers(device, available_providers())  # refuse an impossible --device before any work
-        self.model, self.device, self.threads, self.quiet = model, device, threads, quiet
+        self.model, self.device, self.threads, self.quiet, self.graph = model, device, threads, quiet, graph
         self.instance = None
         self._lock = threading.Lock()  # the tagger may warm the session up from a decode thread
 
@@ -118,6 +118,7 @@ class _ImageModelFactory:
                 info(
                     f"model {self.model.manifest.name or self.model.path.name} on onnxruntime "
                     f"{self.instance.provider} ({threads} thread{'s' if threads != 1 else ''})"
+                    + (f", {self.graph}" if self.graph else "")
                 )
             return self.instance
 
@@ -175,6 +176,11 @@ def tag(
         None, "--threads", min=1, help="Threads for decoding and for inference (default: all cores)."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (cuda without CUDA is an error)."),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto (the model's 8-bit graph on CPUs with VNNI or Arm dot product, if it has one), float or int8.",
+    ),
     max_megapixels: float = typer.Option(100.0, "--max-megapixels", min=0.01, help="Refuse larger images."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, provider or summary line."),
 ) -> None:
@@ -199,7 +205,10 @@ def tag(
 
     if xmp_naming not in NAMINGS:
         raise SdltagError(f"--xmp-naming {xmp_naming!r} is not one of {', '.join(NAMINGS)}.")
-    factory = _ImageModelFactory(model, device, threads, quiet)
+    from sdltag.runtime import resolve_precision
+
+    model, graph = resolve_precision(model, precision, device)  # the index keeps each graph's vectors apart
+    factory = _ImageModelFactory(model, device, threads, quiet, graph)
 
     inputs: list[Path] = []
     for path in paths:
