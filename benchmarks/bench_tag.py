@@ -42,6 +42,8 @@ import numpy as np
 
 RESULTS = Path(__file__).parent / "results" / "tag.json"
 WIDTH, HEIGHT = 4000, 3000  # 12 MP
+NOISE_SIGMA = 4  # grain of the generated photos (8-bit levels)
+PHOTOS = "camera-photos"  # the folder they go in (a kept --workdir reuses it)
 WRAPPER = (
     "import resource, sys\n"
     "from sdltag.cli import app\n"
@@ -54,37 +56,44 @@ WRAPPER = (
 )
 
 
-def make_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """Photo-like 12 MP JPEGs: smooth colour gradients, a few shapes, sensor-like noise."""
+def _make_photo(path: Path, seed: int) -> None:
+    """One photo-like 12 MP JPEG: smooth colour gradients, a few shapes, sensor-like noise over the whole frame."""
     from PIL import Image, ImageDraw
 
-    folder.mkdir(parents=True, exist_ok=True)
-    done = [folder / f"DSC_{i:05d}.jpg" for i in range(count)]
-    if all(path.is_file() for path in done):  # a kept --workdir from an earlier run: the same photos
-        return done
     rng = np.random.default_rng(seed)
     small_h, small_w = HEIGHT // 8, WIDTH // 8
     ys, xs = np.mgrid[0:small_h, 0:small_w].astype(np.float32)
-    paths = []
-    for i in range(count):
-        base = np.empty((small_h, small_w, 3), np.float32)
-        for c in range(3):
-            a, b, d = rng.uniform(-1, 1, 3)
-            base[..., c] = 128 + 90 * np.sin(a * xs / 60 + b * ys / 45 + d * 3)
-        image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).resize(
-            (WIDTH, HEIGHT), Image.Resampling.BILINEAR
-        )
-        draw = ImageDraw.Draw(image)
-        for _ in range(6):
-            x, y = int(rng.integers(0, WIDTH - 800)), int(rng.integers(0, HEIGHT - 800))
-            size = int(rng.integers(100, 800))
-            draw.ellipse((x, y, x + size, y + size), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-        noise = rng.normal(0, 6, size=(HEIGHT, WIDTH // 4, 1)).astype(np.float32)
-        pixels = np.asarray(image, dtype=np.float32)
-        pixels[:, : WIDTH // 4] += noise  # some texture, as sensors give, without paying for 12 MP of noise
-        path = folder / f"DSC_{i:05d}.jpg"
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=88)
-        paths.append(path)
+    base = np.empty((small_h, small_w, 3), np.float32)
+    for c in range(3):
+        a, b, d = rng.uniform(-1, 1, 3)
+        base[..., c] = 128 + 90 * np.sin(a * xs / 60 + b * ys / 45 + d * 3)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).resize((WIDTH, HEIGHT), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y = int(rng.integers(0, WIDTH - 800)), int(rng.integers(0, HEIGHT - 800))
+        size = int(rng.integers(100, 800))
+        draw.ellipse((x, y, x + size, y + size), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    pixels = np.asarray(image, dtype=np.int16).copy()
+    pixels += rng.normal(0, NOISE_SIGMA, size=(HEIGHT, WIDTH, 1)).astype(np.int16)  # luminance grain, every pixel
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=88)
+
+
+def make_photos(folder: Path, count: int, seed: int = 0, workers: int = 2) -> list[Path]:
+    """``count`` photo-like 12 MP JPEGs (in ``workers`` processes); a kept folder of them is reused.
+
+    Sensor-like grain over the whole frame makes them about 1.8 MB each, whose draft decode
+    costs about 21 ms of one core here: what the project measured for real 12 MP camera
+    JPEGs (about 25 ms). Smooth synthetic pictures (0.95 MB, 12 ms) would understate the decode
+    work and so overstate the share of everything else.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"DSC_{i:05d}.jpg" for i in range(count)]
+    todo = [(path, seed * 100_003 + i) for i, path in enumerate(paths) if not path.is_file()]
+    if todo:
+        with ProcessPoolExecutor(max(1, workers)) as pool:
+            list(pool.map(_make_photo, *zip(*todo, strict=True)))
     return paths
 
 
@@ -143,15 +152,18 @@ def run_sdltag(args: list[str], env: dict) -> dict:
     proc = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, env=env, text=True)
     wall = time.perf_counter() - start
     maxrss = None
-    summary = ""
+    summary = model_line = ""
     for line in proc.stderr.splitlines():
         if line.startswith("MAXRSS_KB"):
             maxrss = int(line.split()[1]) / 1024
         elif "tagged," in line:
             summary = line
+        elif " on onnxruntime " in line:
+            model_line = line.strip()
     if proc.returncode not in (0,):
         raise SystemExit(f"sdltag {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return {"seconds": round(wall, 3), "max_rss_mb": round(maxrss or 0, 1), "summary": summary.strip()}
+    record = {"seconds": round(wall, 3), "max_rss_mb": round(maxrss or 0, 1), "summary": summary.strip()}
+    return {**record, "model_line": model_line} if model_line else record
 
 
 def build_stand_in_model(out_dir: Path, cache_dir: Path) -> Path:
@@ -219,7 +231,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdltag-bench-"))
     if work.is_dir():  # a kept --workdir: keep only the photos (indexes, caches and outputs start empty)
         for entry in work.iterdir():
-            if entry.name != "photos":
+            if entry.name != PHOTOS:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     home = work / "home"
     stand_in = False
@@ -248,7 +260,14 @@ def main() -> None:
     }
     try:
         t0 = time.perf_counter()
-        photos = make_photos(work / "photos", args.count)
+        photos = make_photos(work / PHOTOS, args.count, workers=args.threads)
+        results["photos"] = {
+            "count": len(photos),
+            "size": [WIDTH, HEIGHT],
+            "mean_megabytes": round(sum(p.stat().st_size for p in photos) / len(photos) / 1e6, 2),
+            "jpeg_quality": 88,
+            "noise_sigma": NOISE_SIGMA,
+        }
         results["generate_seconds"] = round(time.perf_counter() - t0, 1)
         common = [
             "--model",
@@ -270,7 +289,7 @@ def main() -> None:
             for repeat in range(args.repeats):
                 decode_rate = draft_decode_baseline(photos, (spec.height, spec.width), args.threads)
                 index = work / index_name(repeat)
-                run = run_sdltag(["tag", str(work / "photos"), *tag_args, "--index", str(index)], env)
+                run = run_sdltag(["tag", str(work / PHOTOS), *tag_args, "--index", str(index)], env)
                 whole_rate = args.count / run["seconds"]
                 loop_rate = _summary_rate(run["summary"]) or whole_rate
                 pairs.append((loop_rate / decode_rate, decode_rate, loop_rate, whole_rate, run))
@@ -282,6 +301,8 @@ def main() -> None:
         )
         results["throughput"] = {
             "draft_decode_images_per_s": round(decode_rate, 2),
+            "draft_decode_ms_per_photo_per_core": round(1000 * args.threads / decode_rate, 1),
+            "graph": first.get("model_line", ""),
             "sdltag_first_run": first,
             "sdltag_images_per_s": round(pipeline_rate, 2),
             "ratio": round(pipeline_rate / decode_rate, 3),
@@ -294,22 +315,21 @@ def main() -> None:
             "whole_process_ratio also counts start-up and model load",
         }
 
-        # The same run with an 8-bit copy of the model (`sdltag quantize`, calibrated on the photos).
-        int8_dir = work / "model-int8"  # run_sdltag stops the benchmark if the command fails
-        run_sdltag(["quantize", str(model_dir), str(work / "photos"), "--out", str(int8_dir), "--count", "64"], env)
-        int8_common = [*common[:1], str(int8_dir), *common[2:]]
-        int8_ratios, int8_decode_rate, int8_rate, _, int8_run = median_pair(
-            int8_common, lambda repeat: f"int8-{repeat}.db"
-        )
-        results["throughput"]["int8"] = {
-            "sdltag_images_per_s": round(int8_rate, 2),
-            "ratio": round(int8_rate / int8_decode_rate, 3),
-            "draft_decode_images_per_s": round(int8_decode_rate, 2),
-            "ratios_of_all_pairs": int8_ratios,
-            "run": int8_run,
-            "fidelity": load_model_folder(int8_dir).manifest.provenance["quantization"]["fidelity"],
-            "note": "sdltag quantize MODEL PHOTOS --count 64; fidelity vs the float model on held-out photos",
-        }
+        # The bundled model's other graph: auto runs the 8-bit one on CPUs with VNNI or Arm dot
+        # product, so the float graph is measured too (and the other way round elsewhere).
+        other = "float" if "8-bit graph" in first.get("model_line", "") else "int8"
+        if other == "float" or load_model_folder(model_dir).has_int8:
+            other_ratios, other_decode, other_rate, _, other_run = median_pair(
+                [*common, "--precision", other], lambda repeat: f"{other}-{repeat}.db"
+            )
+            results["throughput"][f"{other}_graph"] = {
+                "sdltag_images_per_s": round(other_rate, 2),
+                "ratio": round(other_rate / other_decode, 3),
+                "draft_decode_images_per_s": round(other_decode, 2),
+                "ratios_of_all_pairs": other_ratios,
+                "run": other_run,
+                "note": f"the same pairs with --precision {other}",
+            }
 
         naive_rate = naive_pipeline(photos[: args.naive_count], model_dir)
         results["naive"] = {
@@ -346,7 +366,7 @@ def main() -> None:
             encoding="utf-8",
         )
         retag = run_sdltag(
-            ["tag", str(work / "photos"), *common, "--index", str(work / "index.db"), "--labels", str(labels_file)], env
+            ["tag", str(work / PHOTOS), *common, "--index", str(work / "index.db"), "--labels", str(labels_file)], env
         )
         # The re-tag's cost is a fixed start-up (Python, onnxruntime, the text model, embedding the
         # 100 labels: about a second) plus a per-image cost that is a fraction of a millisecond, so
@@ -367,7 +387,7 @@ def main() -> None:
             "own tagging loops (their summary lines): decode+infer+index vs index lookups+scoring",
         }
 
-        base_mem = run_sdltag(["tag", str(work / "photos"), *common, "--index", str(work / "base-mem.db")], env)
+        base_mem = run_sdltag(["tag", str(work / PHOTOS), *common, "--index", str(work / "base-mem.db")], env)
         big = work / "big"
         big.mkdir()
         for copy in range(args.scale):
@@ -425,9 +445,16 @@ def main() -> None:
         }
         results["targets_met"] = {
             "throughput": results["throughput"]["ratio"] >= 0.85,
-            "throughput_int8": results["throughput"].get("int8", {}).get("ratio", 0) >= 0.85,
+            "throughput_float_graph": results["throughput"].get("float_graph", {}).get("ratio", 0) >= 0.85,
             "naive": results["naive"]["ratio"] >= 6,
-            "retag": results["retag_100_new_labels"][f"{args.count * args.scale}_images"]["ratio"] >= 30,
+            # judged on the largest folder measured (a library's size): the re-tag has a fixed
+            # cost (start-up, embedding the new labels) that small folders cannot amortise
+            "retag": max(
+                (int(size.split("_")[0]), entry["ratio"])
+                for size, entry in results["retag_100_new_labels"].items()
+                if size.endswith("_images")
+            )[1]
+            >= 30,
             "retag_by_folder_size": {
                 size: entry["ratio"] >= 30
                 for size, entry in results["retag_100_new_labels"].items()

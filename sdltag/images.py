@@ -61,9 +61,9 @@ class ImageError(SdltagError):
         self.reason = reason
 
 
-def is_image_path(path: Path) -> bool:
+def is_image_path(path: Path | str) -> bool:
     """True when the file name has an extension sdltag decodes (case-insensitive)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
 def _register_heif() -> None:
@@ -273,18 +273,21 @@ def _is_hidden(name: str) -> bool:
 
 
 def _walk(
-    folder: Path,
+    folder: str,
     recursive: bool,
     include_hidden: bool,
     seen_dirs: set[tuple[int, int]],
-    out: list[Path],
+    out: list[str],
     problems: list[tuple[str, str]],
 ) -> None:
-    """Depth-first, name-sorted walk with ``os.scandir``; each real folder is entered once (symlink loops)."""
+    """Depth-first, name-sorted walk with ``os.scandir``; each real folder is entered once (symlink loops).
+
+    Works on path strings (a library's worth of ``Path`` objects costs more than the walk).
+    """
     try:
-        info = folder.stat()
+        info = os.stat(folder)
     except OSError as exc:
-        problems.append((str(folder), f"cannot read folder ({exc.strerror or exc})"))
+        problems.append((folder, f"cannot read folder ({exc.strerror or exc})"))
         return
     key = (info.st_dev, info.st_ino)
     if key in seen_dirs:
@@ -294,7 +297,7 @@ def _walk(
         with os.scandir(folder) as entries:
             items = sorted(entries, key=lambda e: e.name)
     except OSError as exc:
-        problems.append((str(folder), f"cannot list folder ({exc.strerror or exc})"))
+        problems.append((folder, f"cannot list folder ({exc.strerror or exc})"))
         return
     subfolders = []
     for entry in items:
@@ -307,9 +310,9 @@ def _walk(
             continue
         if is_dir:
             if recursive:
-                subfolders.append(Path(entry.path))
-        elif is_file and is_image_path(Path(entry.name)):
-            out.append(Path(entry.path))
+                subfolders.append(entry.path)
+        elif is_file and is_image_path(entry.name):
+            out.append(entry.path)
     for sub in subfolders:
         _walk(sub, recursive, include_hidden, seen_dirs, out, problems)
 
@@ -324,7 +327,7 @@ def discover(paths: Iterable[Path], *, recursive: bool = True, include_hidden: b
     same folder is also being tagged is dropped: the JPEG is the better rendering.
     """
     result = Discovery()
-    found: list[Path] = []
+    found: list[str] = []
     seen_dirs: set[tuple[int, int]] = set()
     for raw in paths:
         path = Path(raw)
@@ -337,24 +340,26 @@ def discover(paths: Iterable[Path], *, recursive: bool = True, include_hidden: b
             result.problems.append((str(path), f"cannot access ({exc.strerror or exc})"))
             continue
         if stat.S_ISDIR(mode):
-            _walk(path, recursive, include_hidden, seen_dirs, found, result.problems)
+            _walk(os.fspath(path), recursive, include_hidden, seen_dirs, found, result.problems)
         elif stat.S_ISREG(mode):
             if is_image_path(path):
-                found.append(path)
+                found.append(os.fspath(path))
             else:
                 result.problems.append((str(path), f"not a supported image type ({path.suffix or 'no extension'})"))
         else:
             result.problems.append((str(path), "not a regular file or folder"))
-    unique: dict[Path, None] = {}
-    for path in found:
-        unique.setdefault(Path(os.path.abspath(path)), None)
-    files = list(unique)
-    rendered = {(p.parent, p.stem.lower()) for p in files if p.suffix.lower() not in RAW_EXTENSIONS}
+    files = list(dict.fromkeys(os.path.abspath(path) for path in found))
+    split = []  # (path, (folder, lower-case name without extension), lower-case extension)
     for path in files:
-        if path.suffix.lower() in RAW_EXTENSIONS and (path.parent, path.stem.lower()) in rendered:
-            result.skipped_raw.append(path)
+        folder, name = os.path.split(path)
+        stem, ext = os.path.splitext(name)
+        split.append((path, (folder, stem.lower()), ext.lower()))
+    rendered = {key for _, key, ext in split if ext not in RAW_EXTENSIONS}
+    for path, key, ext in split:
+        if ext in RAW_EXTENSIONS and key in rendered:
+            result.skipped_raw.append(Path(path))
         else:
-            result.files.append(path)
+            result.files.append(Path(path))
     return result
 
 

@@ -243,6 +243,27 @@ class ImageIndex:
         ).fetchone()
         return None if row is None else _decode_vectors(row[2], row[0], row[1])
 
+    def lookup_many(self, files: list[tuple[Path, int, int]], model_id: str) -> list[np.ndarray | None]:
+        """``lookup`` for many (path, size, mtime_ns) at once: one query per 500 paths, results in order."""
+        found: dict[bytes, tuple[int, int, bytes, int, int]] = {}
+        keys = [_key(path) for path, _, _ in files]
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            found.update(
+                (row[0], row[1:])
+                for row in self.conn.execute(
+                    "SELECT path, size, mtime_ns, vectors, rows, dim FROM images "
+                    f"WHERE model_id = ? AND path IN ({','.join('?' * len(part))})",
+                    (model_id, *part),
+                )
+            )
+        out: list[np.ndarray | None] = []
+        for key, (_, size, mtime_ns) in zip(keys, files, strict=True):
+            row = found.get(key)
+            match = row is not None and row[0] == int(size) and row[1] == int(mtime_ns)
+            out.append(_decode_vectors(row[2], row[3], row[4]) if match else None)
+        return out
+
     def known_hashes(self, model_id: str) -> set[str]:
         """Content hashes that already have vectors for ``model_id`` (for renamed/copied files)."""
         return {

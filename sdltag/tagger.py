@@ -28,6 +28,7 @@ from sdltag.scoring import calibrate, sdl_scores, top_k
 from sdltag.writers import Tag, TagResult
 
 SCORE_CHUNK = 256  # images scored per matrix product when their vectors come from the index
+LOOKUP_CHUNK = 256  # files looked up in the index per query
 # While the label vectors are still being computed (a Future), matrices wait unscored up to this
 # many images (7 x 384 float32 = 10.5 KB each, so ~43 MB); then the run waits for the labels.
 MAX_UNSCORED = 4096
@@ -326,32 +327,42 @@ class _Run:
         known = frozenset(self.index.known_hashes(self.model_id)) if self.index is not None else frozenset()
         self.pool = pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdltag-decode")
         try:
-            for path in self.files:
-                slot = _Slot(path)
-                self.slots.append(slot)
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    self.fail(slot, "no such file")
-                    continue
-                except OSError as exc:
-                    self.fail(slot, f"cannot access ({exc.strerror or exc})")
-                    continue
-                if self.index is not None:
-                    vectors = self.index.lookup(path, st.st_size, st.st_mtime_ns, self.model_id)
+            for first in range(0, len(self.files), LOOKUP_CHUNK):
+                stated: list[tuple[_Slot, os.stat_result]] = []
+                for path in self.files[first : first + LOOKUP_CHUNK]:
+                    slot = _Slot(path)
+                    self.slots.append(slot)
+                    try:
+                        stated.append((slot, os.stat(path)))
+                    except FileNotFoundError:
+                        self.fail(slot, "no such file")
+                    except OSError as exc:
+                        self.fail(slot, f"cannot access ({exc.strerror or exc})")
+                stored: list[np.ndarray | None] = [None] * len(stated)
+                if self.index is not None and stated:
+                    stored = self.index.lookup_many(
+                        [(slot.path, st.st_size, st.st_mtime_ns) for slot, st in stated], self.model_id
+                    )
+                for (slot, st), vectors in zip(stated, stored, strict=True):
                     if vectors is not None:
                         self.summary.unchanged += 1
                         self.ready.append((slot, vectors))
                         if len(self.ready) >= SCORE_CHUNK:
                             self.score_ready(force=False)
                         continue
-                future = pool.submit(
-                    _prepare, path, st.st_size, self.spec, self.options.max_megapixels, self.index is not None, known
-                )
-                self.inflight.append((slot, future, st))
-                while len(self.inflight) >= window:
-                    self.drain_one()
-                    self.flush()
+                    future = pool.submit(
+                        _prepare,
+                        slot.path,
+                        st.st_size,
+                        self.spec,
+                        self.options.max_megapixels,
+                        self.index is not None,
+                        known,
+                    )
+                    self.inflight.append((slot, future, st))
+                    while len(self.inflight) >= window:
+                        self.drain_one()
+                        self.flush()
             while self.inflight:
                 self.drain_one()
             self.run_batch()

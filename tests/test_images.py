@@ -242,7 +242,11 @@ def test_discover_walks_filters_and_pairs_raw(tmp_path: Path) -> None:
         "f.Bmp",
         "g.gif",
         "h.dng",
+        "sub/h.jpg",  # a same-name JPEG in another folder does not pair with h.dng
+        "Sub2/k.jpg",
+        "sub2/K.ARW",  # nor does one in a folder whose name differs only in case
     ]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x")
     found = discover([root])
     names = sorted(p.relative_to(root).as_posix() for p in found.files)
@@ -258,6 +262,9 @@ def test_discover_walks_filters_and_pairs_raw(tmp_path: Path) -> None:
             "f.Bmp",
             "g.gif",
             "h.dng",
+            "sub/h.jpg",
+            "Sub2/k.jpg",
+            "sub2/K.ARW",
         ]
     )
     assert [p.name for p in found.skipped_raw] == ["IMG_1.CR2"]

@@ -37,6 +37,28 @@ def test_put_lookup_and_unchanged_rule(tmp_path: Path) -> None:
         assert row is not None and row.hash == "h1" and row.vectors.shape == (3, 8)
 
 
+def test_lookup_many_agrees_with_lookup(tmp_path: Path) -> None:
+    """The batched look-up of a re-run (one query per 500 paths) gives what one look-up per file gives."""
+    with ImageIndex.open(tmp_path / "i.db") as index:
+        for i in range(1200):
+            index.put(tmp_path / f"{i:04d}.jpg", 100 + i, 5_000 + i, f"h{i}", "model-A", _matrix(i % 7))
+        index.put(tmp_path / "0003.jpg", 103, 5_003, "h3", "model-B", _matrix(99))
+        index.commit()
+        asked = [(tmp_path / f"{i:04d}.jpg", 100 + i, 5_000 + i) for i in range(0, 1300, 3)]  # past the end too
+        asked[1] = (asked[1][0], asked[1][1] + 1, asked[1][2])  # size changed
+        asked[2] = (asked[2][0], asked[2][1], asked[2][2] + 1)  # mtime changed
+        many = index.lookup_many(asked, "model-A")
+        assert len(many) == len(asked) and many[1] is None and many[2] is None and many[-1] is None
+        for (path, size, mtime), got in zip(asked, many, strict=True):
+            one = index.lookup(path, size, mtime, "model-A")
+            assert (got is None) == (one is None)
+            if one is not None:
+                np.testing.assert_array_equal(got, one)
+        assert sum(v is not None for v in many) == 398
+        np.testing.assert_array_equal(index.lookup_many([asked[1 - 1]], "model-A")[0], _matrix(0))
+        assert index.lookup_many([], "model-A") == []
+
+
 def test_under_is_a_folder_prefix_not_a_string_prefix(tmp_path: Path) -> None:
     with ImageIndex.open(tmp_path / "i.db") as index:
         for rel in ["p/a.jpg", "p/sub/b.jpg", "p2/c.jpg", "q/d.jpg"]:

@@ -111,6 +111,7 @@ def test_retag_with_new_labels_never_runs_the_model(tmp_path: Path, tiny_model) 
             files, tiny_model, labels, index=index, factory=Counting(tiny_model, forbid=True), top_k=9
         )
     assert summary.tagged == 0 and summary.unchanged == 5 and not problems
+    assert 0 < summary.seconds < 60 and "images/s in" in summary.line()  # the run's own wall time
     assert [r.path for r in again] == files
     assert {t.kind for r in again for t in r.tags} == {"seen", "unseen"}
     # seen labels score exactly as before
