@@ -98,10 +98,12 @@ def test_default_model_is_found_from_a_built_wheel(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         assert "sdltag_models/emoji/model.onnx" in names and "sdltag_models/emoji/manifest.json" in names
+        assert "sdltag_models/emoji/model.int8.onnx" in names  # its 8-bit graph ships too
         archive.extractall(site)
     code = (
         "from sdltag.modelfolder import default_model_dir, load_model_folder; "
-        "print(load_model_folder(default_model_dir()).path)"
+        "model = load_model_folder(default_model_dir()); model.with_precision('int8').verify_onnx(); "
+        "print(model.path)"
     )
     env = {k: v for k, v in os.environ.items() if k != "SDLTAG_MODEL"}
     env["PYTHONPATH"] = str(site)
