@@ -73,7 +73,7 @@ def resolve_precision(model: ModelFolder, precision: str, device: str) -> tuple[
         raise SdltagError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
     if precision == "float":
         return model.with_precision("float"), "float graph (--precision float)"
-    on_cuda = choose_providers(device, available_providers())[0] == CUDA
+    on_cuda = device != "cpu" and choose_providers(device, available_providers())[0] == CUDA
     if precision == "int8":
         if on_cuda:
             raise SdltagError("--precision int8 runs on the CPU. Add --device cpu, or use --precision float.")

@@ -112,7 +112,8 @@ def search(
         raise SdltagError(f"{path}: no index yet. Run `sdltag tag FOLDER` first (or pass --index FILE).")
     from sdltag.runtime import resolve_precision
 
-    model, _ = resolve_precision(load_model(model_dir), precision, "auto")
+    # "cpu": no onnxruntime import just to ask for CUDA; rows of the other graph are the fallback below
+    model, _ = resolve_precision(load_model(model_dir), precision, "cpu")
     label_space = query_label_space(model, query, embedder, cache_dir)
     folders = [Path(p) for p in (paths or [])]
     with ImageIndex.open_readonly(path) as index:
