@@ -398,7 +398,14 @@ def attach_int8(model: ModelFolder, int8_file: Path, details: dict[str, Any], ca
     folder = model.path
     partial = folder / f".{INT8_ONNX_FILE}.partial-{os.getpid()}"
     try:
-        shutil.copyfile(int8_file, partial)
+        try:
+            shutil.copyfile(int8_file, partial)
+        except OSError as exc:
+            raise _refuse(
+                folder,
+                f"cannot write the 8-bit graph into this folder ({exc.strerror or exc})",
+                "Copy the model folder somewhere writable first, or write a separate 8-bit folder with --out.",
+            ) from None
         entry = {
             **details,
             "file": INT8_ONNX_FILE,

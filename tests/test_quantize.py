@@ -202,3 +202,25 @@ def test_a_damaged_8bit_graph_is_refused_by_name(tmp_path: Path, tiny_model, mon
         app, ["tag", str(images[0]), "--model", str(model_dir), "--no-index", "--precision", "float"]
     )
     assert result.exit_code == 0, result.stderr
+
+
+def test_attach_to_a_folder_it_cannot_write_names_the_fix(tmp_path: Path, tiny_model, monkeypatch) -> None:
+    import shutil
+
+    import sdltag.modelfolder
+
+    _scenes(tmp_path / "calib", 8)
+    model_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_model.path, model_dir)
+    before = (model_dir / "manifest.json").read_bytes()
+    real_copyfile = shutil.copyfile
+
+    def deny(src, dst, *args, **kwargs):
+        if Path(dst).parent == model_dir:
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real_copyfile(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(sdltag.modelfolder.shutil, "copyfile", deny)
+    result = CliRunner().invoke(app, ["quantize", str(model_dir), str(tmp_path / "calib"), "--attach"])
+    assert result.exit_code == 2 and "cannot write the 8-bit graph" in result.stderr and "--out" in result.stderr
+    assert (model_dir / "manifest.json").read_bytes() == before and not load_model_folder(model_dir).has_int8
