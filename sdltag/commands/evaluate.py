@@ -50,8 +50,8 @@ def evaluate(
 
     Images count when they have at least one ground-truth label among the ranked labels (ZSL: the
     unseen ones; GZSL: seen + unseen). Scores come from the ONNX model exactly as `sdltag tag` computes
-    them. Labels of the folder that the model neither saw nor lists as unseen are ignored (name them
-    in --unseen to evaluate them zero-shot).
+    them (from the float graph unless --precision says otherwise). Labels of the folder that the model
+    neither saw nor lists as unseen are ignored (name them in --unseen to evaluate them zero-shot).
     """
     from sdltag.evaluation import evaluate as run_eval
     from sdltag.evaluation import format_table
