@@ -237,11 +237,7 @@ class ImageIndex:
 
     def lookup(self, path: Path, size: int, mtime_ns: int, model_id: str) -> np.ndarray | None:
         """The stored (M, d) matrix of ``path`` when size and mtime still match, else None."""
-        row = self.conn.execute(
-            "SELECT rows, dim, vectors FROM images WHERE path = ? AND model_id = ? AND size = ? AND mtime_ns = ?",
-            (_key(path), model_id, int(size), int(mtime_ns)),
-        ).fetchone()
-        return None if row is None else _decode_vectors(row[2], row[0], row[1])
+        return self.lookup_many([(path, size, mtime_ns)], model_id)[0]
 
     def lookup_many(self, files: list[tuple[Path, int, int]], model_id: str) -> list[np.ndarray | None]:
         """``lookup`` for many (path, size, mtime_ns) at once: one query per 500 paths, results in order."""
