@@ -320,7 +320,7 @@ def main() -> None:
         # The bundled model's other graph: auto runs the 8-bit one on CPUs with VNNI or Arm dot
         # product, so the float graph is measured too (and the other way round elsewhere).
         other = "float" if "8-bit graph" in first.get("model_line", "") else "int8"
-        if other == "float" or load_model_folder(model_dir).has_int8:
+        if other == "float" or model.has_int8:
             other_ratios, other_decode, other_rate, _, other_run = median_pair(
                 [*common, "--precision", other], lambda repeat: f"{other}-{repeat}.db"
             )

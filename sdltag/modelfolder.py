@@ -193,8 +193,13 @@ class ModelFolder:
     @property
     def onnx_path(self) -> Path:
         if self.precision == "int8" and self.manifest.onnx_int8:
-            return self.path / str(self.manifest.onnx_int8.get("file", INT8_ONNX_FILE))
+            return self._int8_path
         return self.path / ONNX_FILE
+
+    @property
+    def _int8_path(self) -> Path:
+        """Where the manifest says the 8-bit graph is (whether or not it runs)."""
+        return self.path / str((self.manifest.onnx_int8 or {}).get("file", INT8_ONNX_FILE))
 
     @property
     def model_id(self) -> str:
@@ -218,7 +223,7 @@ class ModelFolder:
                     f"{self.path}: this model has no 8-bit graph. Add one with `sdltag quantize {self.path} "
                     "IMAGES --attach`, or use --precision float."
                 )
-            int8 = self.path / str(self.manifest.onnx_int8.get("file", INT8_ONNX_FILE))
+            int8 = self._int8_path
             expected = self.manifest.onnx_int8.get("bytes")
             if not int8.is_file():
                 raise _refuse(int8, "missing (the manifest lists it)", "Run `sdltag quantize --attach` again.")
