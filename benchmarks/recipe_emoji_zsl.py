@@ -3,7 +3,7 @@
 The main (in-domain) protocol of benchmarks/README.md: train on ``all-train`` (60,000 scenes) with the
 100 labels of ``unseen_labels.txt`` held out (``--unseen``), select the epoch and fit
 the calibration on ``val-1k``, then test on ``zsl-test`` with ``sdltag eval``, whose
-JSON goes to ``benchmarks/results/``. ``--variant`` picks a row of the table, all with
+JSON goes to ``benchmarks/results/`` (or ``--results DIR``). ``--variant`` picks a row of the table, all with
 the same backbone (``smallcnn`` width 24, 96 px), data, epochs and optimiser:
 
 - ``sdl``: M=7, sigma weighting, regulariser lambda (``--lam``, default 0.1)
@@ -36,6 +36,7 @@ from benchmarks._recipes import (
     recipe_parser,
     run_training,
 )
+from sdltag.paths import atomic_write
 
 TRAIN = Split("all-train", ("twitter", "google"), 60000, 1, "test", unseen=False)
 VAL = Split("val-1k", ("twitter", "google"), 1000, 2, "test", unseen=False)
@@ -61,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--protocol", choices=sorted(PROTOCOLS), default="main", help="main (in-domain, default) or xs (cross-style)."
     )
     parser.add_argument("--skip-train", action="store_true", help="Only evaluate the model folder --out on the test.")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="Folder of the result JSON (default benchmarks/results)."
+    )
     args = parser.parse_args(argv)
     train_split, val_split, test_split = PROTOCOLS[args.protocol]
     train_dir = ensure_split(args.data, args.work, train_split, args.workers)
@@ -114,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"sdltag eval failed ({result.returncode}): {result.stderr.strip()}")
         return result.returncode
     metrics = json.loads(result.stdout)
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     record = {
         "row": tag,
         "variant": args.variant,
@@ -128,8 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "metrics": metrics,
         "validation": validation,  # val-1k (or xs-val) figures of the run; None with --skip-train
     }
-    out_file = RESULTS / f"{tag}.json"
-    out_file.write_text(json.dumps(record, indent=2) + "\n")
+    out_file = args.results / f"{tag}.json"
+    with atomic_write(out_file) as handle:
+        handle.write(json.dumps(record, indent=2) + "\n")
     log(f"wrote {out_file}")
     print(result.stdout, flush=True)
     return 0

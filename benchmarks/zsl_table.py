@@ -10,6 +10,12 @@ printed under the table: the issue's aim is >= 1.25x M=1 (ZSL and GZSL mAP) and 
 
     python -m benchmarks.zsl_table                      # print the markdown table
     python -m benchmarks.zsl_table --out results/zsl-table.md
+    python -m benchmarks.zsl_table --check RESULTS.md   # fresh results vs the committed table
+
+``--check`` is how a rerun (``make bench-zsl``) is judged: every learned row of the fresh
+results must lie within the committed row's reported spread (mean +/- 2 standard
+deviations, at least +/- ``CHECK_FLOOR`` points) in each column; it exits 1 naming each
+row and column that does not.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ VARIANTS = {
 COLUMNS = [("zsl", "map"), ("zsl", "3"), ("zsl", "5"), ("gzsl", "map"), ("gzsl", "3"), ("gzsl", "5")]
 SEEN_COLUMNS = [("seen", "map"), ("seen", "3"), ("seen", "5")]
 DEFAULT_EPOCHS = 3
+CHECK_FLOOR = 0.25  # points: the tolerance of a one-seed row or one whose seeds agree closely
 
 
 def _value(metrics: dict, protocol: str, what: str) -> float | None:
@@ -194,6 +201,71 @@ def replace_between_markers(text: str, table: str) -> str:
     return f"{head}{START}\n{table.strip()}\n{END}{tail}"
 
 
+Row = tuple[str, str, str]  # (section, row name, budget)
+
+
+def parse_table(text: str) -> dict[Row, dict[str, tuple[float, float, int]]]:
+    """The learned rows of a table ``build_table`` wrote: {(section, row, budget): {column: (mean, std, n)}}."""
+    rows: dict[Row, dict[str, tuple[float, float, int]]] = {}
+    section, header = "", []
+    for line in text.splitlines():
+        if line.startswith("### "):
+            section, header = line[4:].strip(), []
+            continue
+        if not line.startswith("| "):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells[0] == "row":
+            header = cells
+            continue
+        if not header or set(cells[0]) <= {"-", " "} or cells[1] == "-":  # separator, random/prior rows
+            continue
+        values = {}
+        n = len(cells[2].split(","))
+        for column, cell in zip(header[3:], cells[3:], strict=False):
+            match = re.fullmatch(r"(-?[0-9.]+)(?: \+/- ([0-9.]+))?", cell)
+            if match:
+                values[column] = (float(match[1]), float(match[2] or 0.0), n)
+        rows[(section, cells[0], cells[1])] = values
+    return rows
+
+
+def _row_label(key: Row) -> str:
+    return f"[{key[0].split(' ')[0]}] {key[1]}, {key[2]}"
+
+
+def check_against(committed_text: str, fresh_table: str) -> tuple[list[str], list[str]]:
+    """(problems, summary lines): each fresh learned row against the committed row of the same name and budget."""
+    if START in committed_text:
+        committed_text = committed_text.split(START, 1)[1].split(END, 1)[0]
+    committed, fresh = parse_table(committed_text), parse_table(fresh_table)
+    problems, summary = [], []
+    for key, values in fresh.items():
+        reference = committed.get(key)
+        label = _row_label(key)
+        if reference is None:
+            summary.append(f"{label}: not in the committed table (nothing to compare)")
+            continue
+        off = []
+        n = max((count for _, _, count in values.values()), default=0)
+        for column, (mean, _, _) in values.items():
+            if column not in reference:
+                continue
+            ref_mean, ref_std, _ = reference[column]
+            tolerance = max(2 * ref_std, CHECK_FLOOR)
+            if abs(mean - ref_mean) > tolerance:
+                off.append(f"{column} {mean:.2f} vs {ref_mean:.2f} +/- {tolerance:.2f}")
+        seeds = f"{n} seed{'s' if n != 1 else ''}"
+        if off:
+            problems.append(f"{label}: outside the committed spread: " + "; ".join(off))
+            summary.append(f"{label}, {seeds}: DIFFERS in {len(off)} column(s)")
+        else:
+            summary.append(f"{label}, {seeds}: within the committed spread in all {len(values)} columns")
+    for key in sorted(committed.keys() - fresh.keys()):
+        summary.append(f"{_row_label(key)}: not rerun")
+    return problems, summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the emoji-scenes results table from benchmarks/results/.")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Folder of result JSON files.")
@@ -203,7 +275,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="Replace the text between the table markers of this markdown file (RESULTS.md) with the table.",
     )
+    parser.add_argument(
+        "--check",
+        type=Path,
+        metavar="RESULTS_MD",
+        help="Compare the results with the table committed in this file; exit 1 if a row is outside its spread.",
+    )
     args = parser.parse_args(argv)
+    if args.check and args.update and args.check.resolve() == args.update.resolve():
+        parser.error("--check and --update name the same file: check first, then update")
     table = build_table(args.results)
     sweep = sweep_table(args.results)
     if sweep:
@@ -214,6 +294,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         updated = replace_between_markers(args.update.read_text(encoding="utf-8"), table)
         args.update.write_text(updated, encoding="utf-8")
     print(table)
+    if args.check:
+        try:
+            committed_text = args.check.read_text(encoding="utf-8")
+        except OSError as exc:
+            parser.error(f"--check {args.check}: cannot read it ({exc.strerror}); name the committed RESULTS.md")
+        problems, summary = check_against(committed_text, build_table(args.results))
+        print(f"\nAgainst the table in {args.check}:")
+        for line in summary:
+            print(f"- {line}")
+        for line in problems:
+            print(f"zsl_table: {line}", file=sys.stderr)
+        return 1 if problems else 0
     return 0
 
 

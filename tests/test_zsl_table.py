@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.zsl_table import build_table, load_runs, replace_between_markers, sweep_table
+from benchmarks.zsl_table import (
+    CHECK_FLOOR,
+    build_table,
+    check_against,
+    load_runs,
+    main,
+    replace_between_markers,
+    sweep_table,
+)
 
 
 def _result(folder: Path, name: str, zsl_map: float, gzsl_map: float, epochs: int = 1) -> None:
@@ -63,3 +71,35 @@ def test_update_replaces_only_the_marked_table() -> None:
     )
     with pytest.raises(SystemExit, match="needs one"):
         replace_between_markers("no markers here", "| new |")
+
+
+def test_check_passes_a_rerun_within_the_spread_and_names_a_row_outside_it(tmp_path: Path) -> None:
+    committed_dir, fresh_dir = tmp_path / "committed", tmp_path / "fresh"
+    committed_dir.mkdir()
+    fresh_dir.mkdir()
+    for seed, (z, g) in enumerate([(6.0, 8.0), (7.0, 9.0), (8.0, 10.0)]):  # std 1.0: tolerance 2.0
+        _result(committed_dir, f"zsl-sdl-lam0.1-e1-s{seed}", z, g)
+    _result(committed_dir, "zsl-m1-lam0.1-e1-s0", 5.0, 6.0)  # one seed: tolerance CHECK_FLOOR
+    committed = "# Results\n<!-- zsl_table: start -->\n" + build_table(committed_dir) + "\n<!-- zsl_table: end -->\n"
+    (tmp_path / "RESULTS.md").write_text(committed)
+
+    # a rerun of seed 0 only: SDL 8.5 is within 7 +/- 2; M=1 5.2 within 5 +/- 0.25
+    _result(fresh_dir, "zsl-sdl-lam0.1-e1-s0", 8.5, 9.5)
+    _result(fresh_dir, "zsl-m1-lam0.1-e1-s0", 5.2, 6.1)
+    problems, summary = check_against(committed, build_table(fresh_dir))
+    assert problems == []
+    assert any("SDL (M=7" in line and "1 seed: within" in line for line in summary)
+    assert main(["--results", str(fresh_dir), "--check", str(tmp_path / "RESULTS.md")]) == 0
+
+    # M=1 drifts by 0.5 points in ZSL mAP (and its F1s with it): outside a one-seed row's floor
+    _result(fresh_dir, "zsl-m1-lam0.1-e1-s0", 5.5 + CHECK_FLOOR, 6.1)
+    problems, _ = check_against(committed, build_table(fresh_dir))
+    assert len(problems) == 1 and problems[0].startswith("[main] M=1")
+    assert "ZSL mAP 5.75 vs 5.00 +/- 0.25" in problems[0] and "GZSL mAP" not in problems[0]
+    assert main(["--results", str(fresh_dir), "--check", str(tmp_path / "RESULTS.md")]) == 1
+
+    # a row the committed table does not have is reported, not judged
+    _result(fresh_dir, "zsl-nosigma-lam0.1-e1-s0", 50.0, 50.0)
+    _result(fresh_dir, "zsl-m1-lam0.1-e1-s0", 5.0, 6.0)
+    problems, summary = check_against(committed, build_table(fresh_dir))
+    assert problems == [] and any("without sigma" in line and "not in the committed" in line for line in summary)
