@@ -12,10 +12,12 @@ printed under the table: the issue's aim is >= 1.25x M=1 (ZSL and GZSL mAP) and 
     python -m benchmarks.zsl_table --out results/zsl-table.md
     python -m benchmarks.zsl_table --check RESULTS.md   # fresh results vs the committed table
 
-``--check`` is how a rerun (``make bench-zsl``) is judged: every learned row of the fresh
-results must lie within the committed row's reported spread (mean +/- 2 standard
-deviations, at least +/- ``CHECK_FLOOR`` points) in each column; it exits 1 naming each
-row and column that does not.
+``--check`` is how a rerun (``make bench-zsl``) is judged: in every column, the mean of
+each learned row of the fresh results must lie within the committed row's spread,
+the 95% prediction interval of a mean of that many new seeds given the committed
+seeds (``t(0.975, n-1) * std * sqrt(1/n + 1/n_new)``, at least ``CHECK_FLOOR`` points,
+which is also the tolerance of a one-seed row); it exits 1 naming each row and column
+that does not.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ COLUMNS = [("zsl", "map"), ("zsl", "3"), ("zsl", "5"), ("gzsl", "map"), ("gzsl",
 SEEN_COLUMNS = [("seen", "map"), ("seen", "3"), ("seen", "5")]
 DEFAULT_EPOCHS = 3
 CHECK_FLOOR = 0.25  # points: the tolerance of a one-seed row or one whose seeds agree closely
+# Student's t, two-sided 95%, by degrees of freedom (more than 10: 2.0)
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 
 
 def _value(metrics: dict, protocol: str, what: str) -> float | None:
@@ -230,6 +234,14 @@ def parse_table(text: str) -> dict[Row, dict[str, tuple[float, float, int]]]:
     return rows
 
 
+def check_tolerance(ref_std: float, ref_n: int, new_n: int) -> float:
+    """How far a mean of ``new_n`` new seeds may lie from a committed mean of ``ref_n`` seeds (std ``ref_std``)."""
+    if ref_n < 2:
+        return CHECK_FLOOR
+    t = T975.get(ref_n - 1, 2.0)
+    return max(t * ref_std * (1 / ref_n + 1 / max(new_n, 1)) ** 0.5, CHECK_FLOOR)
+
+
 def _row_label(key: Row) -> str:
     return f"[{key[0].split(' ')[0]}] {key[1]}, {key[2]}"
 
@@ -251,8 +263,8 @@ def check_against(committed_text: str, fresh_table: str) -> tuple[list[str], lis
         for column, (mean, _, _) in values.items():
             if column not in reference:
                 continue
-            ref_mean, ref_std, _ = reference[column]
-            tolerance = max(2 * ref_std, CHECK_FLOOR)
+            ref_mean, ref_std, ref_n = reference[column]
+            tolerance = check_tolerance(ref_std, ref_n, n)
             if abs(mean - ref_mean) > tolerance:
                 off.append(f"{column} {mean:.2f} vs {ref_mean:.2f} +/- {tolerance:.2f}")
         seeds = f"{n} seed{'s' if n != 1 else ''}"

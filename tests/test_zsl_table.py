@@ -83,7 +83,8 @@ def test_check_passes_a_rerun_within_the_spread_and_names_a_row_outside_it(tmp_p
     committed = "# Results\n<!-- zsl_table: start -->\n" + build_table(committed_dir) + "\n<!-- zsl_table: end -->\n"
     (tmp_path / "RESULTS.md").write_text(committed)
 
-    # a rerun of seed 0 only: SDL 8.5 is within 7 +/- 2; M=1 5.2 within 5 +/- 0.25
+    # a rerun of seed 0 only: SDL 8.5 is within 7 +/- 4.97 (t(2) 4.30 x std 1 x sqrt(1/3 + 1));
+    # M=1 5.2 within 5 +/- 0.25 (one committed seed: the floor)
     _result(fresh_dir, "zsl-sdl-lam0.1-e1-s0", 8.5, 9.5)
     _result(fresh_dir, "zsl-m1-lam0.1-e1-s0", 5.2, 6.1)
     problems, summary = check_against(committed, build_table(fresh_dir))
@@ -97,6 +98,17 @@ def test_check_passes_a_rerun_within_the_spread_and_names_a_row_outside_it(tmp_p
     assert len(problems) == 1 and problems[0].startswith("[main] M=1")
     assert "ZSL mAP 5.75 vs 5.00 +/- 0.25" in problems[0] and "GZSL mAP" not in problems[0]
     assert main(["--results", str(fresh_dir), "--check", str(tmp_path / "RESULTS.md")]) == 1
+
+    # SDL 3.6 points up: within the interval of one new seed, outside that of three (3.51)
+    _result(fresh_dir, "zsl-m1-lam0.1-e1-s0", 5.0, 6.0)
+    _result(fresh_dir, "zsl-sdl-lam0.1-e1-s0", 10.6, 9.0)
+    assert check_against(committed, build_table(fresh_dir))[0] == []
+    for seed in (1, 2):
+        _result(fresh_dir, f"zsl-sdl-lam0.1-e1-s{seed}", 10.6, 9.0)
+    problems, _ = check_against(committed, build_table(fresh_dir))
+    assert len(problems) == 1 and "ZSL mAP 10.60 vs 7.00 +/- 3.51" in problems[0]
+    for seed in (1, 2):
+        (fresh_dir / f"zsl-sdl-lam0.1-e1-s{seed}.json").unlink()
 
     # a row the committed table does not have is reported, not judged
     _result(fresh_dir, "zsl-nosigma-lam0.1-e1-s0", 50.0, 50.0)
