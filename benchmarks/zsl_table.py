@@ -196,21 +196,27 @@ def _baselines(folder: Path, test_name: str) -> dict[str, dict]:
 START, END = "<!-- zsl_table: start -->", "<!-- zsl_table: end -->"
 
 
-def replace_between_markers(text: str, table: str) -> str:
-    """``text`` with everything between the START and END markers replaced by ``table``."""
+def _between_markers(text: str) -> tuple[str, str, str]:
+    """(before START, between the markers, after END)."""
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
         raise SystemExit(f"the file needs one {START} line followed by one {END} line")
     head, rest = text.split(START)
-    _, tail = rest.split(END)
+    inside, tail = rest.split(END)
+    return head, inside, tail
+
+
+def replace_between_markers(text: str, table: str) -> str:
+    """``text`` with everything between the START and END markers replaced by ``table``."""
+    head, _, tail = _between_markers(text)
     return f"{head}{START}\n{table.strip()}\n{END}{tail}"
 
 
 Row = tuple[str, str, str]  # (section, row name, budget)
 
 
-def parse_table(text: str) -> dict[Row, dict[str, tuple[float, float, int]]]:
-    """The learned rows of a table ``build_table`` wrote: {(section, row, budget): {column: (mean, std, n)}}."""
-    rows: dict[Row, dict[str, tuple[float, float, int]]] = {}
+def parse_table(text: str) -> dict[Row, tuple[int, dict[str, tuple[float, float]]]]:
+    """The learned rows of a table ``build_table`` wrote: {(section, row, budget): (seeds, {column: (mean, std)})}."""
+    rows: dict[Row, tuple[int, dict[str, tuple[float, float]]]] = {}
     section, header = "", []
     for line in text.splitlines():
         if line.startswith("### "):
@@ -225,12 +231,11 @@ def parse_table(text: str) -> dict[Row, dict[str, tuple[float, float, int]]]:
         if not header or set(cells[0]) <= {"-", " "} or cells[1] == "-":  # separator, random/prior rows
             continue
         values = {}
-        n = len(cells[2].split(","))
         for column, cell in zip(header[3:], cells[3:], strict=False):
             match = re.fullmatch(r"(-?[0-9.]+)(?: \+/- ([0-9.]+))?", cell)
             if match:
-                values[column] = (float(match[1]), float(match[2] or 0.0), n)
-        rows[(section, cells[0], cells[1])] = values
+                values[column] = (float(match[1]), float(match[2] or 0.0))
+        rows[(section, cells[0], cells[1])] = (len(cells[2].split(",")), values)
     return rows
 
 
@@ -249,21 +254,20 @@ def _row_label(key: Row) -> str:
 def check_against(committed_text: str, fresh_table: str) -> tuple[list[str], list[str]]:
     """(problems, summary lines): each fresh learned row against the committed row of the same name and budget."""
     if START in committed_text:
-        committed_text = committed_text.split(START, 1)[1].split(END, 1)[0]
+        committed_text = _between_markers(committed_text)[1]
     committed, fresh = parse_table(committed_text), parse_table(fresh_table)
     problems, summary = [], []
-    for key, values in fresh.items():
-        reference = committed.get(key)
+    for key, (n, values) in fresh.items():
         label = _row_label(key)
-        if reference is None:
+        if key not in committed:
             summary.append(f"{label}: not in the committed table (nothing to compare)")
             continue
+        ref_n, reference = committed[key]
         off = []
-        n = max((count for _, _, count in values.values()), default=0)
-        for column, (mean, _, _) in values.items():
+        for column, (mean, _) in values.items():
             if column not in reference:
                 continue
-            ref_mean, ref_std, ref_n = reference[column]
+            ref_mean, ref_std = reference[column]
             tolerance = check_tolerance(ref_std, ref_n, n)
             if abs(mean - ref_mean) > tolerance:
                 off.append(f"{column} {mean:.2f} vs {ref_mean:.2f} +/- {tolerance:.2f}")
@@ -311,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             committed_text = args.check.read_text(encoding="utf-8")
         except OSError as exc:
             parser.error(f"--check {args.check}: cannot read it ({exc.strerror}); name the committed RESULTS.md")
-        problems, summary = check_against(committed_text, build_table(args.results))
+        problems, summary = check_against(committed_text, table)
         print(f"\nAgainst the table in {args.check}:")
         for line in summary:
             print(f"- {line}")
