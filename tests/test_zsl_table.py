@@ -77,7 +77,7 @@ def test_check_passes_a_rerun_within_the_spread_and_names_a_row_outside_it(tmp_p
     committed_dir, fresh_dir = tmp_path / "committed", tmp_path / "fresh"
     committed_dir.mkdir()
     fresh_dir.mkdir()
-    for seed, (z, g) in enumerate([(6.0, 8.0), (7.0, 9.0), (8.0, 10.0)]):  # std 1.0: tolerance 2.0
+    for seed, (z, g) in enumerate([(6.0, 8.0), (7.0, 9.0), (8.0, 10.0)]):  # std 1.0
         _result(committed_dir, f"zsl-sdl-lam0.1-e1-s{seed}", z, g)
     _result(committed_dir, "zsl-m1-lam0.1-e1-s0", 5.0, 6.0)  # one seed: tolerance CHECK_FLOOR
     committed = "# Results\n<!-- zsl_table: start -->\n" + build_table(committed_dir) + "\n<!-- zsl_table: end -->\n"
@@ -92,7 +92,7 @@ def test_check_passes_a_rerun_within_the_spread_and_names_a_row_outside_it(tmp_p
     assert any("SDL (M=7" in line and "1 seed: within" in line for line in summary)
     assert main(["--results", str(fresh_dir), "--check", str(tmp_path / "RESULTS.md")]) == 0
 
-    # M=1 drifts by 0.5 points in ZSL mAP (and its F1s with it): outside a one-seed row's floor
+    # M=1 drifts by 0.75 points in ZSL mAP (and its F1s with it): outside a one-seed row's floor
     _result(fresh_dir, "zsl-m1-lam0.1-e1-s0", 5.5 + CHECK_FLOOR, 6.1)
     problems, _ = check_against(committed, build_table(fresh_dir))
     assert len(problems) == 1 and problems[0].startswith("[main] M=1")
