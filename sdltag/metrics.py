@@ -1,4 +1,4 @@
-"""The paper's metrics (SDL-METHOD.md, "Evaluation protocol"), in numpy.
+"""The paper's metrics (docs/SDL-METHOD.md, "Evaluation protocol"), in numpy.
 
 - Images are kept only if they have at least one ground-truth label in the evaluated
   label set (ZSL: the unseen labels; GZSL: seen + unseen).

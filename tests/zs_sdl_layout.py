@@ -1,7 +1,7 @@
 """Helpers for the official-model tests: the ZS_SDL layout facts, its weight rule and golden output.
 
-The facts live in the shared folder beside the clone (``../shared/fixtures/zs_sdl``);
-tests that need them skip with a clear reason where it is absent.
+The facts are vendored under ``tests/data/zs_sdl`` (with the official release's MIT licence),
+so these tests run in every clone; a missing file is a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "zs_sdl"
+FIXTURES = Path(__file__).resolve().parent / "data" / "zs_sdl"
 LAYOUT_FILE = FIXTURES / "tresnet_m_nus_layout.json"
 CLASSES = FIXTURES / "nus_wide_classes.pickle"
 UNSEEN = FIXTURES / "nus_wide_unseen_classes.pickle"
@@ -24,11 +24,11 @@ WORDVECS = FIXTURES / "nus_wide_wordvec_array.pickle"
 
 
 def require_fixtures() -> Path:
-    """The fixtures folder, or skip the calling test with the reason."""
+    """The fixtures folder; fails the calling test when a vendored file is missing."""
     needed = [LAYOUT_FILE, CLASSES, UNSEEN, WORDVECS]
     missing = [p.name for p in needed if not p.is_file()]
     if missing:
-        pytest.skip(f"official ZS_SDL fixtures not found at {FIXTURES} (missing {', '.join(missing)})")
+        pytest.fail(f"official ZS_SDL fixtures not found at {FIXTURES} (missing {', '.join(missing)})")
     return FIXTURES
 
 

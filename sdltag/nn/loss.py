@@ -1,4 +1,4 @@
-"""The SDL loss (Ben-Cohen et al., ICCV 2021), as specified in SDL-METHOD.md.
+"""The SDL loss (Ben-Cohen et al., ICCV 2021), as specified in docs/SDL-METHOD.md.
 
 Per image with seen positives P and negatives N (every other seen label):
 
