@@ -13,8 +13,25 @@ single_thread_blas()
 import importlib  # noqa: E402
 
 import typer  # noqa: E402
+import typer.core  # noqa: E402
 
 from sdltag import __version__  # noqa: E402
+
+
+def _argument_metavar(self: typer.core.TyperArgument, ctx: object, *, usage: bool = False) -> str:
+    """Usage lines as other command-line tools write them: ``PATHS...``, ``[PATHS]...``.
+
+    Typer's own rendering wraps required arguments in braces (``{paths}...``).
+    """
+    var = self.metavar or (self.name or "").upper()
+    if self.nargs != 1 and not var.endswith("..."):
+        var += "..."
+    if usage and not self.required and not var.startswith("["):
+        var = f"[{var}]"
+    return var
+
+
+typer.core.TyperArgument.make_metavar = _argument_metavar  # type: ignore[method-assign,assignment]
 
 app = typer.Typer(
     name="sdltag",
@@ -23,12 +40,14 @@ app = typer.Typer(
         "you type (zero-shot), using Semantic Diversity Learning (ICCV 2021)."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    # `sdltag --install-completion` / `--show-completion` (bash, zsh, fish, PowerShell)
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
 
-# Command modules, registered in this order; a module that is not there yet is skipped.
+# Command modules, registered in this order.
 COMMAND_MODULES = ("tag", "search", "labels", "train", "evaluate", "export", "quantize", "official")
 
 
@@ -48,13 +67,7 @@ def _root(
 
 
 for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"sdltag.commands.{_name}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"sdltag.commands.{_name}":
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(f"sdltag.commands.{_name}").register(app)
 
 
 def main() -> None:

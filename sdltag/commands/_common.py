@@ -1,6 +1,7 @@
 """Shared CLI plumbing: error reporting to stderr and the exit-code convention.
 
-Exit codes: 0 success, 1 some inputs failed, 2 usage error (bad option or file).
+Exit codes: 0 success, 1 some inputs failed, 2 usage error (bad option or file), 130 interrupted,
+141 the reader of stdout went away (a broken pipe).
 """
 
 from __future__ import annotations
@@ -15,6 +16,59 @@ import typer
 from sdltag.errors import SdltagError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def complete_model_dir(incomplete: str) -> list[str]:
+    """Shell completion for ``--model``: folders under the typed prefix, model folders first.
+
+    A folder holding a ``manifest.json`` is a model folder; other folders are offered too
+    (with a trailing slash) so the user can walk down to one.
+    """
+    import os
+
+    head, _, tail = incomplete.rpartition("/")
+    base = head or ("/" if incomplete.startswith("/") else ".")
+    try:
+        entries = sorted(
+            (e for e in os.scandir(os.path.expanduser(base)) if e.name.startswith(tail)), key=lambda e: e.name
+        )
+    except OSError:
+        return []
+    models, folders = [], []
+    for entry in entries:
+        if entry.name.startswith(".") and not tail.startswith("."):
+            continue
+        try:
+            if not entry.is_dir():
+                continue
+        except OSError:
+            continue
+        shown = f"{head}/{entry.name}" if head or incomplete.startswith("/") else entry.name
+        if os.path.isfile(os.path.join(entry.path, "manifest.json")):
+            models.append(shown)
+        else:
+            folders.append(shown + "/")
+    return models + folders
+
+
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a tool a closed pipe ended
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush does not fail on the closed pipe."""
+    import os
+
+    try:
+        fd = sys.stdout.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+    except (AttributeError, OSError, ValueError):
+        return
+    try:
+        os.dup2(null, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(null)
 
 
 def error(message: str) -> None:
@@ -43,5 +97,9 @@ def cli_errors(func: F) -> F:
         except KeyboardInterrupt:
             error("interrupted")
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # The reader went away (`| head -1`): stop quietly, like a tool that SIGPIPE ends.
+            _discard_stdout()
+            raise typer.Exit(BROKEN_PIPE_EXIT) from None
 
     return wrapper  # type: ignore[return-value]

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from sdltag.commands._common import cli_errors, info
+from sdltag.commands._common import cli_errors, complete_model_dir, info
 from sdltag.errors import SdltagError
 
-SEARCH_FORMATS = ("table", "csv", "json", "jsonl", "paths")
+SEARCH_FORMATS = ("table", "csv", "json", "jsonl", "paths", "paths0")
 CHUNK = 4096  # index rows scored per matrix product
 
 
@@ -82,9 +82,15 @@ def search(
     paths: list[Path] = typer.Argument(None, help="Folders or files to search under (default: the whole index)."),
     top: int = typer.Option(20, "--top", "-n", min=1, help="How many images to list, best first."),
     fmt: str = typer.Option(
-        None, "--format", "-f", help="table, csv, json, jsonl or paths (default: table on a terminal, else jsonl)."
+        None,
+        "--format",
+        "-f",
+        help="table, csv, json, jsonl, paths or paths0 (NUL-terminated, for xargs -0) "
+        "(default: table on a terminal, else jsonl).",
     ),
-    model_dir: Path = typer.Option(None, "--model", "-m", help="Model folder (default: the bundled model)."),
+    model_dir: Path = typer.Option(
+        None, "--model", "-m", help="Model folder (default: the bundled model).", autocompletion=complete_model_dir
+    ),
     index_path: Path = typer.Option(None, "--index", help="Index file (default: in the user data folder)."),
     embedder: str = typer.Option(None, "--embedder", help="Text embedder for the query (default: the model's)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Label-vector cache folder (default: user cache)."),

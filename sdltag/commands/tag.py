@@ -14,10 +14,10 @@ from typing import IO
 
 import typer
 
-from sdltag.commands._common import cli_errors, error, info, warn
+from sdltag.commands._common import cli_errors, complete_model_dir, error, info, warn
 from sdltag.errors import SdltagError
 
-FORMATS = ("table", "csv", "json", "jsonl", "paths")
+FORMATS = ("table", "csv", "json", "jsonl", "paths", "paths0")
 _EXT_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "paths"}
 
 
@@ -115,6 +115,8 @@ class _ImageModelFactory:
 
                 self.instance = ImageModel(self.model, device=self.device, threads=self.threads)
                 threads = self.threads or os.cpu_count() or 1
+                if self.quiet:
+                    return self.instance
                 info(
                     f"model {self.model.manifest.name or self.model.path.name} on onnxruntime "
                     f"{self.instance.provider} ({threads} thread{'s' if threads != 1 else ''})"
@@ -144,7 +146,9 @@ def _open_index(no_index: bool, index_path: Path | None, dry_run: bool):
 @cli_errors
 def tag(
     paths: list[Path] = typer.Argument(..., help="Image files and folders to tag; `-` reads paths from stdin."),
-    model_dir: Path = typer.Option(None, "--model", "-m", help="Model folder (default: the bundled model)."),
+    model_dir: Path = typer.Option(
+        None, "--model", "-m", help="Model folder (default: the bundled model).", autocompletion=complete_model_dir
+    ),
     labels_files: list[Path] = typer.Option(
         [], "--labels", "-l", help="Labels file, one label per line (repeatable). Adds zero-shot labels."
     ),
@@ -159,10 +163,12 @@ def tag(
         None,
         "--format",
         "-f",
-        help="table, csv, json, jsonl or paths (default: table on a "
+        help="table, csv, json, jsonl, paths or paths0 (NUL-terminated, for xargs -0) (default: table on a "
         "terminal, else jsonl; with --output, from its extension).",
     ),
-    output: Path = typer.Option(None, "--output", "-o", help="Write results to this file (atomically)."),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Write results to this file (atomically; `-` for stdout)."
+    ),
     xmp: bool = typer.Option(False, "--xmp", help="Merge tags into XMP sidecars (dc:subject, sdltag|label)."),
     xmp_naming: str = typer.Option("ext", "--xmp-naming", help="Sidecar names: ext (IMG.jpg.xmp) or adobe (IMG.xmp)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print results only: write no index, sidecar or file."),
@@ -222,6 +228,9 @@ def tag(
         error(f"{where}: {reason}")
         failures += 1
     files = found.files
+    if not files and not found.problems:
+        where = ", ".join(str(p) for p in inputs) or "stdin"
+        warn(f"no images found in {where}; nothing to tag (hidden files are skipped unless --include-hidden)")
 
     sidecars: dict[Path, Path] = {}
     if xmp:
