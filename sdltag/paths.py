@@ -8,8 +8,13 @@ override both.
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import re
+import secrets
+import stat
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,33 +54,229 @@ def default_index_path() -> Path:
     return data_dir() / "index.sqlite3"
 
 
-@contextmanager
-def atomic_write(path: Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Write ``path`` through a temporary file in the same folder, then rename over it.
+# Temporary files of ``atomic_write``: ``.NAME.sdltag-tmp-PID-XXXXXXXX`` beside NAME. Only names of
+# exactly this shape are ever cleaned up (see ``remove_stale_temps``).
+TEMP_MARK = ".sdltag-tmp-"
+STALE_DEAD_SECONDS = 2.0  # a temp of a process that has ended, older than this, is debris
+STALE_ANY_SECONDS = 24 * 3600.0  # any temp this old is debris (its PID may have been reused)
+_TEMP_TAIL = re.compile(r"(?P<pid>[0-9]{1,10})-[0-9a-f]{8}")
 
-    Readers see the old file or the whole new one, never a partial write; on an
-    exception the temporary file is removed and ``path`` is untouched.
+
+def temp_name(name: str, pid: int | None = None) -> str:
+    """The name of a temporary file ``atomic_write`` creates for the output ``name``."""
+    return f".{name}{TEMP_MARK}{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else (or we cannot tell: keep its file)
+    return True
+
+
+def remove_stale_temps(path: Path, now: float | None = None) -> list[Path]:
+    """Remove temporary files an interrupted ``atomic_write`` of ``path`` left behind; returns them.
+
+    Only regular files named ``.NAME.sdltag-tmp-PID-XXXXXXXX`` (NAME being ``path``'s own name)
+    are candidates, and of those only the ones whose process is no longer running and that are
+    older than a few seconds, or that are older than a day (a PID reused since). Nothing else in
+    the folder is looked at twice.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    binary = "b" in mode
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}{TEMP_MARK}"
+    now = time.time() if now is None else now
+    removed: list[Path] = []
     try:
-        with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else "") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            try:
-                os.chmod(tmp, path.stat().st_mode & 0o777)
+        entries = list(os.scandir(path.parent if str(path.parent) else "."))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        match = _TEMP_TAIL.fullmatch(entry.name[len(prefix) :])
+        if match is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        age = now - st.st_mtime
+        if not ((age > STALE_DEAD_SECONDS and not _pid_alive(int(match.group("pid")))) or age > STALE_ANY_SECONDS):
+            continue
+        try:
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
+
+
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    """The process umask (read from /proc where possible: setting it to read it is not thread-safe)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                for line in status:
+                    if line.startswith("Umask:"):
+                        _UMASK = int(line.split()[1], 8)
+                        break
+        except (OSError, ValueError):
+            pass
+        if _UMASK is None:
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
+
+
+def _keep_owner_and_mode(fd: int, original: os.stat_result | None) -> None:
+    """Give the new file the original's owner and group (where permitted) and permission bits."""
+    if original is None:
+        os.fchmod(fd, 0o666 & ~_umask())
+        return
+    current = os.fstat(fd)
+    if (current.st_uid, current.st_gid) != (original.st_uid, original.st_gid):
+        try:
+            os.fchown(fd, original.st_uid, original.st_gid)
+        except OSError:
+            try:  # an owner may still hand the file to one of their own groups
+                os.fchown(fd, -1, original.st_gid)
             except OSError:
                 pass
+    os.fchmod(fd, stat.S_IMODE(original.st_mode) & 0o777)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _text(raw: IO[bytes], mode: str, encoding: str | None) -> IO:
+    import io
+
+    if "b" in mode:
+        return raw
+    return io.TextIOWrapper(raw, encoding=encoding or "utf-8", newline="")  # type: ignore[arg-type]
+
+
+@contextmanager
+def _direct(handle: IO[bytes], mode: str, encoding: str | None, close: bool) -> Iterator[IO]:
+    stream = _text(handle, mode, encoding)
+    try:
+        yield stream
+        stream.flush()
+    finally:
+        if stream is not handle:
+            stream.detach()  # type: ignore[attr-defined]
+        if close:
+            handle.close()
+
+
+@contextmanager
+def atomic_write(path: Path | str, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Write ``path`` so that a reader sees the old content or the whole new one, never a partial write.
+
+    A regular file is written through a temporary file in the same folder (named
+    ``.NAME.sdltag-tmp-PID-XXXXXXXX``), flushed to disk and renamed over it; the new file keeps
+    the old one's permission bits and, where permitted, its owner and group (a new file gets
+    0o666 less the umask). On an exception the temporary file is removed and ``path`` is left
+    as it was. Temporary files an earlier, killed run left for the same ``path`` are removed.
+
+    - ``"-"`` writes to standard output.
+    - A symbolic link is written through: its target gets the new content, the link stays.
+    - A FIFO, character or block device (``/dev/null``, a terminal, a pipe) is written
+      directly, never replaced.
+    - A file with more than one hard link is written in place, so every link still shows
+      the same file: the content is first written whole to a temporary file (a full disk
+      or a failure while rendering leaves the original untouched), the space it needs is
+      reserved, and only then copied over the original. This is the one case that is not
+      atomic: a crash during that copy can leave a partial file.
+    """
+    if str(path) == "-":
+        sys.stdout.flush()
+        with _direct(sys.stdout.buffer, mode, encoding, close=False) as stream:
+            yield stream
+        return
+    path = Path(path)
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+    else:
+        target = path
+        target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        original: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        original = None
+    if original is not None:
+        if stat.S_ISDIR(original.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(original.st_mode):
+            with _direct(open(target, "wb"), mode, encoding, close=True) as stream:  # noqa: SIM115
+                yield stream
+            return
+    remove_stale_temps(target)
+    tmp = target.parent / temp_name(target.name)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w+b") as raw:
+            with _direct(raw, mode, encoding, close=False) as stream:
+                yield stream
+            raw.flush()
+            if original is not None and original.st_nlink > 1:
+                _copy_in_place(raw, target)
+            else:
+                os.fsync(raw.fileno())
+                _keep_owner_and_mode(raw.fileno(), original)
+        if original is not None and original.st_nlink > 1:
+            os.unlink(tmp)
         else:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+def _copy_in_place(source: IO[bytes], target: Path) -> None:
+    """Copy ``source`` (the whole new content) over ``target``, keeping its inode (and so its hard links)."""
+    size = source.seek(0, os.SEEK_END)
+    source.seek(0)
+    fd = os.open(target, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        old_size = os.fstat(fd).st_size
+        if size > old_size and hasattr(os, "posix_fallocate"):
+            try:  # reserve the space first: a full disk is found before any byte changes
+                os.posix_fallocate(fd, old_size, size - old_size)
+            except OSError as exc:
+                os.ftruncate(fd, old_size)
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
+                    raise
+        while chunk := source.read(1 << 20):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
