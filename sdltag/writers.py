@@ -42,6 +42,7 @@ class TagResult:
 
     path: Path
     tags: list[Tag] = field(default_factory=list)
+    thumbnail: bytes | None = field(default=None, repr=False)  # a small JPEG from the decode (HTML sheets)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,12 @@ def _display(path: Path) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def make_writer(fmt: str, stream: IO[str], title: str = "") -> ResultWriter:
+def make_writer(fmt: str, stream: IO[str], title: str = "", output: Path | None = None, **sheet) -> ResultWriter:
+    """The writer of ``fmt`` on ``stream``; ``output`` (the file ``stream`` becomes) names an HTML sheet's folder."""
+    if fmt == "html":
+        from sdltag.contact_sheet import ContactSheetWriter
+
+        return ContactSheetWriter(stream, output, title=title, **sheet)
     if fmt == "jsonl":
         return JsonlWriter(stream)
     if fmt == "json":
