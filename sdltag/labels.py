@@ -11,7 +11,10 @@ A colon followed by whitespace starts a description (so ``12:30`` and ``C#`` sta
 labels). Surrounding whitespace is stripped and inner runs of whitespace collapse to
 one space. Case-insensitive duplicates are collapsed (the first spelling wins) with
 one warning naming them all. Anything that cannot be a label is refused with an
-``SdltagError`` naming the file and line.
+``SdltagError`` naming the file and line. Labels end up in XMP sidecars, so that
+includes a character XML 1.0 cannot hold (C0 control characters other than tab, line
+feed and carriage return; DEL; surrogates; U+FFFE and U+FFFF), and a ``--label`` that
+is not valid UTF-8.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ INLINE_SOURCE = "--label"
 _DESCRIPTION = re.compile(r"^(?P<label>.*?):(?:\s+(?P<text>.*))?$", re.DOTALL)
 _COMMENT = re.compile(r"(^|\s)#.*$")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Not characters of XML 1.0 (besides the control characters above): a sidecar holding them is not XML.
+_NOT_XML = re.compile("[\ud800-\udfff\ufffe\uffff]")
+# What Python puts in argv for bytes that are not valid UTF-8 (surrogateescape).
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,12 @@ def parse_label_line(line: str, source: str, *, strip_comments: bool = True) -> 
         return None
     if _CONTROL.search(raw):
         raise SdltagError(f"{source}: the label contains a control character ({raw!r}). Remove it.")
+    bad = _NOT_XML.search(raw)
+    if bad is not None:
+        raise SdltagError(
+            f"{source}: the label contains U+{ord(bad.group()):04X}, which XML (and so an XMP sidecar) cannot "
+            f"hold ({raw!r}). Remove it."
+        )
     match = _DESCRIPTION.match(raw)
     description: str | None = None
     if match:
@@ -137,6 +150,13 @@ def read_labels_file(path: Path) -> list[LabelEntry]:
 
 def parse_inline_label(value: str) -> LabelEntry:
     """Parse one ``--label`` value (``label`` or ``label: description``; no comments)."""
+    escaped = _ESCAPED_BYTE.search(value)
+    if escaped is not None:
+        shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise SdltagError(
+            f"{INLINE_SOURCE}: '{shown}' is not valid UTF-8 (byte 0x{ord(escaped.group()) - 0xDC00:02x}). "
+            "Pass the label as UTF-8 text (check the terminal's or script's encoding)."
+        )
     entry = parse_label_line(value, INLINE_SOURCE, strip_comments=False)
     if entry is None:
         raise SdltagError(f"{INLINE_SOURCE} {value!r}: the label is empty. Give a non-empty label.")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from sdltag.cli import app
@@ -127,6 +133,73 @@ def test_malformed_lines_are_refused(tmp_path: Path, line: str, message: str) ->
     path = _write(tmp_path / "bad.txt", f"fine\n{line}\n")
     with pytest.raises(SdltagError, match=rf"bad\.txt:2: .*{message}"):
         read_labels_file(path)
+
+
+@pytest.mark.parametrize("char", ["\ufffe", "\uffff", "\x0b", "\x1f", "\x7f"])
+def test_characters_xml_cannot_hold_are_refused_naming_file_and_line(tmp_path: Path, char: str) -> None:
+    path = _write(tmp_path / "odd.txt", f"fine\n# a comment\nbad{char}label: a description\n")
+    with pytest.raises(SdltagError, match=r"odd\.txt:3: the label contains") as info:
+        read_labels_file(path)
+    assert f"U+{ord(char):04X}" in str(info.value) or "control character" in str(info.value)
+    with pytest.raises(SdltagError, match=r"^--label: the label contains"):
+        build_vocabulary(inline=[f"x{char}y"])
+
+
+def test_description_with_a_forbidden_character_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.txt", "cat: a furry \uffff animal\n")
+    with pytest.raises(SdltagError, match=r"d\.txt:1: .*U\+FFFF"):
+        read_labels_file(path)
+
+
+def test_inline_label_with_a_non_utf8_byte_is_one_clear_error() -> None:
+    value = os.fsdecode(b"caf\xe9")  # what argv holds for a latin-1 terminal's "cafe"
+    with pytest.raises(SdltagError, match=r"^--label: 'caf\\xe9' is not valid UTF-8 \(byte 0xe9\)"):
+        build_vocabulary(inline=["ok", value])
+    with pytest.raises(SdltagError, match="U\\+D800"):  # a lone surrogate that is not an escaped byte
+        parse_inline_label("x\ud800")
+
+
+def test_cli_non_utf8_label_exits_2_with_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sdltag", "tag", str(tmp_path), "--no-index", b"--label", b"caf\xe9"],
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.decode().splitlines() == [
+        "sdltag: error: --label: 'caf\\xe9' is not valid UTF-8 (byte 0xe9). "
+        "Pass the label as UTF-8 text (check the terminal's or script's encoding)."
+    ]
+
+
+_LINES = st.text(
+    alphabet=st.one_of(
+        st.characters(codec="utf-8"),  # everything, surrogates excluded (a file is decoded strictly)
+        st.sampled_from(list(" \t:#\ufffe\uffff\x00\x0b\x7f\u2028\ufeff")),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(lines=st.lists(_LINES, max_size=6))
+def test_parser_accepts_only_labels_xml_can_hold(tmp_path_factory: pytest.TempPathFactory, lines: list[str]) -> None:
+    """Any file: either labels that survive an XML round trip, or one error naming the file and line."""
+    import xml.etree.ElementTree as ET
+
+    path = tmp_path_factory.mktemp("fuzz") / "labels.txt"
+    path.write_text("\n".join(lines), encoding="utf-8", newline="")
+    try:
+        entries = read_labels_file(path)
+    except SdltagError as exc:
+        assert re.match(rf"{re.escape(str(path))}:[0-9]+: ", str(exc)), str(exc)
+        return
+    for entry in entries:
+        assert entry.label and entry.label == normalize_label(entry.label) and len(entry.label) <= MAX_LABEL_CHARS
+        for text in (entry.label, entry.text):
+            element = ET.Element("li")
+            element.text = text
+            assert ET.fromstring(ET.tostring(element, encoding="unicode")).text == text
 
 
 def test_empty_inline_label_is_refused() -> None:
