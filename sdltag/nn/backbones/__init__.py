@@ -33,7 +33,7 @@ def register_backbone(
 
 def _load_builtin() -> None:
     # Importing the modules registers their backbones.
-    from sdltag.nn.backbones import resnet, smallcnn  # noqa: F401
+    from sdltag.nn.backbones import efficientnet_lite, resnet, smallcnn  # noqa: F401
 
     try:
         from sdltag.nn.backbones import tresnet  # noqa: F401
