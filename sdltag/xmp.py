@@ -3,17 +3,35 @@
 What photo tools read (see PHOTO-TOOLS.md): ``dc:subject`` (an ``rdf:Bag`` of flat
 keywords), ``lr:hierarchicalSubject`` (``root|leaf``, Lightroom, darktable) and
 ``digiKam:TagsList`` (``root/leaf``). sdltag writes all three with its entries under
-one root (``sdltag`` by default), merges with what is there (case-insensitive union),
-removes only its own root's entries on a re-run, leaves every other property and
-namespace in place, and replaces the file atomically.
+one root (``sdltag`` by default) and merges with what is there (case-insensitive union).
+
+What a re-run may remove is only what sdltag provably added: its own root's hierarchical
+entries, and the flat ``dc:subject`` keywords listed in the sidecar's ``sdltag:addedSubject``
+bag, where each write records the flat keywords it added. A keyword that was in the sidecar
+when sdltag first saw it is never recorded, so never removed.
+
+A rewrite edits the parsed document in place: comments, processing instructions, ``xml:lang``
+and other attributes, every namespace prefix and declaration, the text before and after the
+root element and the file's encoding stay as they were; only the ``rdf:li`` items sdltag adds
+or removes change. Prefixes are chosen per document (no process-wide registry). The file is
+replaced atomically through ``sdltag.paths.atomic_write``.
+
+A sidecar sdltag cannot read safely (not a regular file, not well-formed, an encoding Python
+cannot decode, entity declarations, nesting deeper than ``MAX_DEPTH``, larger than
+``MAX_BYTES``) raises ``XmpError`` naming the file and is left untouched.
 """
 
 from __future__ import annotations
 
-import io
+import codecs
+import os
+import re
+import stat
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from xml.parsers import expat
 
 from sdltag.errors import SdltagError
 from sdltag.paths import atomic_write
@@ -23,21 +41,49 @@ RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
 DC_NS = "http://purl.org/dc/elements/1.1/"
 LR_NS = "http://ns.adobe.com/lightroom/1.0/"
 DIGIKAM_NS = "http://www.digikam.org/ns/1.0/"
-_PREFIXES = {"x": X_NS, "rdf": RDF_NS, "dc": DC_NS, "lr": LR_NS, "digiKam": DIGIKAM_NS}
+SDLTAG_NS = "urn:sdltag:xmp:1.0/"
+XML_NS = "http://www.w3.org/XML/1998/namespace"
+_PREFIXES = {"x": X_NS, "rdf": RDF_NS, "dc": DC_NS, "lr": LR_NS, "digiKam": DIGIKAM_NS, "sdltag": SDLTAG_NS}
+_PREFERRED = {uri: prefix for prefix, uri in _PREFIXES.items()}
 
 SUBJECT = f"{{{DC_NS}}}subject"
 HIERARCHICAL = f"{{{LR_NS}}}hierarchicalSubject"
 TAGS_LIST = f"{{{DIGIKAM_NS}}}TagsList"
+ADDED_SUBJECT = f"{{{SDLTAG_NS}}}addedSubject"
+RDF = f"{{{RDF_NS}}}RDF"
 DESCRIPTION = f"{{{RDF_NS}}}Description"
 LI = f"{{{RDF_NS}}}li"
 CONTAINERS = (f"{{{RDF_NS}}}Bag", f"{{{RDF_NS}}}Seq", f"{{{RDF_NS}}}Alt")
 XPACKET_BEGIN = '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
 XPACKET_END = '\n<?xpacket end="w"?>\n'
 NAMINGS = ("ext", "adobe")
+MAX_DEPTH = 200  # real sidecars nest about 10 deep; deeper is refused, never recursed into
+MAX_BYTES = 64 * 1024 * 1024
+_INDENT = " "
+
+# Characters XML 1.0 can hold (a keyword with any other cannot be written).
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_DECLARED_ENCODING = re.compile(rb"""^<\?xml[^>]*?\sencoding\s*=\s*["']([A-Za-z][A-Za-z0-9._-]{0,39})["']""")
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+# Without a byte order mark, how "<?" starts in UTF-16/32 (XML 1.0, appendix F).
+_UNMARKED = (
+    (b"\x00\x00\x00<", "utf-32-be"),
+    (b"<\x00\x00\x00", "utf-32-le"),
+    (b"\x00<\x00?", "utf-16-be"),
+    (b"<\x00?\x00", "utf-16-le"),
+)
+# Codecs that are transforms rather than character encodings of a document.
+_NOT_DOCUMENT_CODECS = {"unicode-escape", "raw-unicode-escape", "idna", "punycode", "utf-7", "undefined"}
 
 
 class XmpError(SdltagError):
-    """A sidecar that exists but cannot be parsed; it is never overwritten."""
+    """A sidecar that exists but cannot be read or written safely; it is never overwritten."""
 
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"{path}: {reason}", exit_code=1)
@@ -45,8 +91,8 @@ class XmpError(SdltagError):
         self.reason = reason
 
 
-for _prefix, _uri in _PREFIXES.items():
-    ET.register_namespace(_prefix, _uri)
+class _Refused(Exception):
+    """Raised inside the parser's callbacks to stop on something sdltag will not read."""
 
 
 def sidecar_path(image_path: Path, naming: str = "ext") -> Path:
@@ -58,42 +104,267 @@ def sidecar_path(image_path: Path, naming: str = "ext") -> Path:
     return image_path.with_name(image_path.name + ".xmp")
 
 
-def _parse(path: Path) -> ET.Element:
-    """Parse a sidecar, registering its own namespace prefixes so they survive a rewrite."""
+# --- reading the file -------------------------------------------------------------------
+
+
+def _read_regular(path: Path) -> bytes | None:
+    """The bytes of ``path``; None when it does not exist. Only regular files are opened.
+
+    A FIFO, device or socket is refused before it is opened (opening a FIFO blocks until a
+    writer comes); the descriptor is opened non-blocking and checked again, for a file
+    swapped in between.
+    """
     try:
-        data = path.read_bytes()
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
     except OSError as exc:
-        raise XmpError(path, f"cannot read sidecar ({exc.strerror or exc})") from None
+        raise XmpError(path, f"cannot read sidecar ({exc.strerror or exc}); left untouched") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise XmpError(path, "is not a regular file (a folder, FIFO or device); left untouched, remove or rename it")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     try:
-        for _event, (prefix, uri) in ET.iterparse(io.BytesIO(data), events=("start-ns",)):
-            if prefix and uri not in _PREFIXES.values():
-                try:
-                    ET.register_namespace(prefix, uri)
-                except ValueError:  # prefixes like ns0 are reserved by ElementTree
-                    pass
-        root = ET.fromstring(data)
-    except ET.ParseError as exc:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise XmpError(path, f"cannot read sidecar ({exc.strerror or exc}); left untouched") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise XmpError(path, "is not a regular file (a FIFO or device); left untouched, remove or rename it")
+        if info.st_size > MAX_BYTES:
+            raise XmpError(
+                path, f"is {info.st_size / 2**20:.0f} MB, more than a sidecar sdltag reads ({MAX_BYTES // 2**20} MB)"
+            )
+        chunks = []
+        total = 0
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except OSError as exc:
+                raise XmpError(path, f"cannot read sidecar ({exc.strerror or exc}); left untouched") from None
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > MAX_BYTES:
+                raise XmpError(path, f"is more than a sidecar sdltag reads ({MAX_BYTES // 2**20} MB)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _decode(path: Path, data: bytes) -> tuple[str, str, bytes]:
+    """(text, codec, byte order mark): the sidecar decoded the way its bytes and declaration say."""
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data[len(bom) :].decode(codec), codec, bom
+            except UnicodeDecodeError as exc:
+                raise XmpError(path, f"is not valid {codec.upper()} ({exc.reason}); left untouched") from None
+    for start, codec in _UNMARKED:
+        if data.startswith(start):
+            try:
+                return data.decode(codec), codec, b""
+            except UnicodeDecodeError as exc:
+                raise XmpError(path, f"is not valid {codec.upper()} ({exc.reason}); left untouched") from None
+    codec = "utf-8"
+    declared = _DECLARED_ENCODING.match(data)
+    if declared is not None:
+        name = declared.group(1).decode("ascii")
+        try:
+            codec = codecs.lookup(name).name
+            if codec in _NOT_DOCUMENT_CODECS:
+                raise LookupError(name)
+            compatible = "<?xml".encode(codec) == b"<?xml"
+        except (LookupError, UnicodeError):
+            raise XmpError(
+                path, f"declares the encoding {name!r}, which sdltag cannot read; left untouched, save it as UTF-8"
+            ) from None
+        if not compatible:
+            raise XmpError(path, f"declares the encoding {name!r} but is not written in it; left untouched, fix it")
+    try:
+        return data.decode(codec), codec, b""
+    except (UnicodeDecodeError, LookupError) as exc:
+        reason = exc.reason if isinstance(exc, UnicodeDecodeError) else str(exc)
+        raise XmpError(path, f"is not valid {codec.upper()} ({reason}); left untouched, fix or remove it") from None
+
+
+@dataclass
+class _Document:
+    """A parsed sidecar: the root element plus what a rewrite must give back unchanged."""
+
+    root: ET.Element
+    prolog: str = ""  # the text before the root element (XML declaration, xpacket, comments)
+    epilog: str = ""
+    codec: str = "utf-8"
+    bom: bytes = b""
+    # id(element) -> its namespace declarations in source order ("" = the default namespace)
+    declarations: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+    prefixes: dict[int, str] = field(default_factory=dict)  # id(element) -> the prefix its tag was written with
+
+
+def _clark(name: str) -> tuple[str, str | None]:
+    """expat's ``uri\\x01local\\x01prefix`` -> (``{uri}local``, prefix or None)."""
+    parts = name.split("\x01")
+    if len(parts) == 1:
+        return parts[0], None
+    return f"{{{parts[0]}}}{parts[1]}", (parts[2] if len(parts) > 2 else "")
+
+
+def _parse_text(path: Path, text: str) -> _Document:
+    """Parse with expat into an ElementTree, without recursion and without entity declarations."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise XmpError(path, "holds characters that are not Unicode text; left untouched, fix or remove it") from None
+    parser = expat.ParserCreate(encoding="UTF-8", namespace_separator="\x01")
+    parser.namespace_prefixes = True
+    parser.ordered_attributes = True
+    parser.buffer_text = True
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    stack: list[ET.Element] = []
+    pending: list[tuple[str, str]] = []
+    declarations: dict[int, list[tuple[str, str]]] = {}
+    prefixes: dict[int, str] = {}
+    found: dict[str, object] = {}
+
+    def start_namespace(prefix: str | None, uri: str | None) -> None:
+        pending.append((prefix or "", uri or ""))
+
+    def add(element: ET.Element) -> None:
+        if stack:
+            stack[-1].append(element)
+
+    def start(name: str, attributes: list[str]) -> None:
+        if len(stack) >= MAX_DEPTH:
+            raise _Refused(f"nests elements more than {MAX_DEPTH} deep")
+        tag, prefix = _clark(name)
+        element = ET.Element(tag)
+        for i in range(0, len(attributes), 2):
+            element.set(_clark(attributes[i])[0], attributes[i + 1])
+        if pending:
+            declarations[id(element)] = list(pending)
+            pending.clear()
+        if prefix is not None:
+            prefixes[id(element)] = prefix
+        if not stack:
+            if "root" in found:
+                raise _Refused("has more than one root element")
+            found["root"], found["start"] = element, parser.CurrentByteIndex
+        add(element)
+        stack.append(element)
+
+    def end(_name: str) -> None:
+        stack.pop()
+        if not stack:
+            at = parser.CurrentByteIndex
+            # an end tag is reported where it starts; an empty-element tag where it has ended
+            found["end"] = data.index(b">", at) + 1 if data.startswith(b"</", at) else at
+
+    def characters(chunk: str) -> None:
+        if not stack:
+            return
+        parent = stack[-1]
+        if len(parent):
+            last = parent[-1]
+            last.tail = (last.tail or "") + chunk
+        else:
+            parent.text = (parent.text or "") + chunk
+
+    def comment(body: str) -> None:
+        if stack:
+            add(ET.Comment(body))
+
+    def instruction(target: str, body: str) -> None:
+        if stack:
+            add(ET.ProcessingInstruction(target, body or None))
+
+    def entity(*_args: object) -> None:
+        raise _Refused("declares XML entities, which sdltag does not expand")
+
+    parser.StartNamespaceDeclHandler = start_namespace
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = characters
+    parser.CommentHandler = comment
+    parser.ProcessingInstructionHandler = instruction
+    parser.EntityDeclHandler = entity
+    parser.UnparsedEntityDeclHandler = entity
+    try:
+        parser.Parse(data, True)
+    except _Refused as exc:
+        raise XmpError(path, f"{exc}; left untouched, fix or remove it") from None
+    except expat.ExpatError as exc:
         raise XmpError(path, f"not valid XML ({exc}); left untouched, fix or remove it") from None
-    return root
+    except (RecursionError, MemoryError, ValueError) as exc:
+        raise XmpError(path, f"cannot be parsed ({type(exc).__name__}); left untouched, fix or remove it") from None
+    root = found.get("root")
+    if not isinstance(root, ET.Element):
+        raise XmpError(path, "has no XML element; left untouched, fix or remove it")
+    begin, finish = int(found["start"]), int(found["end"])  # type: ignore[call-overload]
+    return _Document(
+        root=root,
+        prolog=data[:begin].decode("utf-8"),
+        epilog=data[finish:].decode("utf-8"),
+        declarations=declarations,
+        prefixes=prefixes,
+    )
+
+
+def _parse(path: Path) -> _Document | None:
+    """The parsed sidecar at ``path``; None when there is none."""
+    data = _read_regular(path)
+    if data is None:
+        return None
+    text, codec, bom = _decode(path, data)
+    document = _parse_text(path, text)
+    document.codec, document.bom = codec, bom
+    return document
+
+
+# --- keywords in the tree ---------------------------------------------------------------
 
 
 def _rdf(root: ET.Element) -> ET.Element | None:
-    if root.tag == f"{{{RDF_NS}}}RDF":
+    if root.tag == RDF:
         return root
-    return root.find(f".//{{{RDF_NS}}}RDF")
+    for element in root.iter(RDF):
+        return element
+    return None
 
 
-def _items(root: ET.Element, prop: str) -> list[str]:
-    """The ``rdf:li`` texts of every ``prop`` (rdf:Bag/Seq/Alt) in any ``rdf:Description``."""
-    values: list[str] = []
-    for element in root.iter(prop):
-        for container in element:
-            if container.tag in CONTAINERS:
-                values.extend((li.text or "").strip() for li in container.iter(LI))
-    return [v for v in values if v]
+def _descriptions(root: ET.Element) -> list[ET.Element]:
+    """The top-level ``rdf:Description`` elements, where XMP properties live."""
+    rdf = _rdf(root)
+    return [] if rdf is None else rdf.findall(DESCRIPTION)
 
 
-def _dedupe(values: list[str]) -> list[str]:
+def _li_value(li: ET.Element) -> str | None:
+    """A keyword item's text, stripped; None for an item that is not a plain keyword."""
+    if li.tag != LI or any(isinstance(child.tag, str) for child in li):
+        return None
+    value = (li.text or "").strip()
+    return value or None
+
+
+def _property_items(descriptions: Iterable[ET.Element], prop: str) -> list[tuple[ET.Element, ET.Element]]:
+    """(container, li) for every keyword item of ``prop`` (an rdf:Bag/Seq/Alt), in file order."""
+    items = []
+    for description in descriptions:
+        for element in description.findall(prop):
+            for container in element:
+                if container.tag in CONTAINERS:
+                    items.extend((container, li) for li in container if _li_value(li) is not None)
+    return items
+
+
+def _values(descriptions: Iterable[ET.Element], prop: str) -> list[str]:
+    return [_li_value(li) or "" for _container, li in _property_items(descriptions, prop)]
+
+
+def _dedupe(values: Iterable[str]) -> list[str]:
     seen: set[str] = set()
     out = []
     for value in values:
@@ -106,116 +377,367 @@ def _dedupe(values: list[str]) -> list[str]:
 
 def read_keywords(xmp_path: Path) -> list[str]:
     """The keywords of a sidecar: ``dc:subject`` plus the leaves of ``lr:hierarchicalSubject``,
-    case-insensitively de-duplicated, in file order. Raises ``XmpError`` for a broken file."""
-    root = _parse(Path(xmp_path))
-    subject = _items(root, SUBJECT)
-    leaves = [value.split("|")[-1].strip() for value in _items(root, HIERARCHICAL)]
+    case-insensitively de-duplicated, in file order. Raises ``XmpError`` for a file it cannot read."""
+    xmp_path = Path(xmp_path)
+    document = _parse(xmp_path)
+    if document is None:
+        raise XmpError(xmp_path, "does not exist")
+    descriptions = _descriptions(document.root)
+    subject = _values(descriptions, SUBJECT)
+    leaves = [value.split("|")[-1].strip() for value in _values(descriptions, HIERARCHICAL)]
     return _dedupe(subject + [leaf for leaf in leaves if leaf])
 
 
 @dataclass(frozen=True)
 class KeywordSet:
-    """The three keyword properties of a sidecar."""
+    """The keyword properties of a sidecar, and which flat keywords sdltag added (``sdltag:addedSubject``)."""
 
     subject: list[str]
     hierarchical: list[str]
     tags_list: list[str]
+    added: list[str] = field(default_factory=list)
 
 
 def merge_keywords(existing: KeywordSet, keywords: list[str], root: str = "sdltag") -> KeywordSet:
     """Replace ``root``'s entries with ``keywords``, keeping everything else (case-insensitive union).
 
-    A flat ``dc:subject`` keyword is dropped on a re-run only when it was a leaf of
-    one of our old ``root|`` entries and no other hierarchy lists it.
+    A flat ``dc:subject`` keyword is removed only when ``existing.added`` records that sdltag
+    added it, no new keyword matches it and no other tool's hierarchy lists it. A keyword
+    already there is never recorded as sdltag's, even when sdltag proposes it too.
     """
     lr_prefix, dk_prefix = f"{root}|".casefold(), f"{root}/".casefold()
-    ours_h = [h for h in existing.hierarchical if h.casefold().startswith(lr_prefix)]
-    ours_t = [t for t in existing.tags_list if t.casefold().startswith(dk_prefix)]
-    other_h = [h for h in existing.hierarchical if h not in ours_h]
-    other_t = [t for t in existing.tags_list if t not in ours_t]
-    old_leaves = {h.split("|")[-1].casefold() for h in ours_h} | {t.split("/")[-1].casefold() for t in ours_t}
-    other_leaves = {h.split("|")[-1].casefold() for h in other_h} | {t.split("/")[-1].casefold() for t in other_t}
-    subject = [s for s in existing.subject if s.casefold() not in old_leaves or s.casefold() in other_leaves]
+    ours_h = {h.casefold() for h in existing.hierarchical if h.casefold().startswith(lr_prefix)}
+    ours_t = {t.casefold() for t in existing.tags_list if t.casefold().startswith(dk_prefix)}
+    other_h = [h for h in existing.hierarchical if h.casefold() not in ours_h]
+    other_t = [t for t in existing.tags_list if t.casefold() not in ours_t]
+    other_leaves = {h.split("|")[-1].strip().casefold() for h in other_h}
+    other_leaves |= {t.split("/")[-1].strip().casefold() for t in other_t}
     keywords = _dedupe([k.strip() for k in keywords if k.strip()])
+    wanted = {k.casefold() for k in keywords}
+    present = {s.casefold() for s in existing.subject}
+    recorded = {a.casefold() for a in existing.added} & present
+    removed = {key for key in recorded if key not in wanted and key not in other_leaves}
+    new = [k for k in keywords if k.casefold() not in present]
+    # still ours: recorded, kept, and listed by no other tool (then it is shared, so kept for good)
+    still_ours = recorded - removed - other_leaves
     return KeywordSet(
-        subject=_dedupe(subject + keywords),
+        subject=[s for s in existing.subject if s.casefold() not in removed] + new,
         hierarchical=_dedupe(other_h + [f"{root}|{k.replace('|', '-')}" for k in keywords]),
         tags_list=_dedupe(other_t + [f"{root}/{k.replace('/', '-')}" for k in keywords]),
+        added=_dedupe([s for s in existing.subject if s.casefold() in still_ours] + new),
     )
 
 
 def _same(a: KeywordSet, b: KeywordSet) -> bool:
     """Equal up to order and case: a re-run that picks the same tags leaves the file alone."""
 
-    def norm(values: list[str]) -> list[str]:
-        return sorted(v.casefold() for v in values)
+    def norm(values: list[str]) -> set[str]:
+        return {v.casefold() for v in values}
 
-    return all(
-        norm(x) == norm(y)
-        for x, y in ((a.subject, b.subject), (a.hierarchical, b.hierarchical), (a.tags_list, b.tags_list))
-    )
+    pairs = ((a.subject, b.subject), (a.hierarchical, b.hierarchical), (a.tags_list, b.tags_list), (a.added, b.added))
+    return all(norm(x) == norm(y) for x, y in pairs)
 
 
-def _skeleton() -> ET.Element:
-    meta = ET.Element(f"{{{X_NS}}}xmpmeta")
-    rdf = ET.SubElement(meta, f"{{{RDF_NS}}}RDF")
-    ET.SubElement(rdf, DESCRIPTION, {f"{{{RDF_NS}}}about": ""})
-    return meta
+# --- editing the tree in place ------------------------------------------------------------
 
 
-def _set_property(root: ET.Element, prop: str, container: str, values: list[str]) -> None:
-    """Put ``values`` in ``prop`` (in the Description that already has it, else the first one)."""
-    rdf = _rdf(root)
-    descriptions = list(root.iter(DESCRIPTION))
-    if rdf is None or not descriptions:
-        raise ValueError("sidecar has no rdf:RDF/rdf:Description")
-    target = next((d for d in descriptions if d.find(prop) is not None), descriptions[0])
-    for description in descriptions:
-        for element in description.findall(prop):
-            description.remove(element)
-    if not values:
+def _parents(root: ET.Element) -> dict[int, ET.Element]:
+    return {id(child): parent for parent in root.iter() for child in parent}
+
+
+def _leading(element: ET.Element, parents: dict[int, ET.Element]) -> str | None:
+    """The indentation ``element`` is written with (the whitespace after the last line break before it)."""
+    parent = parents.get(id(element))
+    if parent is None:
+        return ""
+    siblings = list(parent)
+    index = siblings.index(element)
+    before = siblings[index - 1].tail if index else parent.text
+    if before is None or "\n" not in before or before.strip():
+        return None
+    return before.rpartition("\n")[2]
+
+
+def _append(parent: ET.Element, child: ET.Element, parents: dict[int, ET.Element]) -> None:
+    """Append ``child`` laid out like its siblings, or one indentation step inside ``parent``."""
+    if len(parent):
+        last = parent[-1]
+        child.tail = last.tail
+        last.tail = parent[-2].tail if len(parent) > 1 else parent.text
+        if last.tail is not None and last.tail.strip():  # mixed content: no layout to copy
+            last.tail = child.tail = None
+    elif parent.text is None or not parent.text.strip():
+        own = _leading(parent, parents)
+        if own is None:
+            parent.text, child.tail = None, None
+        else:
+            grandparent = parents.get(id(parent))
+            outer = _leading(grandparent, parents) if grandparent is not None else None
+            step = own[len(outer) :] if outer is not None and own.startswith(outer) and len(own) > len(outer) else ""
+            parent.text = "\n" + own + (step or _INDENT)
+            child.tail = "\n" + own
+    parent.append(child)
+
+
+def _remove(parent: ET.Element, child: ET.Element) -> None:
+    """Remove ``child``, giving its closing layout to the sibling before it when it was the last."""
+    children = list(parent)
+    index = children.index(child)
+    closing = child.tail if child.tail is not None and not child.tail.strip() else None
+    if index == len(children) - 1:
+        if index > 0:
+            children[index - 1].tail = closing
+        elif parent.text is None or not parent.text.strip():
+            parent.text = closing
+    parent.remove(child)
+
+
+def _update_property(
+    document: _Document,
+    descriptions: list[ET.Element],
+    prop: str,
+    container_tag: str,
+    values: list[str],
+    target: ET.Element,
+) -> None:
+    """Make ``prop``'s keyword items the case-insensitive set ``values``, editing in place.
+
+    Items whose value is kept stay exactly as written (text, ``xml:lang``, comments around
+    them); removed ones go; new ones are appended to the property's first container, or to
+    a new property in ``target``. A container sdltag empties goes, with its property when
+    that holds nothing else.
+    """
+    keep = {v.casefold() for v in values}
+    emptied: list[ET.Element] = []
+    for container, li in _property_items(descriptions, prop):
+        if (_li_value(li) or "").casefold() not in keep:
+            _remove(container, li)
+            if all(c is not container for c in emptied):
+                emptied.append(container)
+    have = {v.casefold() for v in _values(descriptions, prop)}
+    missing = _dedupe(v for v in values if v.casefold() not in have)
+    if missing:
+        container = next(
+            (c for d in descriptions for e in d.findall(prop) for c in e if c.tag in CONTAINERS),
+            None,
+        )
+        parents = _parents(document.root)
+        if container is None:
+            _declare(document, target, prop, parents)
+            element = ET.Element(prop)
+            _append(target, element, parents)
+            container = ET.Element(container_tag)
+            _append(element, container, _parents(document.root))
+            parents = _parents(document.root)
+        for value in missing:
+            li = ET.Element(LI)
+            li.text = value
+            _append(container, li, parents)
+    parents = _parents(document.root)
+    for container in emptied:
+        if any(child.tag == LI for child in container) or id(container) not in parents:
+            continue
+        element = parents[id(container)]
+        if len(element) == 1 and not element.attrib and id(element) in parents:
+            _remove(parents[id(element)], element)
+        elif not len(container):
+            container.text = None
+
+
+def _namespace(tag: str) -> str:
+    return tag[1:].partition("}")[0] if tag.startswith("{") else ""
+
+
+def _scope(document: _Document, element: ET.Element, parents: dict[int, ET.Element]) -> dict[str, str]:
+    """The namespace bindings in force at ``element`` (prefix -> uri)."""
+    chain = [element]
+    while id(chain[-1]) in parents:
+        chain.append(parents[id(chain[-1])])
+    scope: dict[str, str] = {"xml": XML_NS}
+    for ancestor in reversed(chain):
+        scope.update(document.declarations.get(id(ancestor), ()))
+    return scope
+
+
+def _declare(document: _Document, target: ET.Element, prop: str, parents: dict[int, ET.Element]) -> None:
+    """Declare ``prop``'s namespace on ``target`` (the usual XMP layout) when it is not in scope there."""
+    uri = _namespace(prop)
+    scope = _scope(document, target, parents)
+    if any(bound == uri for prefix, bound in scope.items() if prefix):
         return
-    element = ET.SubElement(target, prop)
-    bag = ET.SubElement(element, f"{{{RDF_NS}}}{container}")
-    for value in values:
-        ET.SubElement(bag, LI).text = value
+    prefix = _free_prefix(_PREFERRED.get(uri, "ns"), scope)
+    document.declarations.setdefault(id(target), []).append((prefix, uri))
+
+
+def _free_prefix(preferred: str, scope: dict[str, str]) -> str:
+    if preferred not in scope and not preferred.lower().startswith("xml"):
+        return preferred
+    n = 1
+    while f"{preferred}{n}" in scope:
+        n += 1
+    return f"{preferred}{n}"
+
+
+# --- writing the tree ---------------------------------------------------------------------
+
+
+def _escape_text(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\r", "&#13;")
+
+
+def _escape_attribute(text: str) -> str:
+    return _escape_text(text).replace('"', "&quot;").replace("\n", "&#10;").replace("\t", "&#9;").replace("\r", "&#13;")
+
+
+def _serialize(document: _Document) -> str:
+    """The document's root element as XML, each element with the prefixes it was written with."""
+    out: list[str] = []
+    # (element, scope) to open, or (element, closing tag) to close; no recursion at any depth
+    todo: list[tuple[ET.Element, dict[str, str] | str]] = [(document.root, {"xml": XML_NS})]
+    while todo:
+        element, scope = todo.pop()
+        if isinstance(scope, str):
+            out.append(scope)
+            if element.tail and element is not document.root:
+                out.append(_escape_text(element.tail))
+            continue
+        if element.tag is ET.Comment:
+            out.append(f"<!--{element.text or ''}-->")
+        elif element.tag is ET.ProcessingInstruction:
+            out.append(f"<?{element.text or ''}?>")
+        else:
+            declarations = list(document.declarations.get(id(element), ()))
+            scope = dict(scope)
+            scope.update(declarations)
+            uri, _, local = element.tag[1:].partition("}") if element.tag.startswith("{") else ("", "", element.tag)
+            name = _element_name(uri, local, document.prefixes.get(id(element)), scope, declarations)
+            attributes = []
+            for key, value in element.attrib.items():
+                a_uri, _, a_local = key[1:].partition("}") if key.startswith("{") else ("", "", key)
+                attributes.append((_attribute_name(a_uri, a_local, scope, declarations), value))
+            parts = [name]
+            for prefix, bound in declarations:
+                parts.append(f'xmlns:{prefix}="{_escape_attribute(bound)}"' if prefix else f'xmlns="{bound}"')
+            parts.extend(f'{key}="{_escape_attribute(value)}"' for key, value in attributes)
+            if not len(element) and not element.text:
+                out.append(f"<{' '.join(parts)}/>")
+            else:
+                out.append(f"<{' '.join(parts)}>")
+                if element.text:
+                    out.append(_escape_text(element.text))
+                todo.append((element, f"</{name}>"))
+                todo.extend((child, scope) for child in reversed(element))
+                continue
+        if element.tail and element is not document.root:
+            out.append(_escape_text(element.tail))
+    return "".join(out)
+
+
+def _element_name(
+    uri: str, local: str, prefix: str | None, scope: dict[str, str], declarations: list[tuple[str, str]]
+) -> str:
+    if not uri:
+        if scope.get(""):
+            declarations.append(("", ""))
+            scope[""] = ""
+        return local
+    if prefix is not None and scope.get(prefix) == uri:
+        return f"{prefix}:{local}" if prefix else local
+    for bound_prefix, bound in reversed(list(scope.items())):
+        if bound == uri and bound_prefix != "xml":
+            return f"{bound_prefix}:{local}" if bound_prefix else local
+    new = _free_prefix(_PREFERRED.get(uri, "ns"), scope)
+    declarations.append((new, uri))
+    scope[new] = uri
+    return f"{new}:{local}"
+
+
+def _attribute_name(uri: str, local: str, scope: dict[str, str], declarations: list[tuple[str, str]]) -> str:
+    if not uri:
+        return local
+    if uri == XML_NS:
+        return f"xml:{local}"
+    for bound_prefix, bound in reversed(list(scope.items())):
+        if bound == uri and bound_prefix:
+            return f"{bound_prefix}:{local}"
+    new = _free_prefix(_PREFERRED.get(uri, "ns"), scope)
+    declarations.append((new, uri))
+    scope[new] = uri
+    return f"{new}:{local}"
+
+
+def _new_document() -> _Document:
+    meta = ET.Element(f"{{{X_NS}}}xmpmeta")
+    rdf = ET.SubElement(meta, RDF)
+    description = ET.SubElement(rdf, DESCRIPTION, {f"{{{RDF_NS}}}about": ""})
+    document = _Document(root=meta, prolog=XPACKET_BEGIN, epilog=XPACKET_END)
+    document.declarations[id(meta)] = [("x", X_NS)]
+    document.declarations[id(rdf)] = [("rdf", RDF_NS)]
+    document.declarations[id(description)] = [(p, _PREFIXES[p]) for p in ("dc", "lr", "digiKam")]
+    ET.indent(meta, space=_INDENT)
+    return document
+
+
+def _check_keywords(path: Path, keywords: list[str]) -> None:
+    for keyword in keywords:
+        bad = _NOT_XML_CHAR.search(keyword)
+        if bad is not None:
+            raise XmpError(
+                path,
+                f"the keyword {keyword!r} holds U+{ord(bad.group()):04X}, which XML cannot store; "
+                "sidecar left untouched, fix the label",
+            )
 
 
 def write_keywords(xmp_path: Path, keywords: list[str], *, root: str = "sdltag", dry_run: bool = False) -> bool:
     """Merge ``keywords`` into the sidecar at ``xmp_path`` (created if missing), atomically.
 
     Returns True when the file was (or, with ``dry_run``, would be) changed; an
-    identical re-run changes nothing. A sidecar that cannot be parsed raises
+    identical re-run changes nothing. A sidecar that cannot be read safely raises
     ``XmpError`` and is left as it is.
     """
     xmp_path = Path(xmp_path)
-    if xmp_path.exists():
-        tree_root = _parse(xmp_path)
-        if _rdf(tree_root) is None or next(tree_root.iter(DESCRIPTION), None) is None:
-            rdf = _rdf(tree_root)
-            if rdf is None:
-                raise XmpError(xmp_path, "has no rdf:RDF element; left untouched, fix or remove it")
-            ET.SubElement(rdf, DESCRIPTION, {f"{{{RDF_NS}}}about": ""})
-    else:
-        tree_root = _skeleton()
+    _check_keywords(xmp_path, [*keywords, root])
+    document = _parse(xmp_path)
+    exists = document is not None
+    if document is None:
+        document = _new_document()
+    rdf = _rdf(document.root)
+    if rdf is None:
+        raise XmpError(xmp_path, "has no rdf:RDF element; left untouched, fix or remove it")
+    descriptions = _descriptions(document.root)
+    if not descriptions:
+        description = ET.Element(DESCRIPTION, {f"{{{RDF_NS}}}about": ""})
+        _append(rdf, description, _parents(document.root))
+        descriptions = [description]
     existing = KeywordSet(
-        subject=_items(tree_root, SUBJECT),
-        hierarchical=_items(tree_root, HIERARCHICAL),
-        tags_list=_items(tree_root, TAGS_LIST),
+        subject=_values(descriptions, SUBJECT),
+        hierarchical=_values(descriptions, HIERARCHICAL),
+        tags_list=_values(descriptions, TAGS_LIST),
+        added=_values(descriptions, ADDED_SUBJECT),
     )
     merged = merge_keywords(existing, keywords, root=root)
-    if xmp_path.exists() and _same(merged, existing):
+    if exists and _same(merged, existing):
         return False
     if dry_run:
         return True
-    _set_property(tree_root, SUBJECT, "Bag", merged.subject)
-    _set_property(tree_root, HIERARCHICAL, "Bag", merged.hierarchical)
-    _set_property(tree_root, TAGS_LIST, "Seq", merged.tags_list)
-    ET.indent(tree_root, space=" ")
-    text = XPACKET_BEGIN + ET.tostring(tree_root, encoding="unicode") + XPACKET_END
+    target = next((d for d in descriptions if d.find(SUBJECT) is not None), descriptions[0])
+    for prop, container, values in (
+        (SUBJECT, "Bag", merged.subject),
+        (HIERARCHICAL, "Bag", merged.hierarchical),
+        (TAGS_LIST, "Seq", merged.tags_list),
+        (ADDED_SUBJECT, "Bag", merged.added),
+    ):
+        owner = next((d for d in descriptions if d.find(prop) is not None), target)
+        _update_property(document, descriptions, prop, f"{{{RDF_NS}}}{container}", values, owner)
+    text = document.prolog + _serialize(document) + document.epilog
     try:
-        with atomic_write(xmp_path, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        payload = document.bom + text.encode(document.codec, "xmlcharrefreplace")
+    except (UnicodeError, LookupError) as exc:
+        raise XmpError(xmp_path, f"cannot be written back in {document.codec} ({exc}); left untouched") from None
+    try:
+        with atomic_write(xmp_path, "wb") as handle:
+            handle.write(payload)
     except OSError as exc:
         raise XmpError(xmp_path, f"cannot write sidecar ({exc.strerror or exc})") from None
     return True

@@ -94,3 +94,166 @@ def test_read_keywords_hierarchical_leaves(tmp_path: Path) -> None:
     path = tmp_path / "d.xmp"
     path.write_text(FOREIGN, encoding="utf-8")
     assert read_keywords(path) == ["Holiday", "Beach"]
+
+
+# --- re-runs remove only what sdltag added ------------------------------------------------
+
+EXIFTOOL_KEYWORDS = """<?xml version="1.0" encoding="UTF-8"?>
+<x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="Image::ExifTool 12.76">
+<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+ <rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/">
+  <dc:subject>
+   <rdf:Bag>
+    <rdf:li>Food</rdf:li>
+    <rdf:li>breakfast</rdf:li>
+    <rdf:li>Holiday</rdf:li>
+   </rdf:Bag>
+  </dc:subject>
+ </rdf:Description>
+</rdf:RDF>
+</x:xmpmeta>
+"""
+
+
+def test_rerun_keeps_the_users_own_flat_keywords(tmp_path: Path) -> None:
+    """The user's `Food, breakfast` survive a run that proposed them and a later one that does not."""
+    path = tmp_path / "IMG_3.jpg.xmp"
+    path.write_text(EXIFTOOL_KEYWORDS, encoding="utf-8")
+    write_keywords(path, ["food", "breakfast", "coffee"])
+    assert read_keywords(path) == ["Food", "breakfast", "Holiday", "coffee"]
+    write_keywords(path, ["Holiday", "espresso"])
+    assert read_keywords(path) == ["Food", "breakfast", "Holiday", "espresso"]  # coffee was sdltag's: gone
+    write_keywords(path, [])
+    assert read_keywords(path) == ["Food", "breakfast", "Holiday"]
+    assert "sdltag|" not in _text(path) and "sdltag/" not in _text(path)
+
+
+def test_added_keywords_are_recorded_in_the_sidecar(tmp_path: Path) -> None:
+    path = tmp_path / "e.jpg.xmp"
+    path.write_text(EXIFTOOL_KEYWORDS, encoding="utf-8")
+    write_keywords(path, ["FOOD", "toast"])
+    text = _text(path)
+    assert 'xmlns:sdltag="urn:sdltag:xmp:1.0/"' in text
+    added = text.split("<sdltag:addedSubject>")[1].split("</sdltag:addedSubject>")[0]
+    assert "<rdf:li>toast</rdf:li>" in added and "FOOD" not in added and "Food" not in added
+    assert text.count("<rdf:li>Food</rdf:li>") == 1 and "<rdf:li>FOOD</rdf:li>" not in text
+
+
+def test_keyword_deleted_by_the_user_leaves_the_record(tmp_path: Path) -> None:
+    """A keyword sdltag added, then removed by the user and re-added by the user, is the user's."""
+    path = tmp_path / "f.jpg.xmp"
+    write_keywords(path, ["dog", "ball"])
+    text = _text(path).replace("<rdf:li>dog</rdf:li>", "", 1)  # the user deletes it (first: dc:subject)
+    path.write_text(text, encoding="utf-8")
+    write_keywords(path, ["ball"])
+    assert "dog" not in _text(path)
+    path.write_text(_text(path).replace("<rdf:li>ball</rdf:li>", "<rdf:li>ball</rdf:li><rdf:li>dog</rdf:li>", 1))
+    write_keywords(path, [])
+    assert read_keywords(path) == ["dog"]
+
+
+def test_sidecar_from_an_earlier_version_keeps_its_flat_keywords(tmp_path: Path) -> None:
+    """Without the record sdltag cannot prove a flat keyword was its own: it stays; its hierarchy goes."""
+    path = tmp_path / "g.jpg.xmp"
+    legacy = FOREIGN.replace(
+        "<rdf:li>Places|Spain|Beach</rdf:li>", "<rdf:li>Places|Spain|Beach</rdf:li><rdf:li>sdltag|sun</rdf:li>"
+    ).replace("<rdf:li>Beach</rdf:li>", "<rdf:li>Beach</rdf:li><rdf:li>sun</rdf:li>")
+    path.write_text(legacy, encoding="utf-8")
+    write_keywords(path, ["cat"])
+    assert read_keywords(path) == ["Holiday", "Beach", "sun", "cat"]
+    assert "sdltag|sun" not in _text(path)
+
+
+def test_keyword_another_tool_files_under_its_hierarchy_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "h.jpg.xmp"
+    write_keywords(path, ["beach"])
+    text = _text(path).replace(
+        "<rdf:li>sdltag|beach</rdf:li>", "<rdf:li>sdltag|beach</rdf:li><rdf:li>Trips|beach</rdf:li>"
+    )
+    path.write_text(text, encoding="utf-8")
+    write_keywords(path, ["cat"])
+    write_keywords(path, [])
+    assert read_keywords(path) == ["beach"] and "Trips|beach" in _text(path)
+
+
+# --- rewrites keep what sdltag does not own -------------------------------------------------
+
+ANNOTATED = """<?xml version="1.0" encoding="UTF-8"?>
+<!-- exported by a photo tool -->
+<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
+<x:xmpmeta xmlns:x="adobe:ns:meta/">
+  <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+    <!-- keywords checked by hand -->
+    <rdf:Description rdf:about="" xmlns:d="http://purl.org/dc/elements/1.1/" xmlns:my="http://example.com/my/1.0/">
+      <d:title><rdf:Alt><rdf:li xml:lang="x-default">Dawn</rdf:li><rdf:li xml:lang="fr">Aub</rdf:li></rdf:Alt></d:title>
+      <d:subject>
+        <rdf:Bag>
+          <rdf:li>Sea</rdf:li>
+          <!-- keep -->
+          <rdf:li xml:lang="de">Meer</rdf:li>
+        </rdf:Bag>
+      </d:subject>
+      <my:note>a &lt;b&gt; &amp; "c"</my:note>
+      <?app hint="1"?>
+    </rdf:Description>
+  </rdf:RDF>
+</x:xmpmeta>
+<?xpacket end="w"?>
+"""
+
+
+def test_rewrite_keeps_comments_lang_prefixes_and_layout(tmp_path: Path) -> None:
+    path = tmp_path / "i.jpg.xmp"
+    path.write_text(ANNOTATED, encoding="utf-8")
+    write_keywords(path, ["boat", "sea"])
+    text = _text(path)
+    head = ANNOTATED.split("<x:xmpmeta")[0]
+    assert text.startswith(head) and text.endswith('</x:xmpmeta>\n<?xpacket end="w"?>\n')
+    for kept in [
+        "<!-- keywords checked by hand -->",
+        "<!-- keep -->",
+        '<rdf:li xml:lang="x-default">Dawn</rdf:li><rdf:li xml:lang="fr">Aub</rdf:li>',
+        '<rdf:li xml:lang="de">Meer</rdf:li>',
+        '<my:note>a &lt;b&gt; &amp; "c"</my:note>',
+        '<?app hint="1"?>',
+        "          <rdf:li>Sea</rdf:li>\n",
+    ]:
+        assert kept in text, kept
+    # its own prefix for dc is used for the keywords it adds, laid out like its siblings
+    assert '<rdf:li xml:lang="de">Meer</rdf:li>\n          <rdf:li>boat</rdf:li>\n        </rdf:Bag>' in text
+    assert "<dc:" not in text and "<d:subject>" in text and "ns0:" not in text and "ns1:" not in text
+    write_keywords(path, [])
+    assert _text(path).replace("\n", "").count("boat") == 0
+    assert read_keywords(path) == ["Sea", "Meer"] and "<!-- keep -->" in _text(path)
+
+
+ODD_PREFIXES = """<x:xmpmeta xmlns:x="adobe:ns:meta/">
+ <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+  <rdf:Description rdf:about="" xmlns:DC="http://purl.org/dc/elements/1.1/"
+    xmlns:dc="http://example.com/not-dublin-core/" xmlns:lr="http://example.com/not-lightroom/">
+   <DC:subject><rdf:Bag><rdf:li>Mine</rdf:li></rdf:Bag></DC:subject>
+   <dc:thing>x</dc:thing>
+  </rdf:Description>
+ </rdf:RDF>
+</x:xmpmeta>
+"""
+
+
+def test_one_odd_sidecar_does_not_change_the_prefixes_of_the_next(tmp_path: Path) -> None:
+    odd = tmp_path / "odd.jpg.xmp"
+    odd.write_text(ODD_PREFIXES, encoding="utf-8")
+    write_keywords(odd, ["cat"])
+    text = _text(odd)
+    assert read_keywords(odd) == ["Mine", "cat"] and "<DC:subject>" in text and "<dc:thing>x</dc:thing>" in text
+    # lr is taken in that document: Lightroom's namespace gets a free prefix there, declared once
+    assert 'xmlns:lr1="http://ns.adobe.com/lightroom/1.0/"' in text and "<lr1:hierarchicalSubject>" in text
+    fresh = tmp_path / "fresh.jpg.xmp"
+    write_keywords(fresh, ["dog"])
+    text = _text(fresh)
+    assert "<dc:subject>" in text and 'xmlns:dc="http://purl.org/dc/elements/1.1/"' in text
+    assert "<lr:hierarchicalSubject>" in text and "DC:" not in text and "lr1" not in text
+    assert not any(f"ns{i}:" in text for i in range(4))
+    plain = tmp_path / "plain.jpg.xmp"
+    plain.write_text(FOREIGN, encoding="utf-8")
+    write_keywords(plain, ["dog"])
+    assert "<darktable:history>" in _text(plain) and "<dc:subject>" in _text(plain)
