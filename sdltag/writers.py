@@ -1,17 +1,27 @@
 """Result writers: a Rich table for a terminal, CSV (long form), JSON (array), JSONL, bare paths.
 
 Writers stream: each result is written as it arrives (the table, which needs every
-row, is printed at the end). Paths are written with ``surrogateescape`` so a file
-name that is not valid UTF-8 comes out as its original bytes and survives a pipe
-to ``xargs``; every other name is UTF-8 whatever the locale.
+row, is printed at the end). Every format is UTF-8 whatever the locale.
+
+- ``paths`` (newline-terminated) and ``paths0`` (NUL-terminated, for ``xargs -0``) write a
+  file name that is not valid UTF-8 as its original bytes, so it reaches the next program.
+- JSON, JSONL and CSV stay valid UTF-8 for strict readers: such a name's ``path`` has
+  U+FFFD where its bytes do not decode, and ``path_bytes`` holds the exact bytes in base64
+  (empty or absent for every valid UTF-8 name).
+- CSV rows are quoted so a line break or carriage return inside a name or label stays in
+  its cell, and a text cell that begins with ``= + - @``, a tab, a carriage return or ``'``
+  gets one ``'`` in front so a spreadsheet shows it as text instead of running it as a
+  formula (``csv_unescape`` removes it again).
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,9 +31,12 @@ from typing import IO, Protocol
 from sdltag.errors import SdltagError
 from sdltag.paths import atomic_write
 
-TAG_FORMATS = ("table", "csv", "json", "jsonl", "paths")
-CSV_HEADER = ("path", "rank", "label", "score", "kind")
-SEARCH_CSV_HEADER = ("rank", "path", "score", "label", "kind")
+TAG_FORMATS = ("table", "csv", "json", "jsonl", "paths", "paths0")
+CSV_HEADER = ("path", "rank", "label", "score", "kind", "path_bytes")
+SEARCH_CSV_HEADER = ("rank", "path", "score", "label", "kind", "path_bytes")
+# Cells a spreadsheet would read as a formula (or, for "'", whose quote it would swallow).
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 SCORE_DIGITS = 4
 
 
@@ -67,15 +80,72 @@ def path_text(path: Path | str) -> str:
     return os.fsdecode(os.fspath(path))
 
 
+def path_fields(path: Path | str) -> tuple[str, str | None]:
+    """``(path, path_bytes)`` for JSON and CSV: valid UTF-8 text, plus base64 of the raw bytes when needed.
+
+    A name that is valid UTF-8 gives ``(name, None)``; any other gets U+FFFD for each
+    undecodable byte and the exact bytes in base64, so nothing is lost and strict readers
+    still read the file.
+    """
+    raw = os.fsencode(os.fspath(path))
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace"), base64.b64encode(raw).decode("ascii")
+
+
+def path_from_fields(path: str, path_bytes: str | None) -> bytes:
+    """The exact bytes of a file name from a record's ``path`` and ``path_bytes``."""
+    return base64.b64decode(path_bytes, validate=True) if path_bytes else path.encode("utf-8")
+
+
+def clean_text(text: str) -> str:
+    """``text`` without lone surrogates (U+FFFD instead), so a UTF-8 stream can always hold it."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+def csv_escape(cell: str) -> str:
+    """A text cell a spreadsheet shows as text: a formula-like start gets one ``'`` in front."""
+    return "'" + cell if cell.startswith(CSV_FORMULA_START) else cell
+
+
+def csv_unescape(cell: str) -> str:
+    """The original text of a cell ``csv_escape`` wrote."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
+class _CsvRows:
+    """CSV rows ending in ``\n``, with every cell holding a ``\r`` or ``\n`` quoted.
+
+    (With ``lineterminator="\n"`` the csv module leaves a lone ``\r`` unquoted, which
+    splits the row for most readers; with ``"\r\n"`` it quotes both, and the row's own
+    terminator is then swapped for ``\n``.)
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.buffer = io.StringIO()
+        self.writer = csv.writer(self.buffer, lineterminator="\r\n")
+
+    def writerow(self, row) -> None:
+        self.buffer.seek(0)
+        self.buffer.truncate()
+        self.writer.writerow(row)
+        self.stream.write(self.buffer.getvalue()[:-2] + "\n")
+
+
 def _score(value: float) -> float:
     return round(float(value), SCORE_DIGITS)
 
 
 def result_record(result: TagResult) -> dict:
-    return {
-        "path": path_text(result.path),
-        "tags": [{"label": t.label, "score": _score(t.score), "kind": t.kind} for t in result.tags],
-    }
+    """``{"path", ["path_bytes",] "tags"}``: ``path_bytes`` only for a name that is not valid UTF-8."""
+    path, path_bytes = path_fields(result.path)
+    record: dict = {"path": path}
+    if path_bytes is not None:
+        record["path_bytes"] = path_bytes
+    record["tags"] = [{"label": clean_text(t.label), "score": _score(t.score), "kind": t.kind} for t in result.tags]
+    return record
 
 
 class JsonlWriter:
@@ -111,31 +181,42 @@ class JsonWriter:
 
 
 class CsvWriter:
-    """Long form: one row per (image, tag) with the header ``path,rank,label,score,kind``."""
+    """Long form: one row per (image, tag) with the header ``path,rank,label,score,kind,path_bytes``."""
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
-        self.writer = csv.writer(stream, lineterminator="\n")
+        self.writer = _CsvRows(stream)
         self.writer.writerow(CSV_HEADER)
 
     def write(self, result: TagResult) -> None:
-        path = path_text(result.path)
+        path, path_bytes = path_fields(result.path)
+        path = csv_escape(path)
         for rank, tag in enumerate(result.tags, start=1):
-            self.writer.writerow((path, rank, tag.label, f"{_score(tag.score):.{SCORE_DIGITS}f}", tag.kind))
+            self.writer.writerow(
+                (
+                    path,
+                    rank,
+                    csv_escape(clean_text(tag.label)),
+                    f"{_score(tag.score):.{SCORE_DIGITS}f}",
+                    tag.kind,
+                    path_bytes or "",
+                )
+            )
 
     def close(self) -> None:
         self.stream.flush()
 
 
 class PathsWriter:
-    """Just the paths of images that got at least one tag, one per line (for ``xargs``)."""
+    """Just the paths of images that got at least one tag, each ending in ``terminator`` (for ``xargs``)."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str], terminator: str = "\n") -> None:
         self.stream = stream
+        self.terminator = terminator
 
     def write(self, result: TagResult) -> None:
         if result.tags:
-            self.stream.write(path_text(result.path) + "\n")
+            self.stream.write(path_text(result.path) + self.terminator)
 
     def close(self) -> None:
         self.stream.flush()
@@ -194,6 +275,8 @@ def make_writer(fmt: str, stream: IO[str], title: str = "", output: Path | None 
         return CsvWriter(stream)
     if fmt == "paths":
         return PathsWriter(stream)
+    if fmt == "paths0":
+        return PathsWriter(stream, "\0")
     if fmt == "table":
         return TableWriter(stream, title=title)
     raise SdltagError(f"--format {fmt!r} is not one of {', '.join(TAG_FORMATS)}.")
@@ -213,8 +296,8 @@ def stdout_stream() -> IO[str]:
 
 @contextmanager
 def open_output(path: Path | None) -> Iterator[IO[str]]:
-    """``path`` written atomically (UTF-8, surrogateescape), or stdout when None."""
-    if path is None:
+    """``path`` written atomically (UTF-8, surrogateescape), or stdout when None or ``-``."""
+    if path is None or str(path) == "-":
         yield stdout_stream()
         return
     with atomic_write(Path(path), "wb", encoding=None) as raw:
@@ -227,24 +310,38 @@ def open_output(path: Path | None) -> Iterator[IO[str]]:
 
 
 def write_search_hits(hits: list[SearchHit], fmt: str, stream: IO[str]) -> None:
-    """Search results, best first, in ``fmt`` (table, csv, json, jsonl, paths)."""
-    records = [
-        {"rank": h.rank, "path": path_text(h.path), "score": _score(h.score), "label": h.label, "kind": h.kind}
-        for h in hits
-    ]
+    """Search results, best first, in ``fmt`` (table, csv, json, jsonl, paths, paths0)."""
+    records = []
+    for h in hits:
+        path, path_bytes = path_fields(h.path)
+        record: dict = {"rank": h.rank, "path": path}
+        if path_bytes is not None:
+            record["path_bytes"] = path_bytes
+        record.update(score=_score(h.score), label=clean_text(h.label), kind=h.kind)
+        records.append(record)
     if fmt == "jsonl":
         for record in records:
             stream.write(json.dumps(record, ensure_ascii=False) + "\n")
     elif fmt == "json":
         stream.write(json.dumps(records, ensure_ascii=False, indent=2) + "\n")
     elif fmt == "csv":
-        writer = csv.writer(stream, lineterminator="\n")
-        writer.writerow(SEARCH_CSV_HEADER)
+        rows = _CsvRows(stream)
+        rows.writerow(SEARCH_CSV_HEADER)
         for r in records:
-            writer.writerow((r["rank"], r["path"], f"{r['score']:.{SCORE_DIGITS}f}", r["label"], r["kind"]))
-    elif fmt == "paths":
-        for record in records:
-            stream.write(record["path"] + "\n")
+            rows.writerow(
+                (
+                    r["rank"],
+                    csv_escape(r["path"]),
+                    f"{r['score']:.{SCORE_DIGITS}f}",
+                    csv_escape(r["label"]),
+                    r["kind"],
+                    r.get("path_bytes", ""),
+                )
+            )
+    elif fmt in ("paths", "paths0"):
+        terminator = "\0" if fmt == "paths0" else "\n"
+        for hit in hits:
+            stream.write(path_text(hit.path) + terminator)
     elif fmt == "table":
         from rich.console import Console
         from rich.table import Table

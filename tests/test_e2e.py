@@ -85,7 +85,7 @@ def test_installed_command_tags_indexes_retags_and_searches(tmp_path: Path, text
         ["tag", str(library), *common, "--label", "sunset", "--label", "red car", "-k", "8", "--format", "csv"], env
     )
     assert "0 tagged, 4 reused" in again.stderr.decode() and "ExecutionProvider" not in again.stderr.decode()
-    assert again.stdout.decode().startswith("path,rank,label,score,kind\n")
+    assert again.stdout.decode().startswith("path,rank,label,score,kind,path_bytes\n")
     assert ",sunset," in again.stdout.decode()
 
     # stdin, NUL-separated, JSON array

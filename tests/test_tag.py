@@ -232,7 +232,7 @@ def test_cli_formats_and_index(tmp_path: Path, tiny_model) -> None:
     assert "CPUExecutionProvider" in result.stderr and "3 tagged" in result.stderr
     result = _cli([str(folder), *base, "-k", "2", "--format", "csv"])
     rows = list(csv.reader(io.StringIO(result.stdout)))
-    assert rows[0] == ["path", "rank", "label", "score", "kind"] and len(rows) == 7
+    assert rows[0] == ["path", "rank", "label", "score", "kind", "path_bytes"] and len(rows) == 7
     assert "0 tagged, 3 reused" in result.stderr and "CPUExecutionProvider" not in result.stderr
     result = _cli([str(folder), *base, "--format", "json", "--output", str(tmp_path / "out" / "r.json")])
     assert result.exit_code == 0 and result.stdout == ""
