@@ -11,9 +11,12 @@ the script block has ``<``, ``>`` and ``&`` escaped, the script writes text with
 ``html.escape``. Links to the originals are ``file://`` URLs built from the path's
 bytes, so a name that is not valid UTF-8 still links to its file.
 
-Thumbnails (JPEG, ``THUMB_SIZE`` px on the long side) come from the decode the tagger
-already did (``TagResult.thumbnail``); files the run did not decode (reused from the
-index, or found by ``search``) get one from a reduced-size JPEG decode on a thread pool.
+Thumbnails (JPEG, at most ``THUMB_SIZE`` px on the long side) come from the decode the
+tagger already did for the model (``TagResult.thumbnail``), so they are as large as that
+decode: at least the model's input size (JPEGs are decoded at a reduced DCT scale and
+other images reduced by whole factors to just cover it; about 130-190 px for a 96 px
+model). Files the run did not decode (reused from the index, or found by ``search``)
+get one from a reduced-scale decode of their own on a thread pool.
 They are embedded as ``data:`` URIs while they total at most ``EMBED_MAX_BYTES`` (one
 file to move or mail); past that they go to a ``NAME_files/`` folder beside the sheet,
 so the browser parses a small page and loads only the thumbnails in view.
@@ -112,7 +115,14 @@ def thumbs_folder_for(output: Path) -> Path:
 
 
 def is_sdltag_folder(folder: Path) -> bool:
-    return (Path(folder) / MARKER).is_file()
+    """True for a thumbnail folder sdltag wrote and nobody added to: its marker and thumbnails, nothing else."""
+    folder = Path(folder)
+    if not (folder / MARKER).is_file() or folder.is_symlink():
+        return False
+    with os.scandir(folder) as entries:
+        return all(
+            e.is_file(follow_symlinks=False) and (e.name == MARKER or _THUMB_NAME.match(e.name)) for e in entries
+        )
 
 
 @dataclass
@@ -166,11 +176,11 @@ class ContactSheetWriter:
         self.started = time.time()
         if self.output is not None:
             folder = thumbs_folder_for(self.output)
-            if folder.exists() and not is_sdltag_folder(folder):
+            if (folder.exists() or folder.is_symlink()) and not is_sdltag_folder(folder):
                 self.pool.shutdown()
                 raise SdltagError(
-                    f"{folder} exists and was not written by sdltag; the contact sheet keeps its thumbnails there. "
-                    "Move it, or choose another --output name."
+                    f"{folder} exists and is not a thumbnail folder sdltag wrote (or holds other files); the "
+                    "contact sheet keeps its thumbnails there. Move it, or choose another --output name."
                 )
 
     # -- results -------------------------------------------------------------------------------
@@ -261,7 +271,7 @@ class ContactSheetWriter:
         assert self.output is not None and self.staging is not None
         folder = thumbs_folder_for(self.output)
         old = None
-        if folder.exists():
+        if folder.exists() or folder.is_symlink():
             if not is_sdltag_folder(folder):
                 raise SdltagError(
                     f"{folder} appeared during the run and was not written by sdltag; the contact sheet is not written."
@@ -303,7 +313,8 @@ class ContactSheetWriter:
             self._place_folder()
         elif self.output is not None:
             stale = thumbs_folder_for(self.output)
-            if is_sdltag_folder(stale):  # an earlier, larger sheet's thumbnails: this one embeds its own
+            # an earlier, larger sheet's thumbnails: this one embeds its own
+            if stale.is_dir() and is_sdltag_folder(stale):
                 _remove_sdltag_folder(stale, self.warn)
         self.stream.write(render_page(self.title, data, self.problems, self._summary()))
         self.stream.flush()
@@ -319,7 +330,7 @@ class ContactSheetWriter:
 
 
 def _remove_sdltag_folder(folder: Path, warn) -> None:
-    """Remove a thumbnail folder sdltag wrote: only its own files; anything else keeps the folder."""
+    """Remove a thumbnail folder sdltag wrote: only its own files (anything else found meanwhile keeps it)."""
     for entry in os.scandir(folder):
         if entry.is_file(follow_symlinks=False) and (_THUMB_NAME.match(entry.name) or entry.name == MARKER):
             os.unlink(entry.path)
@@ -342,8 +353,8 @@ h1{font-size:18px;margin:0 0 4px}
 .legend .seen{background:var(--seen)}.legend .zs{background:var(--zs)}
 #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:12px;padding:14px 16px}
 figure{margin:0;background:var(--card);border-radius:6px;box-shadow:0 1px 2px #0002;overflow:hidden}
-figure .ph{display:block;height:170px;background:#e6e6e2;text-align:center}
-figure img{width:100%;height:170px;object-fit:contain;display:block}
+figure .ph{display:block;height:150px;background:#e6e6e2;text-align:center}
+figure img{width:100%;height:150px;object-fit:contain;display:block}
 figcaption{padding:6px 8px 8px}
 .name{font-weight:600;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;display:block;color:inherit;text-decoration:none}
 .rank{color:var(--dim);font-weight:400;margin-right:4px}
@@ -356,6 +367,7 @@ ul.tags li{display:grid;grid-template-columns:1fr 64px 38px;gap:6px;align-items:
 li.zs .bar i{background:var(--zs)}
 .score{text-align:right;font-variant-numeric:tabular-nums;color:var(--dim)}
 #more{display:block;margin:4px auto 24px;padding:6px 14px;font:inherit}
+#more[hidden]{display:none}
 #failed{margin:0 16px 24px;padding:8px 12px;background:#fff4f0;border:1px solid #f0c8b8;border-radius:6px}
 #failed li{margin:2px 0;word-break:break-all}
 .empty{padding:20px 16px;color:var(--dim)}
