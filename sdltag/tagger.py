@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdltag.images import RAW_EXTENSIONS, ImageError, load_image
+from sdltag.images import RAW_EXTENSIONS, ImageError, load_image, open_image, preprocess
 from sdltag.index import ImageIndex, bytes_hash, file_hash
 from sdltag.modelfolder import InputSpec, ModelFolder
 from sdltag.scoring import calibrate, sdl_scores, top_k
@@ -84,6 +84,8 @@ class TagOptions:
     batch_size: int = 32
     decode_threads: int | None = None
     max_megapixels: float = 100.0
+    # > 0: each decoded image also gives a JPEG thumbnail this many px on its long side (the HTML contact sheet)
+    thumbnail_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -162,10 +164,17 @@ class _Prepared:
 
     content_hash: str | None
     array: np.ndarray | None  # (3, H, W)
+    thumbnail: bytes | None = None  # JPEG, when asked for
 
 
 def _prepare(
-    path: Path, size: int, spec: InputSpec, max_megapixels: float, want_hash: bool, known: frozenset[str]
+    path: Path,
+    size: int,
+    spec: InputSpec,
+    max_megapixels: float,
+    want_hash: bool,
+    known: frozenset[str],
+    thumbnail_size: int = 0,
 ) -> _Prepared:
     content_hash = None
     data = None
@@ -183,7 +192,13 @@ def _prepare(
             raise ImageError(path, f"cannot read ({exc.strerror or exc})") from None
         if content_hash in known:
             return _Prepared(content_hash, None)
-    return _Prepared(content_hash, load_image(path, spec, max_megapixels, data=data))
+    if not thumbnail_size:
+        return _Prepared(content_hash, load_image(path, spec, max_megapixels, data=data))
+    from sdltag.contact_sheet import thumbnail_jpeg
+
+    # The thumbnail is made from this decode (the one the model input comes from, unchanged by it).
+    image = open_image(path, max_megapixels=max_megapixels, target=(spec.height, spec.width), data=data)
+    return _Prepared(content_hash, preprocess(image, spec), thumbnail_jpeg(image, thumbnail_size))
 
 
 @dataclass
@@ -193,6 +208,7 @@ class _Slot:
     path: Path
     result: TagResult | None = None
     done: bool = False
+    thumbnail: bytes | None = None
 
 
 class _Run:
@@ -276,7 +292,7 @@ class _Run:
             return
         stacked = np.stack([matrix for _, matrix in self.ready])  # (B, M, d)
         for (slot, _), tags in zip(self.ready, self.scorer.tags(stacked), strict=True):
-            slot.result = TagResult(slot.path, tags)
+            slot.result = TagResult(slot.path, tags, thumbnail=slot.thumbnail)
             slot.done = True
         self.ready = []
         self.flush()
@@ -311,6 +327,7 @@ class _Run:
             except ImageError as exc:
                 self.fail(slot, exc.reason)
                 return
+        slot.thumbnail = prepared.thumbnail
         self.batch.append((slot, prepared.array, st, prepared.content_hash))
         if not self.warmed:
             # The first decoded image: load the image model on the pool while the batch fills, so its
@@ -358,6 +375,7 @@ class _Run:
                         self.options.max_megapixels,
                         self.index is not None,
                         known,
+                        self.options.thumbnail_size,
                     )
                     self.inflight.append((slot, future, st))
                     while len(self.inflight) >= window:
