@@ -17,8 +17,16 @@ import typer
 from sdltag.commands._common import cli_errors, complete_model_dir, error, info, warn
 from sdltag.errors import SdltagError
 
-FORMATS = ("table", "csv", "json", "jsonl", "paths", "paths0")
-_EXT_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "paths"}
+FORMATS = ("table", "csv", "json", "jsonl", "paths", "paths0", "html")
+_EXT_FORMATS = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".txt": "paths",
+    ".html": "html",
+    ".htm": "html",
+}
 
 
 def load_model(model_dir: Path | None):
@@ -163,8 +171,9 @@ def tag(
         None,
         "--format",
         "-f",
-        help="table, csv, json, jsonl, paths or paths0 (NUL-terminated, for xargs -0) (default: table on a "
-        "terminal, else jsonl; with --output, from its extension).",
+        help="table, csv, json, jsonl, paths, paths0 (NUL-terminated, for xargs -0) or html (a contact sheet "
+        "of thumbnails and tags to review) (default: table on a terminal, else jsonl; with --output, from its "
+        "extension).",
     ),
     output: Path = typer.Option(
         None, "--output", "-o", help="Write results to this file (atomically; `-` for stdout)."
@@ -204,6 +213,7 @@ def tag(
     label_space = resolve_label_space(
         model, labels_files, label, no_seen=no_seen, embedder=embedder, cache_dir=cache_dir, background=True
     )
+    from sdltag.contact_sheet import THUMB_SIZE, display_path
     from sdltag.images import discover
     from sdltag.tagger import LabelSpace, TagOptions, tag_files
     from sdltag.writers import make_writer, open_output, stdout_stream
@@ -253,6 +263,7 @@ def tag(
         batch_size=batch_size,
         decode_threads=threads,
         max_megapixels=max_megapixels,
+        thumbnail_size=THUMB_SIZE if fmt == "html" else 0,  # the contact sheet's, taken from the decode
     )
     xmp_failures = 0
     xmp_changed = 0
@@ -274,9 +285,18 @@ def tag(
                     "instead. Pass --output somewhere writable."
                 )
                 failures += 1
+        sheet = {}
+        if fmt == "html":  # thumbnails go beside --output when too many to embed; none when on stdout
+            shown = ", ".join(display_path(p) for p in inputs[:3]) + (", ..." if len(inputs) > 3 else "")
+            sheet = {"output": None if stream is None else output, "title": f"sdltag tag {shown}"}
+            sheet.update(max_megapixels=max_megapixels, warn=warn)
         if stream is None:
             stream = stdout_stream()
-        writer = make_writer(fmt, stream)
+        writer = make_writer(fmt, stream, **sheet)
+        sheet_problem = getattr(writer, "problem", None)  # the contact sheet lists the files that failed
+        if sheet_problem is not None:
+            for where, reason in found.problems:
+                sheet_problem(where, reason)
 
         def on_result(result) -> None:
             nonlocal xmp_failures, xmp_changed
@@ -295,6 +315,8 @@ def tag(
 
         def on_problem(problem) -> None:
             error(f"{problem.path}: {problem.reason}")
+            if sheet_problem is not None:
+                sheet_problem(problem.path, problem.reason)
 
         progress = _progress(len(files), quiet)
         with progress or ExitStack():
