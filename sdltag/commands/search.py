@@ -11,7 +11,7 @@ import typer
 from sdltag.commands._common import cli_errors, complete_model_dir, info
 from sdltag.errors import SdltagError
 
-SEARCH_FORMATS = ("table", "csv", "json", "jsonl", "paths", "paths0")
+SEARCH_FORMATS = ("table", "csv", "json", "jsonl", "paths", "paths0", "html")
 CHUNK = 4096  # index rows scored per matrix product
 
 
@@ -85,8 +85,8 @@ def search(
         None,
         "--format",
         "-f",
-        help="table, csv, json, jsonl, paths or paths0 (NUL-terminated, for xargs -0) "
-        "(default: table on a terminal, else jsonl).",
+        help="table, csv, json, jsonl, paths, paths0 (NUL-terminated, for xargs -0) or html (a contact sheet of "
+        "the hits, thumbnails embedded) (default: table on a terminal, else jsonl).",
     ),
     model_dir: Path = typer.Option(
         None, "--model", "-m", help="Model folder (default: the bundled model).", autocompletion=complete_model_dir
@@ -136,6 +136,11 @@ def search(
         where = ", ".join(str(p) for p in folders) or "the index"
         info(f"no images indexed with this model under {where}; run `sdltag tag` on them first")
         raise typer.Exit(1)
+    if fmt == "html":
+        from sdltag.contact_sheet import write_search_sheet
+
+        write_search_sheet(hits, stdout_stream(), title=f"sdltag search {query}")
+        return
     write_search_hits(hits, fmt, stdout_stream())
 
 
