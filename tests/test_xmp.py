@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,21 @@ def test_one_odd_sidecar_does_not_change_the_prefixes_of_the_next(tmp_path: Path
     plain.write_text(FOREIGN, encoding="utf-8")
     write_keywords(plain, ["dog"])
     assert "<darktable:history>" in _text(plain) and "<dc:subject>" in _text(plain)
+
+
+def test_symlinked_sidecar_stays_a_link_and_keeps_its_mode(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    target = store / "IMG_9.xmp"
+    target.write_text(EXIFTOOL_KEYWORDS, encoding="utf-8")
+    target.chmod(0o640)
+    link = tmp_path / "IMG_9.jpg.xmp"
+    link.symlink_to(target)
+    assert write_keywords(link, ["espresso"]) is True
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert read_keywords(target) == ["Food", "breakfast", "Holiday", "espresso"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    write_keywords(link, [])
+    assert link.is_symlink() and read_keywords(target) == ["Food", "breakfast", "Holiday"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["IMG_9.jpg.xmp", "store"]
+    assert [p.name for p in store.iterdir()] == ["IMG_9.xmp"]
