@@ -148,15 +148,20 @@ def read_labels_file(path: Path) -> list[LabelEntry]:
     return entries
 
 
-def parse_inline_label(value: str) -> LabelEntry:
-    """Parse one ``--label`` value (``label`` or ``label: description``; no comments)."""
+def check_utf8_argument(value: str, source: str) -> None:
+    """Refuse a command-line value holding bytes that are not UTF-8 (argv keeps them as surrogate escapes)."""
     escaped = _ESCAPED_BYTE.search(value)
     if escaped is not None:
         shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         raise SdltagError(
-            f"{INLINE_SOURCE}: '{shown}' is not valid UTF-8 (byte 0x{ord(escaped.group()) - 0xDC00:02x}). "
+            f"{source}: '{shown}' is not valid UTF-8 (byte 0x{ord(escaped.group()) - 0xDC00:02x}). "
             "Pass the label as UTF-8 text (check the terminal's or script's encoding)."
         )
+
+
+def parse_inline_label(value: str) -> LabelEntry:
+    """Parse one ``--label`` value (``label`` or ``label: description``; no comments)."""
+    check_utf8_argument(value, INLINE_SOURCE)
     entry = parse_label_line(value, INLINE_SOURCE, strip_comments=False)
     if entry is None:
         raise SdltagError(f"{INLINE_SOURCE} {value!r}: the label is empty. Give a non-empty label.")

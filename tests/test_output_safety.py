@@ -93,6 +93,9 @@ def test_paths0_for_tag_and_search(tmp_path: Path, tiny_model) -> None:
     assert result.exit_code == 0, result.stderr
     assert sorted(result.stdout_bytes.split(b"\0")[:-1]) == sorted(os.fsencode(f) for f in files)
     assert result.stdout_bytes.endswith(b"\0") and b"\n" not in result.stdout_bytes
+    result = _cli(["search", os.fsdecode(b"caf\xe9"), "--model", str(tiny_model.path), *index])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("sdltag: error: the search query: 'caf\\xe9' is not valid UTF-8 (byte 0xe9)")
 
 
 def test_quiet_prints_nothing_and_an_empty_folder_warns(tmp_path: Path, tiny_model) -> None:

@@ -58,9 +58,10 @@ def rank_indexed(index, model, label_space, folders: list[Path], top: int, raw_s
 
 def query_label_space(model, query: str, embedder: str | None, cache_dir: Path | None):
     """The query as a one-label space: the model's own vector when it is one of its labels, else embedded."""
-    from sdltag.labels import label_key
+    from sdltag.labels import check_utf8_argument, label_key
     from sdltag.tagger import LabelSpace
 
+    check_utf8_argument(query, "the search query")
     key = label_key(query)
     if not key:
         raise SdltagError("the search query is empty. Give a label, e.g. `sdltag search beach`.")
