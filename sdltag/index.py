@@ -8,29 +8,67 @@ model has its own rows. Paths are stored as bytes (``os.fsencode``) so names tha
 are not valid UTF-8 round-trip exactly.
 
 The schema is versioned: ``schema_migrations`` records each named step applied; an
-index whose newest step is unknown (written by a newer sdltag) is refused. A file
-that is not a SQLite database is set aside (renamed ``*.corrupt-<time>``) and a new
-index started. Writes are committed in batches, so an interrupted run keeps what it
-finished. This module knows sqlite3 and numpy only.
+index whose newest step is unknown (written by a newer sdltag) is refused. Writes are
+committed in batches, so an interrupted run keeps what it finished.
+
+What the index does with files it did not write, and when things go wrong:
+
+- **Whose file.** sdltag stamps its indexes with an application id in the SQLite
+  header (``APPLICATION_ID``); an older index is recognised by its schema. An existing
+  file that is neither (a photo, a CSV, another program's database) is refused with
+  ``NotAnIndexError`` and never opened by SQLite, moved or written.
+- **Damage.** An index of sdltag's that SQLite finds damaged (when opening it, or when
+  a query answers "malformed", confirmed by ``PRAGMA quick_check``) is renamed aside
+  as ``NAME.corrupt-<time>`` and a new one started, with one warning. A damaged file
+  that is not provably sdltag's (no application id, unreadable schema, not in
+  sdltag's own data folder) is left alone and refused.
+- **Locks.** Another program holding a lock past ``LOCK_SLICE_S`` gets one "waiting"
+  line; after ``BUSY_TIMEOUT_S`` the run goes on without writing the index (or
+  without reading it, when even reads are locked out), with one warning.
+- **Full disk, read-only file or folder.** The first failed write turns the index
+  read-only for the rest of the run (one warning); what is stored is still used.
+- **Interrupted writes.** A journal left by a killed run is rolled back by SQLite on
+  the next open; ``open_readonly`` (``search``, ``tag --dry-run``) does that roll-back
+  too, through a short read-write open, instead of failing with "attempt to write a
+  readonly database". Rolling back restores the last committed state, it adds nothing.
+
+This module knows sqlite3 and numpy only.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
+import stat
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
 from sdltag.errors import SdltagError
 from sdltag.modelfolder import hash_file
-from sdltag.sqlite_retry import retry_while_busy
+from sdltag.sqlite_retry import is_busy
+
+T = TypeVar("T")
 
 HASH_NAME = "xxh3-128"
-BUSY_TIMEOUT_S = 30.0
+BUSY_TIMEOUT_S = 30.0  # how long a run waits for another program's lock before going on without the index
+LOCK_SLICE_S = 2.0  # SQLite's own busy wait per attempt; past it, the run says that it is waiting
+APPLICATION_ID = 0x53444C54  # "SDLT": PRAGMA application_id of every index sdltag creates
+SQLITE_MAGIC = b"SQLite format 3\x00"
+# The objects of the schema's first step: a file without the application id is an sdltag index
+# (written before the id existed) only if it holds these and nothing else.
+_LEGACY_OBJECTS = frozenset({"schema_migrations", "images", "images_by_hash", "sqlite_autoindex_images_1"})
+_SIDE_FILES = ("-journal", "-wal", "-shm")
+
+
+class NotAnIndexError(SdltagError):
+    """``--index`` names an existing file that is not an sdltag index; it was left untouched."""
 
 
 def _migration_1(conn: sqlite3.Connection) -> None:
@@ -89,6 +127,11 @@ def _decode_vectors(blob: bytes, rows: int, dim: int) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4").reshape(rows, dim).astype(np.float32)  # (M, d)
 
 
+def stderr_warn(message: str) -> None:
+    """Default warning sink: one line on stderr (library callers may pass their own ``warn``)."""
+    print(f"sdltag: warning: {message}", file=sys.stderr, flush=True)
+
+
 @dataclass(frozen=True)
 class IndexedImage:
     """One index row."""
@@ -101,18 +144,152 @@ class IndexedImage:
     vectors: np.ndarray  # (M, d) float32
 
 
+# -- whose file is it ---------------------------------------------------------------------------
+
+
+def _is_default_location(path: Path) -> bool:
+    """The index in sdltag's own data folder: whatever lies there was put there by sdltag."""
+    try:
+        from sdltag.paths import default_index_path
+
+        return os.path.abspath(default_index_path()) == os.path.abspath(path)
+    except Exception:  # noqa: BLE001 - an unusable data folder only means "not provably ours"
+        return False
+
+
+def inspect_file(path: Path) -> tuple[str, str]:
+    """What an existing ``--index`` file is, read without SQLite ever writing to it.
+
+    Returns ``(verdict, reason)``; verdict is ``"missing"``, ``"empty"`` (0 bytes: nothing to
+    lose), ``"ours"`` (application id, or the first schema step's tables and nothing else),
+    ``"damaged"`` (provably sdltag's, but not readable as a database) or ``"foreign"``.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing", ""
+    except OSError as exc:
+        raise SdltagError(
+            f"{path}: cannot read the index ({exc.strerror or exc}). Pass another --index FILE."
+        ) from None
+    if stat.S_ISDIR(st.st_mode):
+        return "foreign", "it is a folder"
+    if not stat.S_ISREG(st.st_mode):
+        return "foreign", "it is not a regular file"
+    if st.st_size == 0:
+        return "empty", ""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(100)
+    except OSError as exc:
+        raise SdltagError(
+            f"{path}: cannot read the index ({exc.strerror or exc}). Pass another --index FILE."
+        ) from None
+    own_place = _is_default_location(path)
+    if not header.startswith(SQLITE_MAGIC) or len(header) < 100:
+        if own_place:
+            return "damaged", "not a SQLite database"
+        return "foreign", "it is not a SQLite database"
+    application_id = int.from_bytes(header[68:72], "big")
+    if application_id == APPLICATION_ID:
+        return "ours", ""
+    if application_id != 0 and not own_place:
+        return "foreign", f"it is another program's SQLite database (application id {application_id:#x})"
+    # No application id: an index written before sdltag stamped one has the first step's objects only.
+    # immutable=1: no lock, no journal roll-back, nothing written, whatever state the file is in.
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True)
+        try:
+            names = {str(n) for (n,) in conn.execute("SELECT name FROM sqlite_master")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        if own_place:
+            return "damaged", str(exc)
+        return "foreign", f"a SQLite database sdltag cannot read ({exc})"
+    if "schema_migrations" in names and names <= _LEGACY_OBJECTS:
+        return "ours", ""
+    if own_place:
+        return "damaged", "not an sdltag schema"
+    what = f"tables {', '.join(sorted(names))}" if names else "no tables"
+    return "foreign", f"it is a SQLite database without sdltag's schema ({what})"
+
+
+def _not_an_index(path: Path, reason: str) -> NotAnIndexError:
+    return NotAnIndexError(
+        f"{path}: not an sdltag index ({reason}); left it untouched. Pass --index with a new file name "
+        "or an existing index, or --no-index."
+    )
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename ``path`` and its journal files to ``NAME.corrupt-<time>[-<pid>]``; returns the new name."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    if aside.exists():
+        aside = aside.with_name(f"{aside.name}-{os.getpid()}")
+    os.replace(path, aside)
+    for suffix in _SIDE_FILES:
+        try:
+            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+        except FileNotFoundError:
+            pass
+    return aside
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+# -- the index ----------------------------------------------------------------------------------
+
+
 class ImageIndex:
-    """The SQLite index. Open with ``ImageIndex.open(path)``; use as a context manager."""
+    """The SQLite index. Open with ``ImageIndex.open(path)``; use as a context manager.
+
+    Every method survives the failures listed in the module docstring: a lock held too
+    long, a full disk or a read-only file make it read-only (or unused) for the rest of the
+    run with one warning; damage sets the file aside and starts a new one. ``writable`` and
+    ``usable`` say where it stands; ``problems`` holds the warnings given.
+    """
 
     def __init__(
-        self, conn: sqlite3.Connection, path: Path, commit_every: int = 64, commit_seconds: float = 5.0
+        self,
+        conn: sqlite3.Connection | None,
+        path: Path,
+        commit_every: int = 64,
+        commit_seconds: float = 5.0,
+        *,
+        warn: Callable[[str], None] | None = None,
+        readonly: bool = False,
     ) -> None:
         self.conn = conn
-        self.path = path
+        self.path = Path(path)
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds
+        self.readonly = readonly
+        self.warn = warn or stderr_warn
+        self.problems: list[str] = []
         self._pending = 0
         self._last_commit = time.monotonic()
+        self._can_write = not readonly
+        self._usable = conn is not None
+        self._impatient = False  # once a lock wait ran out, later ones do not wait again
+        self._said_waiting = False
+        self._identity = _identity(self.path)
+
+    @property
+    def writable(self) -> bool:
+        """False for a read-only open and once a write failed (lock, full disk, read-only file)."""
+        return self._can_write and self._usable
+
+    @property
+    def usable(self) -> bool:
+        """False once the index could not be read at all this run (every look-up then misses)."""
+        return self._usable
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -120,8 +297,9 @@ class ImageIndex:
     def open(cls, path: Path, *, warn: Callable[[str], None] | None = None, commit_every: int = 64) -> ImageIndex:
         """Open (creating and migrating as needed) the index at ``path``.
 
-        A corrupt file is renamed aside with a warning and a fresh index started; an
-        index from a newer sdltag raises ``SdltagError``.
+        An existing file that is not an sdltag index raises ``NotAnIndexError`` (exit 2) and
+        stays untouched; a damaged index of sdltag's is renamed aside with a warning and a
+        fresh one started; an index from a newer sdltag raises ``SdltagError``.
         """
         path = Path(path).expanduser().absolute()
         try:
@@ -131,107 +309,343 @@ class ImageIndex:
                 f"{path.parent}: cannot create the index folder ({exc.strerror or exc}). "
                 "Pass --index FILE somewhere writable, or --no-index."
             ) from None
-        try:
-            conn = cls._connect_and_migrate(path)
-        except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.OperationalError) and not _looks_corrupt(exc):
-                raise SdltagError(
-                    f"{path}: cannot open the index ({exc}). Pass --index FILE somewhere writable, or --no-index."
-                ) from None
-            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-            try:
-                os.replace(path, aside)
-                for suffix in ("-journal", "-wal", "-shm"):
-                    extra = path.with_name(path.name + suffix)
-                    if extra.exists():
-                        os.replace(extra, aside.with_name(aside.name + suffix))
-            except OSError as move_exc:
-                raise SdltagError(
-                    f"{path}: the index is corrupt ({exc}) and cannot be moved aside ({move_exc}). "
-                    "Remove it, pass another --index FILE, or --no-index."
-                ) from None
-            if warn is not None:
-                warn(f"{path}: the index was corrupt ({exc}); moved it to {aside.name} and started a new one")
-            conn = cls._connect_and_migrate(path)
-        return cls(conn, path, commit_every=commit_every)
+        verdict, reason = inspect_file(path)
+        if verdict == "foreign":
+            raise _not_an_index(path, reason)
+        index = cls(None, path, commit_every=commit_every, warn=warn)
+        if verdict == "damaged":
+            index._replace_damaged(reason, fatal=True)
+        index._start()
+        return index
 
     @classmethod
-    def open_readonly(cls, path: Path) -> ImageIndex:
-        """Open an existing index for reading only (``--dry-run``): nothing is created, migrated or moved."""
+    def open_readonly(cls, path: Path, *, warn: Callable[[str], None] | None = None) -> ImageIndex:
+        """Open an existing index for reading only (``search``, ``--dry-run``): nothing is created,
+        migrated or moved. A journal left by a killed run is rolled back first (a short read-write
+        open), so the committed rows are read. Damage or a lock held too long leave an index that
+        finds nothing, with one warning; a file that is not an index raises ``NotAnIndexError``."""
         path = Path(path).expanduser().absolute()
+        verdict, reason = inspect_file(path)
+        if verdict == "missing":
+            raise SdltagError(f"{path}: no index there. Run `sdltag tag FOLDER` first, or pass --index FILE.")
+        if verdict == "foreign":
+            raise _not_an_index(path, reason)
+        index = cls(None, path, warn=warn, readonly=True)
+        if verdict == "empty":
+            return index  # created and killed before its first commit: nothing to read
+        if verdict == "damaged":
+            index._give_up(f"the index {path} is damaged ({reason}); continuing without it. {_REBUILD_HINT}")
+            return index
         try:
-            conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30.0)
-            applied = [int(v) for (v,) in conn.execute("SELECT version FROM schema_migrations")]
+            index.conn = index._patiently(lambda _: index._connect_readonly())
+            applied = index._patiently(cls._applied)
         except sqlite3.DatabaseError as exc:
-            raise SdltagError(f"{path}: cannot read the index ({exc})") from None
-        if max(applied, default=0) != SCHEMA_VERSION:
-            conn.close()
-            raise SdltagError(f"{path}: index schema version {max(applied, default=0)} is not {SCHEMA_VERSION}")
-        return cls(conn, path)
+            index._opening_failed(exc)
+            return index
+        newest = max(applied, default=0)
+        if newest != SCHEMA_VERSION:
+            index.close()
+            raise SdltagError(f"{path}: index schema version {newest} is not {SCHEMA_VERSION}")
+        index._usable = True
+        return index
 
-    @staticmethod
-    def _connect_and_migrate(path: Path) -> sqlite3.Connection:
+    def _connect_readonly(self) -> sqlite3.Connection:
+        uri = f"{self.path.as_uri()}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=LOCK_SLICE_S)
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if not _needs_roll_back(self.path, exc):
+                raise
+        # A journal left by a killed writer: only a read-write connection may roll it back.
+        try:
+            recover = sqlite3.connect(str(self.path), timeout=LOCK_SLICE_S)
+            try:
+                recover.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            finally:
+                recover.close()
+        except sqlite3.DatabaseError as exc:
+            raise sqlite3.OperationalError(
+                f"an interrupted write left {self.path.name}-journal, and undoing it needs write access ({exc})"
+            ) from None
+        return sqlite3.connect(uri, uri=True, timeout=LOCK_SLICE_S)
+
+    def _start(self) -> None:
+        """Connect and migrate; a damaged file is replaced once, a lock or a read-only file degrade."""
+        for attempt in range(2):
+            try:
+                self.conn = self._patiently(lambda _: self._connect())
+                self._patiently(self._migrate)
+            except sqlite3.DatabaseError as exc:
+                self._close_connection()
+                if _looks_corrupt(exc) and attempt == 0:
+                    self._replace_damaged(str(exc), fatal=True)
+                    continue
+                if is_busy(exc):
+                    self._opening_failed(exc)
+                    return
+                if _looks_unwritable(exc) and self._open_for_reading():
+                    self._stop_writing(
+                        f"cannot write the index {self.path} ({exc}); using it read-only for this run "
+                        "(results are still written; new ones are not stored)"
+                    )
+                    return
+                raise SdltagError(
+                    f"{self.path}: cannot open the index ({exc}). Pass --index FILE somewhere writable, or --no-index."
+                ) from None
+            self._usable = True
+            self._identity = _identity(self.path)
+            return
+
+    def _open_for_reading(self) -> bool:
+        """An up-to-date index that cannot be written (read-only file or folder): open it for reading."""
+        try:
+            self.conn = self._connect_readonly()
+            if max(self._applied(self.conn), default=0) != SCHEMA_VERSION:
+                raise sqlite3.OperationalError("schema not up to date")
+        except sqlite3.DatabaseError:
+            self._close_connection()
+            return False
+        self._usable = True
+        return True
+
+    def _close_connection(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except sqlite3.Error:
+                pass
+            self.conn = None
+
+    def _opening_failed(self, exc: sqlite3.DatabaseError) -> None:
+        self._close_connection()
+        if is_busy(exc):
+            self._give_up(
+                f"the index {self.path} is locked by another program ({exc}) for more than {BUSY_TIMEOUT_S:g} s; "
+                "continuing without it for this run"
+            )
+        elif _looks_corrupt(exc):
+            self._give_up(f"the index {self.path} is damaged ({exc}); continuing without it. {_REBUILD_HINT}")
+        else:
+            self._give_up(f"cannot read the index {self.path} ({exc}); continuing without it for this run")
+
+    def _connect(self) -> sqlite3.Connection:
         # isolation_level="IMMEDIATE": every write batch starts with BEGIN IMMEDIATE, taking the
         # write lock before it reads anything, so two tag runs sharing an index queue on the busy
         # timeout instead of deadlocking (SQLite refuses at once a reader that wants to write while
         # another writer commits).
-        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level="IMMEDIATE")
+        conn = sqlite3.connect(str(self.path), timeout=LOCK_SLICE_S, isolation_level="IMMEDIATE")
         try:
-            conn.execute("PRAGMA synchronous=NORMAL")
-            retry_while_busy(
-                lambda: conn.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations "
-                    "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
-                ),
-                BUSY_TIMEOUT_S,
-            )
-            newest = max(ImageIndex._applied(conn), default=0)
-            if newest > SCHEMA_VERSION:
-                raise SdltagError(
-                    f"{path}: this index was written by a newer sdltag (schema version {newest}, this sdltag "
-                    f"knows up to {SCHEMA_VERSION}). Upgrade sdltag (pip install --upgrade sdltag), or pass "
-                    "another --index FILE."
-                )
-            for version, name, step in MIGRATIONS:
-                if version not in ImageIndex._applied(conn):
-                    retry_while_busy(lambda v=version, n=name, s=step: ImageIndex._apply(conn, v, n, s), BUSY_TIMEOUT_S)
+            conn.execute("PRAGMA synchronous=NORMAL")  # reads the schema: may meet a lock
         except BaseException:
             conn.close()
             raise
         return conn
 
-    @staticmethod
-    def _applied(conn: sqlite3.Connection) -> dict[int, str]:
-        return {int(v): str(n) for v, n in conn.execute("SELECT version, name FROM schema_migrations")}
-
-    @staticmethod
-    def _apply(conn: sqlite3.Connection, version: int, name: str, step: Callable[[sqlite3.Connection], None]) -> None:
-        """One step in one write transaction, checked again under the lock (another process may have run it)."""
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring the schema up to date and stamp the application id, in one write transaction (if any needed)."""
+        applied = self._applied(conn)
+        self._refuse_newer(applied)
+        missing = [step for step in MIGRATIONS if step[0] not in applied]
+        stamped = conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        if not missing and stamped:
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if version not in ImageIndex._applied(conn):
-                step(conn)
-                conn.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                    (version, name, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
-                )
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+            applied = self._applied(conn)  # again, under the lock: another process may have migrated
+            self._refuse_newer(applied)
+            for version, name, step in MIGRATIONS:
+                if version not in applied:
+                    step(conn)
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                        (version, name, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+                    )
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
 
+    def _refuse_newer(self, applied: dict[int, str]) -> None:
+        newest = max(applied, default=0)
+        if newest > SCHEMA_VERSION:
+            raise SdltagError(
+                f"{self.path}: this index was written by a newer sdltag (schema version {newest}, this sdltag "
+                f"knows up to {SCHEMA_VERSION}). Upgrade sdltag (pip install --upgrade sdltag), or pass "
+                "another --index FILE."
+            )
+
+    @staticmethod
+    def _applied(conn: sqlite3.Connection) -> dict[int, str]:
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
+        if exists.fetchone() is None:
+            return {}
+        return {int(v): str(n) for v, n in conn.execute("SELECT version, name FROM schema_migrations")}
+
     @property
     def schema_version(self) -> int:
-        row = self.conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
-        return int(row[0] or 0)
+        return max(self._do(self._applied, dict), default=0)
 
     def migrations(self) -> list[tuple[int, str]]:
         """The applied steps, oldest first."""
-        return [
-            (int(v), str(n))
-            for v, n in self.conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
-        ]
+        return sorted(self._do(self._applied, dict).items())
+
+    # -- failures -----------------------------------------------------------------------------
+
+    def _say(self, message: str) -> None:
+        self.problems.append(message)
+        self.warn(message)
+
+    def _give_up(self, message: str) -> None:
+        """Stop using the index for this run (every look-up misses, nothing is written)."""
+        if self._usable or not self.problems:
+            self._say(message)
+        self._usable = False
+        self._can_write = False
+
+    def _stop_writing(self, message: str) -> None:
+        if self._can_write:
+            self._say(message)
+        self._can_write = False
+
+    def _rollback(self) -> None:
+        try:
+            if self.conn is not None and self.conn.in_transaction:
+                self.conn.rollback()
+        except sqlite3.Error:
+            pass
+        self._pending = 0
+
+    def _patiently(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work(conn)``, retried while another program holds a lock, up to ``BUSY_TIMEOUT_S`` in all.
+
+        SQLite waits ``LOCK_SLICE_S`` per attempt; past the first slice one line says the run is
+        waiting. Each ``work`` is one statement, one transaction or a read, so a retry repeats
+        nothing half done.
+        """
+        start = time.monotonic()
+        delay = 0.01
+        while True:
+            try:
+                return work(self.conn)  # type: ignore[arg-type]
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc) or self._impatient:
+                    raise
+                waited = time.monotonic() - start
+                if waited >= BUSY_TIMEOUT_S:
+                    raise
+                if waited >= LOCK_SLICE_S and not self._said_waiting:
+                    self._said_waiting = True
+                    self.warn(f"the index {self.path} is locked by another program; waiting up to {BUSY_TIMEOUT_S:g} s")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.25)
+
+    def _do(self, work: Callable[[sqlite3.Connection], T], fallback: Callable[[], T], *, write: bool = False) -> T:
+        """Run ``work`` on the connection; any SQLite failure ends in ``fallback()`` after the right remedy."""
+        if not self._usable or (write and not self._can_write):
+            return fallback()
+        try:
+            return self._patiently(work)
+        except sqlite3.DatabaseError as exc:
+            if not self._recover(exc, write):
+                return fallback()
+        try:  # a new index replaced a damaged one: once more, on it
+            return self._patiently(work)
+        except sqlite3.DatabaseError as exc:
+            self._rollback()
+            self._give_up(f"cannot use the index {self.path} ({exc}); continuing without it for this run")
+            return fallback()
+
+    def _recover(self, exc: sqlite3.DatabaseError, write: bool) -> bool:
+        """The remedy for ``exc``; True when a fresh index replaced a damaged one (retry the work)."""
+        self._rollback()
+        if is_busy(exc):
+            self._impatient = True
+            if write:
+                self._stop_writing(
+                    f"the index {self.path} is still locked by another program after {BUSY_TIMEOUT_S:g} s; "
+                    "continuing without writing to it (this run's new results are not stored)"
+                )
+            else:
+                self._give_up(
+                    f"the index {self.path} is locked by another program ({exc}) for more than "
+                    f"{BUSY_TIMEOUT_S:g} s; continuing without it for this run"
+                )
+            return False
+        if _looks_corrupt(exc):
+            return self._damaged(exc)
+        if write and _looks_unwritable(exc):
+            self._stop_writing(
+                f"cannot write the index {self.path} ({exc}); using it read-only for this run "
+                "(results are still written; new ones are not stored)"
+            )
+            return False
+        self._give_up(f"cannot read the index {self.path} ({exc}); continuing without it for this run")
+        return False
+
+    def _quick_check(self) -> str:
+        try:
+            rows = self.conn.execute("PRAGMA quick_check(5)").fetchall()  # type: ignore[union-attr]
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        found = [str(r[0]) for r in rows]
+        return "ok" if found == ["ok"] else "; ".join(found)
+
+    def _damaged(self, exc: sqlite3.DatabaseError) -> bool:
+        """A query said "malformed": confirm with quick_check, then set the file aside and start anew."""
+        detail = self._quick_check()
+        if detail == "ok":
+            self._give_up(f"the index {self.path} answered {exc!s}; continuing without it for this run")
+            return False
+        if self.readonly:
+            self._give_up(f"the index {self.path} is damaged ({detail}); continuing without it. {_REBUILD_HINT}")
+            return False
+        return self._replace_damaged(detail, fatal=False)
+
+    def _replace_damaged(self, detail: str, *, fatal: bool) -> bool:
+        """Rename the damaged index aside (unless another run already did) and open a new one."""
+        self._rollback()
+        self._close_connection()
+        moved = None
+        try:
+            if self._identity is None or _identity(self.path) == self._identity:
+                moved = _set_aside(self.path)
+        except FileNotFoundError:
+            pass  # another sdltag run set it aside first
+        except OSError as exc:
+            message = (
+                f"{self.path}: the index is damaged ({detail}) and cannot be moved aside "
+                f"({exc.strerror or exc}). Remove it, pass another --index FILE, or --no-index."
+            )
+            if fatal:
+                raise SdltagError(message) from None
+            self._give_up(message)
+            return False
+        if moved is not None:
+            self._say(
+                f"the index {self.path} was damaged ({detail}); moved it to {moved.name} and started a new one "
+                "(its images will be tagged again)"
+            )
+        if fatal:
+            self._identity = None
+            return True
+        try:
+            self.conn = self._patiently(lambda _: self._connect())
+            self._patiently(self._migrate)
+        except sqlite3.DatabaseError as exc:
+            self._give_up(f"cannot start a new index at {self.path} ({exc}); continuing without it for this run")
+            return False
+        self._identity = _identity(self.path)
+        self._pending = 0
+        return True
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -241,18 +655,23 @@ class ImageIndex:
 
     def lookup_many(self, files: list[tuple[Path, int, int]], model_id: str) -> list[np.ndarray | None]:
         """``lookup`` for many (path, size, mtime_ns) at once: one query per 500 paths, results in order."""
-        found: dict[bytes, tuple[int, int, bytes, int, int]] = {}
         keys = [_key(path) for path, _, _ in files]
-        for start in range(0, len(keys), 500):
-            part = keys[start : start + 500]
-            found.update(
-                (row[0], row[1:])
-                for row in self.conn.execute(
-                    "SELECT path, size, mtime_ns, vectors, rows, dim FROM images "
-                    f"WHERE model_id = ? AND path IN ({','.join('?' * len(part))})",
-                    (model_id, *part),
+
+        def work(conn: sqlite3.Connection) -> dict[bytes, tuple[Any, ...]]:
+            found: dict[bytes, tuple[Any, ...]] = {}
+            for start in range(0, len(keys), 500):
+                part = keys[start : start + 500]
+                found.update(
+                    (row[0], row[1:])
+                    for row in conn.execute(
+                        "SELECT path, size, mtime_ns, vectors, rows, dim FROM images "
+                        f"WHERE model_id = ? AND path IN ({','.join('?' * len(part))})",
+                        (model_id, *part),
+                    )
                 )
-            )
+            return found
+
+        found = self._do(work, dict) if keys else {}
         out: list[np.ndarray | None] = []
         for key, (_, size, mtime_ns) in zip(keys, files, strict=True):
             row = found.get(key)
@@ -262,102 +681,159 @@ class ImageIndex:
 
     def known_hashes(self, model_id: str) -> set[str]:
         """Content hashes that already have vectors for ``model_id`` (for renamed/copied files)."""
-        return {
-            str(h) for (h,) in self.conn.execute("SELECT DISTINCT hash FROM images WHERE model_id = ?", (model_id,))
-        }
+        return self._do(
+            lambda conn: {
+                str(h) for (h,) in conn.execute("SELECT DISTINCT hash FROM images WHERE model_id = ?", (model_id,))
+            },
+            set,
+        )
 
     def vectors_for_hash(self, content_hash: str, model_id: str) -> np.ndarray | None:
-        row = self.conn.execute(
-            "SELECT rows, dim, vectors FROM images WHERE hash = ? AND model_id = ? LIMIT 1", (content_hash, model_id)
-        ).fetchone()
+        row = self._do(
+            lambda conn: conn.execute(
+                "SELECT rows, dim, vectors FROM images WHERE hash = ? AND model_id = ? LIMIT 1",
+                (content_hash, model_id),
+            ).fetchone(),
+            lambda: None,
+        )
         return None if row is None else _decode_vectors(row[2], row[0], row[1])
 
     def get(self, path: Path, model_id: str) -> IndexedImage | None:
-        row = self.conn.execute(
-            "SELECT path, model_id, size, mtime_ns, hash, rows, dim, vectors FROM images "
-            "WHERE path = ? AND model_id = ?",
-            (_key(path), model_id),
-        ).fetchone()
+        row = self._do(
+            lambda conn: conn.execute(
+                "SELECT path, model_id, size, mtime_ns, hash, rows, dim, vectors FROM images "
+                "WHERE path = ? AND model_id = ?",
+                (_key(path), model_id),
+            ).fetchone(),
+            lambda: None,
+        )
         return None if row is None else _row(row)
+
+    def _rows(self, query: str, params: tuple) -> Iterator[tuple]:
+        """The rows of one query, streamed; a failure part-way ends the stream (after its remedy)."""
+        if not self._usable:
+            return
+        try:
+            cursor = self._patiently(lambda conn: conn.execute(query, params))
+            yield from cursor
+        except sqlite3.DatabaseError as exc:
+            self._recover(exc, write=False)
 
     def under(self, folders: Iterable[Path], model_id: str) -> Iterator[IndexedImage]:
         """Every row of ``model_id`` whose path is one of ``folders`` or inside one (all rows if none given)."""
         folders = [Path(os.path.abspath(f)) for f in folders]
         columns = "SELECT path, model_id, size, mtime_ns, hash, rows, dim, vectors FROM images"
         if not folders:
-            yield from (_row(r) for r in self.conn.execute(f"{columns} WHERE model_id = ? ORDER BY path", (model_id,)))
+            yield from (_row(r) for r in self._rows(f"{columns} WHERE model_id = ? ORDER BY path", (model_id,)))
             return
         seen: set[bytes] = set()
         for folder in folders:
             exact, prefix, upper = _prefix_range(folder)
             query = f"{columns} WHERE model_id = ? AND (path = ? OR (path >= ? AND path < ?)) ORDER BY path"
-            for row in self.conn.execute(query, (model_id, exact, prefix, upper)):
+            for row in self._rows(query, (model_id, exact, prefix, upper)):
                 if row[0] not in seen:
                     seen.add(row[0])
                     yield _row(row)
 
     def count(self, model_id: str | None = None) -> int:
         if model_id is None:
-            return int(self.conn.execute("SELECT COUNT(*) FROM images").fetchone()[0])
-        return int(self.conn.execute("SELECT COUNT(*) FROM images WHERE model_id = ?", (model_id,)).fetchone()[0])
+            return self._do(lambda conn: int(conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]), int)
+        return self._do(
+            lambda conn: int(conn.execute("SELECT COUNT(*) FROM images WHERE model_id = ?", (model_id,)).fetchone()[0]),
+            int,
+        )
 
     # -- writing ------------------------------------------------------------------------------
 
     def put(self, path: Path, size: int, mtime_ns: int, content_hash: str, model_id: str, vectors: np.ndarray) -> None:
-        """Record ``path``'s (M, d) matrix; committed in batches (``commit_every`` rows or a few seconds)."""
+        """Record ``path``'s (M, d) matrix; committed in batches (``commit_every`` rows or a few seconds).
+
+        A no-op once the index is read-only for this run (see ``writable``).
+        """
         matrix = np.ascontiguousarray(vectors, dtype="<f4")
         if matrix.ndim != 2:
             raise ValueError(f"vectors must be (M, d), got {matrix.shape}")
-        self.conn.execute(
-            "INSERT OR REPLACE INTO images (path, model_id, size, mtime_ns, hash, rows, dim, vectors, indexed_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                _key(path),
-                model_id,
-                int(size),
-                int(mtime_ns),
-                content_hash,
-                matrix.shape[0],
-                matrix.shape[1],
-                matrix.tobytes(),
-                time.time(),
-            ),
+        row = (
+            _key(path),
+            model_id,
+            int(size),
+            int(mtime_ns),
+            content_hash,
+            matrix.shape[0],
+            matrix.shape[1],
+            matrix.tobytes(),
+            time.time(),
         )
+
+        def work(conn: sqlite3.Connection) -> bool:
+            conn.execute(
+                "INSERT OR REPLACE INTO images (path, model_id, size, mtime_ns, hash, rows, dim, vectors, indexed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            return True
+
+        if not self._do(work, lambda: False, write=True):
+            return
         self._pending += 1
         if self._pending >= self.commit_every or time.monotonic() - self._last_commit >= self.commit_seconds:
             self.commit()
 
     def prune_missing(self, folders: Iterable[Path]) -> int:
-        """Delete rows under ``folders`` whose file no longer exists; returns how many."""
+        """Delete rows under ``folders`` whose file is definitely gone; returns how many.
+
+        Only a path that the system answers ENOENT for counts as gone: a file that cannot be
+        checked (a folder without read or search permission, an I/O error, a stale mount)
+        keeps its row.
+        """
         gone: set[bytes] = set()
         for folder in folders:
             exact, prefix, upper = _prefix_range(folder)
-            for (key,) in self.conn.execute(
-                "SELECT DISTINCT path FROM images WHERE path = ? OR (path >= ? AND path < ?)", (exact, prefix, upper)
-            ):
-                if not os.path.lexists(os.fsdecode(bytes(key))):
+            query = "SELECT DISTINCT path FROM images WHERE path = ? OR (path >= ? AND path < ?)"
+            for (key,) in self._rows(query, (exact, prefix, upper)):
+                try:
+                    os.lstat(os.fsdecode(bytes(key)))
+                except FileNotFoundError:
                     gone.add(bytes(key))
-        if gone:
-            self.conn.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in gone])
-            self.commit()
-        return len(gone)
+                except OSError:
+                    pass  # unreadable, not gone
+        if not gone:
+            return 0
+
+        def work(conn: sqlite3.Connection) -> int:
+            conn.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in gone])
+            return len(gone)
+
+        removed = self._do(work, int, write=True)
+        self.commit()
+        return removed
 
     def commit(self) -> None:
-        self.conn.commit()
+        def work(conn: sqlite3.Connection) -> None:
+            conn.commit()
+
+        self._do(work, lambda: None, write=True)
         self._pending = 0
         self._last_commit = time.monotonic()
 
     def close(self) -> None:
+        if self.conn is None:
+            return
         try:
-            self.conn.commit()
+            self.commit()
+            self._rollback()
         finally:
             self.conn.close()
+            self.conn = None
 
     def __enter__(self) -> ImageIndex:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_REBUILD_HINT = "The next `sdltag tag` moves it aside and builds a new one."
 
 
 def _prefix_range(folder: Path) -> tuple[bytes, bytes, bytes]:
@@ -382,3 +858,17 @@ def _row(row: tuple) -> IndexedImage:
 def _looks_corrupt(exc: sqlite3.DatabaseError) -> bool:
     text = str(exc).lower()
     return "not a database" in text or "malformed" in text or "corrupt" in text
+
+
+def _looks_unwritable(exc: sqlite3.DatabaseError) -> bool:
+    """A full disk, a read-only file or folder, or a failing write (not damage, not a lock)."""
+    text = str(exc).lower()
+    words = ("full", "readonly", "read-only", "disk i/o", "unable to open", "permission", "access", "no space")
+    return any(word in text for word in words)
+
+
+def _needs_roll_back(path: Path, exc: sqlite3.OperationalError) -> bool:
+    """A read-only open refused because a killed writer left a journal that must be rolled back first."""
+    text = str(exc).lower()
+    side = any(os.path.exists(f"{path}{suffix}") for suffix in ("-journal", "-wal"))
+    return side and ("readonly" in text or "read-only" in text or "unable to open" in text)

@@ -101,14 +101,18 @@ def test_reopening_applies_no_step_twice(tmp_path: Path) -> None:
 
 
 def test_corrupt_index_is_set_aside_and_rebuilt(tmp_path: Path) -> None:
-    path = tmp_path / "i.db"
+    """A file in sdltag's own data folder is sdltag's: unreadable, it is set aside and a new index started."""
+    from sdltag.paths import default_index_path
+
+    path = default_index_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not a sqlite database at all" * 100)
     warnings: list[str] = []
     with ImageIndex.open(path, warn=warnings.append) as index:
         index.put(tmp_path / "a.jpg", 1, 1, "h", "m", _matrix(0))
         assert index.count() == 1
-    assert len(warnings) == 1 and "corrupt" in warnings[0]
-    aside = [p for p in tmp_path.iterdir() if p.name.startswith("i.db.corrupt-")]
+    assert len(warnings) == 1 and "damaged" in warnings[0]
+    aside = [p for p in path.parent.iterdir() if p.name.startswith(path.name + ".corrupt-")]
     assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
 
 
@@ -118,10 +122,13 @@ def test_readonly_open_does_not_create_or_write(tmp_path: Path) -> None:
     assert not (tmp_path / "missing.db").exists()
     with ImageIndex.open(tmp_path / "i.db") as index:
         index.put(tmp_path / "a.jpg", 1, 1, "h", "m", _matrix(0))
+    before = (tmp_path / "i.db").read_bytes()
     with ImageIndex.open_readonly(tmp_path / "i.db") as index:
+        assert index.count() == 1 and not index.writable
+        index.put(tmp_path / "b.jpg", 1, 1, "h", "m", _matrix(0))  # ignored: read-only
+        index.commit()
         assert index.count() == 1
-        with pytest.raises(sqlite3.OperationalError):
-            index.put(tmp_path / "b.jpg", 1, 1, "h", "m", _matrix(0))
+    assert (tmp_path / "i.db").read_bytes() == before
 
 
 def test_prune_missing(tmp_path: Path) -> None:

@@ -334,15 +334,15 @@ def test_cli_non_utf8_name_survives_stdout(tmp_path: Path, tiny_model) -> None:
     assert result.stdout_bytes.strip() == odd
 
 
-def test_cli_corrupt_index_set_aside(tmp_path: Path, tiny_model) -> None:
+def test_cli_index_that_is_not_an_index_is_refused(tmp_path: Path, tiny_model) -> None:
+    """--index naming some other file (here not even SQLite): refused, exit 2, the file untouched."""
     _photos(tmp_path / "lib", 2)
     index_path = tmp_path / "i.db"
     index_path.write_bytes(b"garbage" * 1000)
     result = _cli([str(tmp_path / "lib"), "--model", str(tiny_model.path), "--index", str(index_path)])
-    assert result.exit_code == 0 and "corrupt" in result.stderr and len(result.stdout.splitlines()) == 2
-    with ImageIndex.open(index_path) as index:
-        assert index.count() == 2
-    assert any(p.name.startswith("i.db.corrupt-") for p in tmp_path.iterdir())
+    assert result.exit_code == 2 and "not an sdltag index" in result.stderr and result.stdout == ""
+    assert index_path.read_bytes() == b"garbage" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.db", "lib"]
 
 
 def test_cli_read_only_output_location(tmp_path: Path, tiny_model) -> None:

@@ -134,7 +134,7 @@ class _ImageModelFactory:
 
 
 def _open_index(no_index: bool, index_path: Path | None, dry_run: bool):
-    from sdltag.index import ImageIndex
+    from sdltag.index import ImageIndex, NotAnIndexError
     from sdltag.paths import default_index_path
 
     if no_index:
@@ -144,7 +144,9 @@ def _open_index(no_index: bool, index_path: Path | None, dry_run: bool):
         if not path.exists():
             return None
         try:
-            return ImageIndex.open_readonly(path)
+            return ImageIndex.open_readonly(path, warn=warn)
+        except NotAnIndexError:
+            raise
         except SdltagError as exc:
             warn(f"{exc} (--dry-run: tagging without the index)")
             return None
