@@ -14,6 +14,7 @@ import re
 import secrets
 import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,30 +80,53 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(path: Path, now: float | None = None) -> list[Path]:
+def _temp_candidates(folder: Path) -> dict[str, list[str]]:
+    """Names in ``folder`` shaped like our temporary files, by the output name they belong to."""
+    found: dict[str, list[str]] = {}
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = entry.name
+                mark = name.rfind(TEMP_MARK)
+                if name.startswith(".") and mark > 1 and _TEMP_TAIL.fullmatch(name[mark + len(TEMP_MARK) :]):
+                    found.setdefault(name[1:mark], []).append(name)
+    except OSError:
+        pass
+    return found
+
+
+# Folders already listed by this process: a folder of 10,000 photos is listed once, not once per sidecar.
+_LISTED: dict[str, dict[str, list[str]]] = {}
+_LISTED_LOCK = threading.Lock()
+
+
+def remove_stale_temps(path: Path, now: float | None = None, *, listed_once: bool = False) -> list[Path]:
     """Remove temporary files an interrupted ``atomic_write`` of ``path`` left behind; returns them.
 
     Only regular files named ``.NAME.sdltag-tmp-PID-XXXXXXXX`` (NAME being ``path``'s own name)
     are candidates, and of those only the ones whose process is no longer running and that are
-    older than a few seconds, or that are older than a day (a PID reused since). Nothing else in
-    the folder is looked at twice.
+    older than a few seconds, or that are older than a day (a PID reused since). With
+    ``listed_once``, the folder is listed once per process and remembered.
     """
     path = Path(path)
-    prefix = f".{path.name}{TEMP_MARK}"
+    folder = path.parent if str(path.parent) else Path(".")
+    if listed_once:
+        key = os.path.abspath(folder)
+        with _LISTED_LOCK:
+            if key not in _LISTED:
+                _LISTED[key] = _temp_candidates(folder)
+            names = _LISTED[key].pop(path.name, [])
+    else:
+        names = _temp_candidates(folder).get(path.name, [])
     now = time.time() if now is None else now
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(path.parent if str(path.parent) else "."))
-    except OSError:
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(prefix):
-            continue
-        match = _TEMP_TAIL.fullmatch(entry.name[len(prefix) :])
+    for name in names:
+        match = _TEMP_TAIL.fullmatch(name[len(path.name) + 1 + len(TEMP_MARK) :])
         if match is None:
             continue
+        candidate = folder / name
         try:
-            st = entry.stat(follow_symlinks=False)
+            st = os.lstat(candidate)
         except OSError:
             continue
         if not stat.S_ISREG(st.st_mode):
@@ -111,10 +135,10 @@ def remove_stale_temps(path: Path, now: float | None = None) -> list[Path]:
         if not ((age > STALE_DEAD_SECONDS and not _pid_alive(int(match.group("pid")))) or age > STALE_ANY_SECONDS):
             continue
         try:
-            os.unlink(entry.path)
+            os.unlink(candidate)
         except OSError:
             continue
-        removed.append(Path(entry.path))
+        removed.append(candidate)
     return removed
 
 
@@ -145,7 +169,7 @@ def _keep_owner_and_mode(fd: int, original: os.stat_result | None) -> None:
         os.fchmod(fd, 0o666 & ~_umask())
         return
     current = os.fstat(fd)
-    if (current.st_uid, current.st_gid) != (original.st_uid, original.st_gid):
+    if hasattr(os, "fchown") and (current.st_uid, current.st_gid) != (original.st_uid, original.st_gid):
         try:
             os.fchown(fd, original.st_uid, original.st_gid)
         except OSError:
@@ -154,19 +178,6 @@ def _keep_owner_and_mode(fd: int, original: os.stat_result | None) -> None:
             except OSError:
                 pass
     os.fchmod(fd, stat.S_IMODE(original.st_mode) & 0o777)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _text(raw: IO[bytes], mode: str, encoding: str | None) -> IO:
@@ -232,7 +243,7 @@ def atomic_write(path: Path | str, mode: str = "w", encoding: str | None = "utf-
             with _direct(open(target, "wb"), mode, encoding, close=True) as stream:  # noqa: SIM115
                 yield stream
             return
-    remove_stale_temps(target)
+    remove_stale_temps(target, listed_once=True)
     tmp = target.parent / temp_name(target.name)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
@@ -248,8 +259,8 @@ def atomic_write(path: Path | str, mode: str = "w", encoding: str | None = "utf-
         if original is not None and original.st_nlink > 1:
             os.unlink(tmp)
         else:
+            # No fsync of the folder: after a power cut the old file or the new one is there, both whole.
             os.replace(tmp, target)
-            _fsync_dir(target.parent)
     except BaseException:
         try:
             os.unlink(tmp)
