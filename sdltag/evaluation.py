@@ -42,6 +42,14 @@ class EvalReport:
     results: dict[str, RankingMetrics]
     empty_rule: str
     ece: dict[str, float | None] = field(default_factory=dict)
+    # What `sdltag eval --report` draws (not in to_json): the evaluated images, the ranked labels,
+    # their raw (N, L) scores and ground truth, and the model's calibration.
+    paths: list[Path] = field(default_factory=list, repr=False)
+    label_names: list[str] = field(default_factory=list, repr=False)
+    unseen_mask: np.ndarray | None = field(default=None, repr=False)
+    scores: np.ndarray | None = field(default=None, repr=False)
+    targets: np.ndarray | None = field(default=None, repr=False)
+    calibration: dict | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -176,6 +184,12 @@ def evaluate(
         results=results,
         empty_rule=empty,
         ece=ece,
+        paths=[path for path, kept in zip(paths, ok, strict=True) if kept],
+        label_names=list(label_set.names),
+        unseen_mask=np.asarray(label_set.unseen_mask, dtype=bool),
+        scores=scores,
+        targets=targets,
+        calibration=calibration or None,
     )
 
 
