@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from sdltag.commands._common import cli_errors, warn
+from sdltag.commands._common import cli_errors, error, info, warn
 from sdltag.errors import SdltagError
 
 
@@ -45,6 +45,12 @@ def evaluate(
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Threads for decoding and inference."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    report_path: Path | None = typer.Option(
+        None,
+        "--report",
+        help="Also write an HTML report to this file: the table, per-label AP, precision-recall and reliability "
+        "charts, the worst-ranked images (needs matplotlib: pip install 'sdltag[report]').",
+    ),
 ) -> None:
     """Evaluate a model on labeled images: ZSL and GZSL mAP and P/R/F1 at K=3 and K=5 (micro), as in the SDL paper.
 
@@ -61,6 +67,10 @@ def evaluate(
         raise SdltagError(f"--format {fmt}: choose table or json.")
     if empty_labels not in ("skip", "zero"):
         raise SdltagError(f"--empty-labels {empty_labels}: choose skip or zero.")
+    if report_path is not None:
+        from sdltag.report import require_matplotlib
+
+        require_matplotlib()  # before the evaluation, not after it
     from sdltag.runtime import resolve_precision
 
     model, _ = resolve_precision(load_model_folder(model_dir), precision, device)
@@ -106,6 +116,16 @@ def evaluate(
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
         typer.echo(format_table(report))
+    if report_path is not None:
+        from sdltag.report import write_report
+
+        try:
+            write_report(report, report_path)
+        except OSError as exc:
+            error(f"{report_path}: cannot write the report ({exc.strerror or exc}). Pass --report somewhere writable.")
+            raise typer.Exit(1) from None
+        if not quiet:
+            info(f"report written to {report_path}")
 
 
 def register(app: typer.Typer) -> None:
