@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zs_sdl_layout as zs
 
+from sdltag import safepickle
 from sdltag.errors import SdltagError
 from sdltag.safepickle import UnsafePickleError, safe_load, safe_loads
 
@@ -96,3 +100,84 @@ def test_official_pickles_load() -> None:
     assert isinstance(unseen, list) and len(unseen) == 81 and set(unseen) <= set(classes.values())
     assert isinstance(vectors, np.ndarray) and vectors.shape == (300, 1006) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=0), 1.0, atol=1e-5)
+
+
+# set(bytearray(10**9)) in 44 bytes: a gigabyte and ten seconds of work before the size limits.
+AMPLIFIER = b"cbuiltins\nset\ncbuiltins\nbytearray\nJ\x00\xca\x9a;\x85R\x85R."
+
+
+def test_a_tiny_file_cannot_ask_for_a_gigabyte(tmp_path: Path) -> None:
+    assert len(AMPLIFIER) < 50
+    path = tmp_path / "classes.pickle"
+    path.write_bytes(AMPLIFIER)
+    started = time.perf_counter()
+    with pytest.raises(SdltagError, match=r"classes\.pickle: .*bytearray\(int\)"):
+        safe_load(path, "--classes pickle")
+    assert time.perf_counter() - started < 1.0
+    # bytearray from its bytes (how pickles store one) still loads, at every protocol
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert safe_loads(pickle.dumps(bytearray(b"\x00ab"), protocol=protocol)) == bytearray(b"\x00ab")
+
+
+def test_numpy_reconstruct_cannot_allocate_a_huge_array() -> None:
+    # _reconstruct(ndarray, (10**9,), b"b"): numpy allocates the shape it is given, before any data.
+    payload = b"cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\xca\x9a;\x85C\x01b\x87R."
+    started = time.perf_counter()
+    with pytest.raises(pickle.UnpicklingError, match="shape"):
+        safe_loads(payload)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_deeply_nested_containers_are_refused_without_crashing(tmp_path: Path) -> None:
+    # A dict keyed by a tuple nested a million deep (1 MB): hashing it overflowed the C stack (segfault).
+    path = tmp_path / "deep.pickle"
+    path.write_bytes(b"\x80\x02})" + b"\x85" * 1_000_000 + b"X\x01\x00\x00\x00xs.")
+    code = (
+        "import sys; from sdltag.safepickle import safe_load; from sdltag.errors import SdltagError\n"
+        f"try: safe_load({str(path)!r}, '--classes pickle')\n"
+        "except SdltagError as exc: print(exc); sys.exit(2)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-500:]
+    assert "deep.pickle" in done.stdout and "nested more than" in done.stdout
+    # Ordinary nesting (a few levels, as data files have) loads.
+    nested: object = "leaf"
+    for depth in range(300):
+        nested = (nested,) if depth % 3 == 0 else [nested] if depth % 3 == 1 else {"k": nested}
+    assert safe_loads(pickle.dumps(nested, protocol=4)) == nested
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(safepickle, "MAX_FILE_BYTES", 1000)
+    path = tmp_path / "big.pickle"
+    path.write_bytes(pickle.dumps(list(range(1000))))
+    with pytest.raises(SdltagError, match=r"big\.pickle: the --wordvecs pickle is 0 MB, over the 0 MB"):
+        safe_load(path, "--wordvecs pickle")
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        ({0: "sky", "1": "cat", 2.5: "dog"}, r"keys must be the integers 0\.\.N-1 .*\(found the key '1'\)"),
+        ({(1, 2): "sky"}, r"keys must be the integers"),
+        ({}, r"keys must be the integers"),
+        ([], "lists no classes"),
+        (["sky", 3], "every class name must be a non-empty string"),
+        (np.zeros(3), "expected a dict index -> class name or a list of names, got ndarray"),
+    ],
+)
+def test_import_official_refuses_odd_class_pickles_in_one_line(tmp_path: Path, classes, message: str) -> None:
+    from typer.testing import CliRunner
+
+    from sdltag.cli import app
+
+    classes_path, vectors_path = tmp_path / "classes.pickle", tmp_path / "wordvecs.pickle"
+    classes_path.write_bytes(pickle.dumps(classes))
+    vectors_path.write_bytes(pickle.dumps(np.ones((300, 2), dtype=np.float32)))
+    args = ["import-official", str(tmp_path / "missing.pth"), "--wordvecs", str(vectors_path)]
+    result = CliRunner().invoke(app, [*args, "--classes", str(classes_path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    errors = [line for line in result.output.splitlines() if line.startswith("sdltag: error:")]
+    assert len(errors) == 1 and "classes.pickle" in errors[0] and re.search(message, errors[0]), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()

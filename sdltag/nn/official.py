@@ -168,10 +168,12 @@ class LabelTable:
 
 def _class_names(classes: Any, source: str) -> list[str]:
     if isinstance(classes, dict):
-        keys = sorted(classes)
-        if keys != list(range(len(keys))):
+        odd = next((k for k in classes if not isinstance(k, (int, np.integer))), None)
+        keys = sorted(classes) if odd is None else []
+        if odd is not None or not keys or keys != list(range(len(keys))):
+            found = f" (found the key {odd!r:.40})" if odd is not None else ""
             raise SdltagError(
-                f"{source}: class dict keys must be 0..N-1 (the word-vector columns). "
+                f"{source}: class dict keys must be the integers 0..N-1 (the word-vector columns){found}. "
                 "Pass nus_wide_classes.pickle from the official repository."
             )
         names = [classes[i] for i in keys]
@@ -182,6 +184,8 @@ def _class_names(classes: Any, source: str) -> list[str]:
             f"{source}: expected a dict index -> class name or a list of names, "
             f"got {type(classes).__name__}. Pass nus_wide_classes.pickle from the official repository."
         )
+    if not names:
+        raise SdltagError(f"{source}: lists no classes. Pass nus_wide_classes.pickle from the official repository.")
     if not all(isinstance(n, str) and n.strip() for n in names):
         raise SdltagError(f"{source}: every class name must be a non-empty string.")
     names = [n.strip() for n in names]
