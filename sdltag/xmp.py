@@ -63,7 +63,7 @@ _INDENT = " "
 
 # Characters XML 1.0 can hold (a keyword with any other cannot be written).
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-_DECLARED_ENCODING = re.compile(rb"""^<\?xml[^>]*?\sencoding\s*=\s*["']([A-Za-z][A-Za-z0-9._-]{0,39})["']""")
+_DECLARED_ENCODING = re.compile(r"""^<\?xml[^>]*?\sencoding\s*=\s*["']([^"']*)["']""")
 _BOMS = (
     (codecs.BOM_UTF32_LE, "utf-32-le"),
     (codecs.BOM_UTF32_BE, "utf-32-be"),
@@ -157,28 +157,37 @@ def _read_regular(path: Path) -> bytes | None:
 
 def _decode(path: Path, data: bytes) -> tuple[str, str, bytes]:
     """(text, codec, byte order mark): the sidecar decoded the way its bytes and declaration say."""
-    for bom, codec in _BOMS:
-        if data.startswith(bom):
+    detected = next(((bom, codec) for bom, codec in _BOMS if data.startswith(bom)), None)
+    if detected is None:
+        detected = next(((b"", codec) for start, codec in _UNMARKED if data.startswith(start)), None)
+    if detected is not None:  # Unicode told by its first bytes; a declaration must agree
+        bom, codec = detected
+        try:
+            text = data[len(bom) :].decode(codec)
+        except UnicodeDecodeError as exc:
+            raise XmpError(path, f"is not valid {codec.upper()} ({exc.reason}); left untouched") from None
+        declared = _DECLARED_ENCODING.match(text)
+        if declared is not None:
+            name = declared.group(1)
             try:
-                return data[len(bom) :].decode(codec), codec, bom
-            except UnicodeDecodeError as exc:
-                raise XmpError(path, f"is not valid {codec.upper()} ({exc.reason}); left untouched") from None
-    for start, codec in _UNMARKED:
-        if data.startswith(start):
-            try:
-                return data.decode(codec), codec, b""
-            except UnicodeDecodeError as exc:
-                raise XmpError(path, f"is not valid {codec.upper()} ({exc.reason}); left untouched") from None
+                agrees = codecs.lookup(name).name.startswith(codec[:6])
+            except LookupError:
+                agrees = False
+            if not agrees:
+                raise XmpError(
+                    path, f"declares the encoding {name!r} but is written in {codec.upper()}; left untouched, fix it"
+                )
+        return text, codec, bom
     codec = "utf-8"
-    declared = _DECLARED_ENCODING.match(data)
+    declared = _DECLARED_ENCODING.match(data.decode("latin-1"))
     if declared is not None:
-        name = declared.group(1).decode("ascii")
+        name = declared.group(1)
         try:
             codec = codecs.lookup(name).name
             if codec in _NOT_DOCUMENT_CODECS:
                 raise LookupError(name)
             compatible = "<?xml".encode(codec) == b"<?xml"
-        except (LookupError, UnicodeError):
+        except (LookupError, UnicodeError, ValueError):
             raise XmpError(
                 path, f"declares the encoding {name!r}, which sdltag cannot read; left untouched, save it as UTF-8"
             ) from None
@@ -375,6 +384,48 @@ def _dedupe(values: Iterable[str]) -> list[str]:
     return out
 
 
+_LISTS = ((SUBJECT, "Bag"), (HIERARCHICAL, "Bag"), (TAGS_LIST, "Seq"), (ADDED_SUBJECT, "Bag"))
+
+
+def _as_lists(document: _Document, descriptions: list[ET.Element], path: Path, strict: bool) -> None:
+    """Give the keyword properties written as a plain value (``dc:subject="Sea"`` or
+    ``<dc:subject>Sea</dc:subject>``, which some tools write) their list form, in memory, so the
+    value counts as a keyword the user had. With ``strict``, a keyword property holding
+    something else (a structure) raises ``XmpError``: sdltag cannot add to it."""
+    for prop, kind in _LISTS:
+        for description in descriptions:
+            for element in description.findall(prop):
+                children = [child for child in element if isinstance(child.tag, str)]
+                if any(child.tag in CONTAINERS for child in children):
+                    continue
+                if children:
+                    if strict:
+                        local = prop.rpartition("}")[2]
+                        raise XmpError(path, f"its {local} is not a list of keywords; left untouched, fix or remove it")
+                    continue
+                value = (element.text or "").strip()
+                element.text = None
+                _append(element, ET.Element(f"{{{RDF_NS}}}{kind}"), _parents(document.root))
+                if value:
+                    _append(element[-1], _li(value), _parents(document.root))
+            if prop in description.attrib:
+                value = description.attrib.pop(prop).strip()
+                container = next((c for e in description.findall(prop) for c in e if c.tag in CONTAINERS), None)
+                if container is None:
+                    element = ET.Element(prop)
+                    _append(description, element, _parents(document.root))
+                    container = ET.Element(f"{{{RDF_NS}}}{kind}")
+                    _append(element, container, _parents(document.root))
+                if value:
+                    _append(container, _li(value), _parents(document.root))
+
+
+def _li(value: str) -> ET.Element:
+    li = ET.Element(LI)
+    li.text = value
+    return li
+
+
 def read_keywords(xmp_path: Path) -> list[str]:
     """The keywords of a sidecar: ``dc:subject`` plus the leaves of ``lr:hierarchicalSubject``,
     case-insensitively de-duplicated, in file order. Raises ``XmpError`` for a file it cannot read."""
@@ -383,6 +434,7 @@ def read_keywords(xmp_path: Path) -> list[str]:
     if document is None:
         raise XmpError(xmp_path, "does not exist")
     descriptions = _descriptions(document.root)
+    _as_lists(document, descriptions, xmp_path, strict=False)
     subject = _values(descriptions, SUBJECT)
     leaves = [value.split("|")[-1].strip() for value in _values(descriptions, HIERARCHICAL)]
     return _dedupe(subject + [leaf for leaf in leaves if leaf])
@@ -710,6 +762,7 @@ def write_keywords(xmp_path: Path, keywords: list[str], *, root: str = "sdltag",
         description = ET.Element(DESCRIPTION, {f"{{{RDF_NS}}}about": ""})
         _append(rdf, description, _parents(document.root))
         descriptions = [description]
+    _as_lists(document, descriptions, xmp_path, strict=True)
     existing = KeywordSet(
         subject=_values(descriptions, SUBJECT),
         hierarchical=_values(descriptions, HIERARCHICAL),

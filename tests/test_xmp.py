@@ -277,3 +277,19 @@ def test_symlinked_sidecar_stays_a_link_and_keeps_its_mode(tmp_path: Path) -> No
     assert link.is_symlink() and read_keywords(target) == ["Food", "breakfast", "Holiday"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["IMG_9.jpg.xmp", "store"]
     assert [p.name for p in store.iterdir()] == ["IMG_9.xmp"]
+
+
+def test_keywords_written_as_a_plain_value_count_as_the_users(tmp_path: Path) -> None:
+    """`dc:subject="Sky"` and `<dc:subject>Sea</dc:subject>` (some tools write them) become one list, kept."""
+    path = tmp_path / "j.xmp"
+    path.write_text(
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description rdf:about="" dc:subject="Sky" xmlns:dc="http://purl.org/dc/elements/1.1/">'
+        "<dc:subject>Sea</dc:subject></rdf:Description></rdf:RDF></x:xmpmeta>",
+        encoding="utf-8",
+    )
+    assert read_keywords(path) == ["Sea", "Sky"]
+    write_keywords(path, ["sea", "sky", "gull"])
+    write_keywords(path, [])
+    assert read_keywords(path) == ["Sea", "Sky"]
+    assert _text(path).count("<dc:subject>") == 1 and 'dc:subject="' not in _text(path)
