@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -256,3 +257,96 @@ def test_clear_removes_vectors_and_fast_paths(tmp_path: Path) -> None:
     assert cache.clear() == 1
     assert not fast.exists() and not cache.path.exists()
     assert LabelVectorCache(tmp_path).stats().entries == 0
+
+
+# -- what a kill leaves behind -------------------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _folder(path: Path, files: dict[str, bytes], age: float = 60.0) -> Path:
+    path.mkdir(parents=True)
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    old = time.time() - age
+    os.utime(path, (old, old))
+    return path
+
+
+def test_staging_folders_of_killed_exports_are_removed(tmp_path: Path) -> None:
+    """Only folders with sdltag's staging names and files, whose process has ended, go; all else stays."""
+    fast = LabelVectorCache(tmp_path).fast_path_dir(EMBEDDER)  # text-models/demo_sha256_0123456789abcdef
+    models = fast.parent
+    export = {"text_model.onnx": b"\0" * 4096, "tokenizer.json": b"{}"}
+    dead, alive = _dead_pid(), os.getpid()
+    debris = [
+        _folder(models / f".{fast.name}.{dead}.k2j4_x9a", export),  # killed during the export
+        _folder(models / f".{fast.name}.ab12cd34", export, age=2 * 3600),  # from before names had a pid
+        _folder(fast / f".optimise.{dead}.140234", {"text_model.optimized-ort1.20.0.onnx.data": b"\0" * 4096}),
+    ]
+    (fast / "meta.json").write_text("{}")
+    kept = [
+        _folder(models / f".{fast.name}.{alive}.q7w8e9r0", export),  # an export still running
+        _folder(models / f".{fast.name}.zz99yy88", export),  # no pid, recent: may be running
+        _folder(models / f".{fast.name}.{dead}.m3n4b5v6", {**export, "thesis.tex": b"mine"}),  # not only ours
+        _folder(models / f".notes.{dead}.abcdefgh", export),  # not a fast path's name
+        _folder(fast / f".optimise.{dead}.7", {"holiday.jpg": b"mine"}),
+    ]
+    (models / f".{fast.name}.{dead}.l1nk0000").symlink_to(kept[2], target_is_directory=True)
+    LabelVectorCache(tmp_path).get_many(EMBEDDER, ["cat"])  # any use of the cache cleans up
+    assert not any(p.exists() for p in debris)
+    assert all(p.is_dir() for p in kept) and (fast / "meta.json").is_file()
+    assert (kept[2] / "thesis.tex").read_bytes() == b"mine"
+    assert (models / f".{fast.name}.{dead}.l1nk0000").is_symlink()
+
+
+KILLED_EMBED = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from sdltag.embedding import get_text_embedder
+    from sdltag.embedding.embedder import CachedTextEmbedder
+    cache, labels = Path(sys.argv[1]), Path(sys.argv[2]).read_text(encoding="utf-8").splitlines()
+    embedder = get_text_embedder(None, cache, backend="sentence-transformers")
+    compute, computed = CachedTextEmbedder._compute, []
+
+    def killed_after_150(self, texts):
+        vectors = compute(self, texts)
+        computed.extend(texts)
+        if len(computed) >= 150:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return vectors
+
+    CachedTextEmbedder._compute = killed_after_150
+    embedder.embed(labels)
+    """
+)
+
+
+@pytest.mark.slow  # loads sentence-transformers (torch) twice, ~20 s
+def test_kill_during_embedding_keeps_the_stored_batches(tmp_path: Path) -> None:
+    """kill -9 part-way through embedding 300 labels: every finished batch of 64 is kept, the rerun
+    embeds only the rest."""
+    from sdltag.embedding import clear_embedder_memo, get_text_embedder
+    from sdltag.embedding.embedder import STORE_EVERY
+
+    lines = (Path(__file__).parent / "data" / "cldr_labels.txt").read_text(encoding="utf-8").splitlines()
+    labels = [line for line in lines if line and not line.startswith("#")][:300]
+    (tmp_path / "labels.txt").write_text("\n".join(labels), encoding="utf-8")
+    cache = tmp_path / "cache"
+    done = subprocess.run([sys.executable, "-c", KILLED_EMBED, str(cache), str(tmp_path / "labels.txt")])
+    assert done.returncode == -9
+    conn = sqlite3.connect(cache / DB_FILE)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = [t for (t,) in conn.execute("SELECT text FROM vectors")]
+    conn.close()
+    assert len(stored) == 2 * STORE_EVERY and set(stored) <= set(labels)  # the third batch died unstored
+    clear_embedder_memo()
+    embedder = get_text_embedder(None, cache, backend="sentence-transformers")
+    assert embedder.embed(labels).shape[0] == len(labels)
+    assert embedder.last_new == len(set(labels)) - 2 * STORE_EVERY
+    clear_embedder_memo()

@@ -12,7 +12,10 @@ vector has the wrong length or is not finite count as misses and are re-embedded
 
 The cache folder also holds the memoised weight hashes of text models (keyed by
 path, size and mtime, so the 90 MB safetensors file is hashed once) and the exported
-ONNX fast paths under ``text-models/``.
+ONNX fast paths under ``text-models/``. A process killed while exporting or optimising
+a text model leaves a hidden staging folder of about 90 MB; the next process to open
+the cache removes those (``remove_debris``: only folders of exactly sdltag's staging
+names and contents, whose process has ended).
 """
 
 from __future__ import annotations
@@ -86,6 +89,89 @@ def _safe_name(embedder_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", embedder_id)
 
 
+# Staging folders a killed process can leave (``sdltag.embedding.st.export_fast_path`` and
+# ``sdltag.embedding.onnx_text.OnnxTextEncoder``): ".<fast path>.<pid>.<8 mkdtemp characters>" (before
+# the pid was part of the name: without it) in text-models/, and ".optimise.<pid>.<thread>" in a fast path.
+_EXPORT_STAGING = re.compile(r"\.[A-Za-z0-9._-]+_sha256_[0-9a-f]{16}\.(?:(?P<pid>[0-9]{1,10})\.)?[a-z0-9_]{8}")
+_EXPORT_FILES = frozenset({"text_model.onnx", "tokenizer.json", "meta.json"})
+_OPTIMISE_STAGING = re.compile(r"\.optimise\.(?P<pid>[0-9]{1,10})\.[0-9]{1,24}")
+_OPTIMISED_FILE = re.compile(r"text_model\.optimized-ort[0-9A-Za-z.+-]*\.onnx(?:\.data)?")
+DEBRIS_DEAD_SECONDS = 2.0  # staging of a process that has ended, older than this, is debris
+DEBRIS_NO_PID_SECONDS = 3600.0  # staging without a pid in its name: an export takes well under an hour
+DEBRIS_ANY_SECONDS = 24 * 3600.0  # any staging this old is debris (its pid may have been reused)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists under another user (or cannot tell): keep its folder
+    return True
+
+
+def _is_debris(entry: os.DirEntry, pattern: re.Pattern, allowed: Callable[[str], bool], now: float) -> bool:
+    """``entry`` is a real folder named by ``pattern``, holding only files ``allowed`` names, whose
+    process has ended (or which is too old to belong to a running one)."""
+    match = pattern.fullmatch(entry.name)
+    if match is None:
+        return False
+    try:
+        if not entry.is_dir(follow_symlinks=False):
+            return False
+        age = now - entry.stat(follow_symlinks=False).st_mtime
+        with os.scandir(entry.path) as inside:
+            for item in inside:
+                if not item.is_file(follow_symlinks=False) or not allowed(item.name):
+                    return False
+    except OSError:
+        return False
+    pid = match.group("pid")
+    if age > DEBRIS_ANY_SECONDS:
+        return True
+    if pid is None:
+        return age > DEBRIS_NO_PID_SECONDS
+    return age > DEBRIS_DEAD_SECONDS and int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+
+def remove_debris(directory: Path, now: float | None = None) -> list[Path]:
+    """Remove the staging folders killed exports and optimisations left in ``directory``/text-models.
+
+    Only folders whose name and contents are exactly those sdltag's staging has are looked
+    at, and only those of processes that have ended are removed. Returns what was removed.
+    """
+    now = time.time() if now is None else now
+    root = Path(directory) / FAST_PATH_DIR
+    found: list[Path] = []
+    try:
+        with os.scandir(root) as entries:
+            top = list(entries)
+    except OSError:
+        return found
+    for entry in top:
+        if _is_debris(entry, _EXPORT_STAGING, _EXPORT_FILES.__contains__, now):
+            found.append(Path(entry.path))
+        elif not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+            try:
+                with os.scandir(entry.path) as inside:
+                    found.extend(
+                        Path(e.path)
+                        for e in inside
+                        if _is_debris(e, _OPTIMISE_STAGING, lambda n: _OPTIMISED_FILE.fullmatch(n) is not None, now)
+                    )
+            except OSError:
+                continue
+    removed = []
+    for folder in found:
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+    return removed
+
+
 class LabelVectorCache:
     """Vectors by (embedder id, text). Opened on first use; safe to share between processes."""
 
@@ -102,6 +188,7 @@ class LabelVectorCache:
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None:
             return self._conn
+        remove_debris(self.directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._conn = retry_while_busy(self._open_checked)

@@ -28,6 +28,7 @@ from sdltag.modelfolder import EmbedderSpec
 EXPORT_FAILED = ".export-failed"  # marker beside a fast-path folder whose export failed
 
 BACKENDS = ("auto", "onnx", "sentence-transformers")
+STORE_EVERY = 64  # new label vectors are committed to the cache this many at a time
 
 
 class CachedTextEmbedder:
@@ -87,16 +88,17 @@ class CachedTextEmbedder:
         found = self.cache.get_many(spec.id, texts, dim=spec.dim)
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         self.last_new = len(missing)
-        if missing:
-            vectors = self._compute(missing)
-            if vectors.shape != (len(missing), spec.dim) or not np.all(np.isfinite(vectors)):
+        for start in range(0, len(missing), STORE_EVERY):  # stored as they come: a kill keeps what was done
+            part = missing[start : start + STORE_EVERY]
+            vectors = self._compute(part)
+            if vectors.shape != (len(part), spec.dim) or not np.all(np.isfinite(vectors)):
                 raise SdltagError(
                     f"the embedder {spec.id} produced unusable vectors (shape {vectors.shape}, expected "
-                    f"({len(missing)}, {spec.dim}), or NaN). Clear its export with `sdltag labels cache --clear`.",
+                    f"({len(part)}, {spec.dim}), or NaN). Clear its export with `sdltag labels cache --clear`.",
                     exit_code=1,
                 )
-            self.cache.put_many(spec.id, zip(missing, vectors, strict=True))
-            found.update(zip(missing, vectors, strict=True))
+            self.cache.put_many(spec.id, zip(part, vectors, strict=True))
+            found.update(zip(part, vectors, strict=True))
         out = np.zeros((len(texts), spec.dim), dtype=np.float32)
         for row, text in enumerate(texts):
             out[row] = found[text]

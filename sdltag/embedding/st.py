@@ -142,7 +142,8 @@ def export_fast_path(model: Any, model_dir: Path, dest: Path, embedder_id: str) 
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    # ".NAME.PID.XXXXXXXX": the label cache removes it after a kill once PID has ended (see cache.remove_debris)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", dir=dest.parent))
     try:
         max_len = int(model.max_seq_length or 512)
         do_lower = bool(getattr(model[0], "do_lower_case", False))
