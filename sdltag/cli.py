@@ -48,7 +48,7 @@ app = typer.Typer(
 )
 
 # Command modules, registered in this order.
-COMMAND_MODULES = ("tag", "search", "labels", "train", "evaluate", "export", "quantize", "official")
+COMMAND_MODULES = ("tag", "search", "index", "labels", "train", "evaluate", "export", "quantize", "official")
 
 
 def _version(value: bool) -> None:

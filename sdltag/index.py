@@ -44,7 +44,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -779,34 +779,143 @@ class ImageIndex:
         if self._pending >= self.commit_every or time.monotonic() - self._last_commit >= self.commit_seconds:
             self.commit()
 
-    def prune_missing(self, folders: Iterable[Path]) -> int:
-        """Delete rows under ``folders`` whose file is definitely gone; returns how many.
-
-        Only a path that the system answers ENOENT for counts as gone: a file that cannot be
-        checked (a folder without read or search permission, an I/O error, a stale mount)
-        keeps its row.
-        """
-        gone: set[bytes] = set()
-        for folder in folders:
-            exact, prefix, upper = _prefix_range(folder)
+    def _gone(self, folders: Iterable[Path] | None) -> tuple[set[bytes], int]:
+        if folders is None:
+            scans: list[tuple[str, tuple]] = [("SELECT DISTINCT path FROM images", ())]
+        else:
             query = "SELECT DISTINCT path FROM images WHERE path = ? OR (path >= ? AND path < ?)"
-            for (key,) in self._rows(query, (exact, prefix, upper)):
+            scans = [(query, _prefix_range(folder)) for folder in folders]
+        gone: set[bytes] = set()
+        unsure = 0
+        for query, params in scans:
+            for (key,) in self._rows(query, params):
                 try:
                     os.lstat(os.fsdecode(bytes(key)))
                 except FileNotFoundError:
                     gone.add(bytes(key))
                 except OSError:
-                    pass  # unreadable, not gone
-        if not gone:
-            return 0
+                    unsure += 1  # unreadable, not gone
+        return gone, unsure
+
+    def prune_missing(self, folders: Iterable[Path] | None) -> int:
+        """Delete rows under ``folders`` (the whole index when None) whose file is definitely gone; returns how many.
+
+        Only a path that the system answers ENOENT for counts as gone: a file that cannot be
+        checked (a folder without read or search permission, an I/O error, a stale mount)
+        keeps its row. A row another run wrote after the check began is kept too.
+        """
+        return self.prune(folders)[1]
+
+    def prune(self, folders: Iterable[Path] | None, *, dry_run: bool = False) -> tuple[list[Path], int, int]:
+        """``prune_missing``, saying more: ``(gone paths sorted, rows removed, paths that could not be checked)``.
+
+        With ``dry_run`` nothing is removed (rows removed is then 0).
+        """
+        started = time.time()
+        gone, unsure = self._gone(folders)
+        paths = [Path(os.fsdecode(key)) for key in sorted(gone)]
+        if not gone or dry_run:
+            return paths, 0, unsure
 
         def work(conn: sqlite3.Connection) -> int:
-            conn.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in gone])
-            return len(gone)
+            before = conn.total_changes
+            conn.executemany("DELETE FROM images WHERE path = ? AND indexed_at <= ?", [(p, started) for p in gone])
+            return conn.total_changes - before
 
-        removed = self._do(work, int, write=True)
+        self.commit()  # this run's own pending rows first: they are older than the check
+        return paths, self._do(_in_transaction(work), int, write=True), unsure
+
+    # -- managing (``sdltag index``) ----------------------------------------------------------
+
+    def stats(self) -> list[ModelStats]:
+        """Per model: photos, bytes of vectors, oldest and newest ``indexed_at`` (model ids in order)."""
+        rows = self._do(
+            lambda conn: conn.execute(
+                "SELECT model_id, COUNT(*), SUM(LENGTH(vectors)), MIN(indexed_at), MAX(indexed_at) "
+                "FROM images GROUP BY model_id ORDER BY model_id"
+            ).fetchall(),
+            list,
+        )
+        return [ModelStats(str(m), int(n), int(b or 0), float(lo), float(hi)) for m, n, b, lo, hi in rows]
+
+    def distinct_paths(self) -> int:
+        return self._do(lambda conn: int(conn.execute("SELECT COUNT(DISTINCT path) FROM images").fetchone()[0]), int)
+
+    def clear_model(self, model_ids: Iterable[str]) -> int:
+        """Delete every row of ``model_ids`` in one transaction; returns how many."""
+        ids = list(model_ids)
+
+        def work(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany("DELETE FROM images WHERE model_id = ?", [(m,) for m in ids])
+            return conn.total_changes - before
+
         self.commit()
-        return removed
+        return self._do(_in_transaction(work), int, write=True)
+
+    def plan_move(self, old: Path, new: Path, *, always_hash: bool = False) -> MovePlan:
+        """What ``move(old, new)`` would do: each row under ``old`` (a folder or file) re-pointed under ``new``.
+
+        A row moves only when the file at its new path is verifiably the one indexed: the same size
+        and mtime, or (when the mtime differs, or with ``always_hash``) the same content hash; its
+        mtime is then updated, so the next `sdltag tag` reuses it without reading the file.
+        """
+        old_key, prefix, upper = _prefix_range(old)
+        new_key = _key(new)
+        query = "SELECT path, model_id, size, mtime_ns, hash FROM images WHERE path = ? OR (path >= ? AND path < ?)"
+        plan = MovePlan()
+        hashes: dict[bytes, str | None] = {}
+        for key, model_id, size, mtime_ns, content_hash in self._rows(query, (old_key, prefix, upper)):
+            key = bytes(key)
+            target = new_key + key[len(old_key) :]
+            target_path = os.fsdecode(target)
+            try:
+                st = os.stat(target_path)
+            except OSError as exc:
+                plan.unverified.append((Path(os.fsdecode(key)), Path(target_path), exc.strerror or str(exc)))
+                continue
+            if st.st_size != int(size):
+                plan.unverified.append((Path(os.fsdecode(key)), Path(target_path), "a different size"))
+                continue
+            if always_hash or st.st_mtime_ns != int(mtime_ns):
+                if target not in hashes:
+                    try:
+                        hashes[target] = file_hash(Path(target_path))
+                    except OSError:
+                        hashes[target] = None
+                if hashes[target] != str(content_hash):
+                    plan.unverified.append((Path(os.fsdecode(key)), Path(target_path), "different content"))
+                    continue
+                plan.by_hash += 1
+            plan.moves.append((key, str(model_id), int(size), int(mtime_ns), target, st.st_mtime_ns))
+        return plan
+
+    def move(self, plan: MovePlan) -> int:
+        """Apply ``plan_move``'s plan, 500 rows per transaction; returns how many rows moved.
+
+        A row changed since the plan (another run re-indexed it) is left as it is; a row already at
+        the new path (the new place was tagged too) is replaced by the moved one (the same content).
+        """
+        moved = 0
+        for start in range(0, len(plan.moves), 500):
+            part = plan.moves[start : start + 500]
+
+            def work(conn: sqlite3.Connection, part: list = part) -> int:
+                before = conn.total_changes
+                conn.executemany(
+                    "UPDATE OR REPLACE images SET path = ?, mtime_ns = ? "
+                    "WHERE path = ? AND model_id = ? AND size = ? AND mtime_ns = ?",
+                    [
+                        (target, mtime, key, model_id, size, old_mtime)
+                        for key, model_id, size, old_mtime, target, mtime in part
+                    ],
+                )
+                return conn.total_changes - before
+
+            if start == 0:
+                self.commit()
+            moved += self._do(_in_transaction(work), int, write=True)
+        return moved
 
     def commit(self) -> None:
         def work(conn: sqlite3.Connection) -> None:
@@ -834,6 +943,53 @@ class ImageIndex:
 
 
 _REBUILD_HINT = "The next `sdltag tag` moves it aside and builds a new one."
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """One model's share of the index (``ImageIndex.stats``)."""
+
+    model_id: str
+    photos: int
+    vector_bytes: int
+    oldest: float  # indexed_at, seconds since the epoch
+    newest: float
+
+
+@dataclass
+class MovePlan:
+    """``ImageIndex.plan_move``: rows to re-point, and those whose new file could not be verified."""
+
+    moves: list[tuple[bytes, str, int, int, bytes, int]] = field(default_factory=list)
+    unverified: list[tuple[Path, Path, str]] = field(default_factory=list)  # (old, new, why)
+    by_hash: int = 0  # verified by content hash (the mtime differed)
+
+
+def _in_transaction(work: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """``work`` then COMMIT, as one transaction: a failure (a lock) rolls it all back, so a retry starts clean."""
+
+    def run(conn: sqlite3.Connection) -> T:
+        try:
+            result = work(conn)
+            conn.commit()
+            return result
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+
+    return run
+
+
+def file_size_on_disk(path: Path) -> int:
+    """The index file's bytes with its journal files (what deleting it would free)."""
+    total = 0
+    for suffix in ("", *_SIDE_FILES):
+        try:
+            total += os.stat(f"{path}{suffix}").st_size
+        except OSError:
+            pass
+    return total
 
 
 def _prefix_range(folder: Path) -> tuple[bytes, bytes, bytes]:
