@@ -212,6 +212,16 @@ class _Document:
     # id(element) -> its namespace declarations in source order ("" = the default namespace)
     declarations: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
     prefixes: dict[int, str] = field(default_factory=dict)  # id(element) -> the prefix its tag was written with
+    # id(element) -> its parent, built on the first edit; removed elements are kept alive so that
+    # no new element reuses their id (and with it their declarations)
+    _parents: dict[int, ET.Element] | None = None
+    _removed: list[ET.Element] = field(default_factory=list)
+
+    @property
+    def parents(self) -> dict[int, ET.Element]:
+        if self._parents is None:
+            self._parents = {id(child): parent for parent in self.root.iter() for child in parent}
+        return self._parents
 
 
 def _clark(name: str) -> tuple[str, str | None]:
@@ -405,19 +415,19 @@ def _as_lists(document: _Document, descriptions: list[ET.Element], path: Path, s
                     continue
                 value = (element.text or "").strip()
                 element.text = None
-                _append(element, ET.Element(f"{{{RDF_NS}}}{kind}"), _parents(document.root))
+                _append(document, element, ET.Element(f"{{{RDF_NS}}}{kind}"))
                 if value:
-                    _append(element[-1], _li(value), _parents(document.root))
+                    _append(document, element[-1], _li(value))
             if prop in description.attrib:
                 value = description.attrib.pop(prop).strip()
                 container = next((c for e in description.findall(prop) for c in e if c.tag in CONTAINERS), None)
                 if container is None:
                     element = ET.Element(prop)
-                    _append(description, element, _parents(document.root))
+                    _append(document, description, element)
                     container = ET.Element(f"{{{RDF_NS}}}{kind}")
-                    _append(element, container, _parents(document.root))
+                    _append(document, element, container)
                 if value:
-                    _append(container, _li(value), _parents(document.root))
+                    _append(document, container, _li(value))
 
 
 def _li(value: str) -> ET.Element:
@@ -493,10 +503,6 @@ def _same(a: KeywordSet, b: KeywordSet) -> bool:
 # --- editing the tree in place ------------------------------------------------------------
 
 
-def _parents(root: ET.Element) -> dict[int, ET.Element]:
-    return {id(child): parent for parent in root.iter() for child in parent}
-
-
 def _leading(element: ET.Element, parents: dict[int, ET.Element]) -> str | None:
     """The indentation ``element`` is written with (the whitespace after the last line break before it)."""
     parent = parents.get(id(element))
@@ -510,8 +516,9 @@ def _leading(element: ET.Element, parents: dict[int, ET.Element]) -> str | None:
     return before.rpartition("\n")[2]
 
 
-def _append(parent: ET.Element, child: ET.Element, parents: dict[int, ET.Element]) -> None:
+def _append(document: _Document, parent: ET.Element, child: ET.Element) -> None:
     """Append ``child`` laid out like its siblings, or one indentation step inside ``parent``."""
+    parents = document.parents
     if len(parent):
         last = parent[-1]
         child.tail = last.tail
@@ -529,9 +536,10 @@ def _append(parent: ET.Element, child: ET.Element, parents: dict[int, ET.Element
             parent.text = "\n" + own + (step or _INDENT)
             child.tail = "\n" + own
     parent.append(child)
+    parents[id(child)] = parent
 
 
-def _remove(parent: ET.Element, child: ET.Element) -> None:
+def _remove(document: _Document, parent: ET.Element, child: ET.Element) -> None:
     """Remove ``child``, giving its closing layout to the sibling before it when it was the last."""
     children = list(parent)
     index = children.index(child)
@@ -542,6 +550,8 @@ def _remove(parent: ET.Element, child: ET.Element) -> None:
         elif parent.text is None or not parent.text.strip():
             parent.text = closing
     parent.remove(child)
+    document.parents.pop(id(child), None)
+    document._removed.append(child)
 
 
 def _update_property(
@@ -563,7 +573,7 @@ def _update_property(
     emptied: list[ET.Element] = []
     for container, li in _property_items(descriptions, prop):
         if (_li_value(li) or "").casefold() not in keep:
-            _remove(container, li)
+            _remove(document, container, li)
             if all(c is not container for c in emptied):
                 emptied.append(container)
     have = {v.casefold() for v in _values(descriptions, prop)}
@@ -573,25 +583,21 @@ def _update_property(
             (c for d in descriptions for e in d.findall(prop) for c in e if c.tag in CONTAINERS),
             None,
         )
-        parents = _parents(document.root)
         if container is None:
-            _declare(document, target, prop, parents)
+            _declare(document, target, prop)
             element = ET.Element(prop)
-            _append(target, element, parents)
+            _append(document, target, element)
             container = ET.Element(container_tag)
-            _append(element, container, _parents(document.root))
-            parents = _parents(document.root)
+            _append(document, element, container)
         for value in missing:
-            li = ET.Element(LI)
-            li.text = value
-            _append(container, li, parents)
-    parents = _parents(document.root)
+            _append(document, container, _li(value))
+    parents = document.parents
     for container in emptied:
         if any(child.tag == LI for child in container) or id(container) not in parents:
             continue
         element = parents[id(container)]
         if len(element) == 1 and not element.attrib and id(element) in parents:
-            _remove(parents[id(element)], element)
+            _remove(document, parents[id(element)], element)
         elif not len(container):
             container.text = None
 
@@ -600,9 +606,9 @@ def _namespace(tag: str) -> str:
     return tag[1:].partition("}")[0] if tag.startswith("{") else ""
 
 
-def _scope(document: _Document, element: ET.Element, parents: dict[int, ET.Element]) -> dict[str, str]:
+def _scope(document: _Document, element: ET.Element) -> dict[str, str]:
     """The namespace bindings in force at ``element`` (prefix -> uri)."""
-    chain = [element]
+    chain, parents = [element], document.parents
     while id(chain[-1]) in parents:
         chain.append(parents[id(chain[-1])])
     scope: dict[str, str] = {"xml": XML_NS}
@@ -611,10 +617,10 @@ def _scope(document: _Document, element: ET.Element, parents: dict[int, ET.Eleme
     return scope
 
 
-def _declare(document: _Document, target: ET.Element, prop: str, parents: dict[int, ET.Element]) -> None:
+def _declare(document: _Document, target: ET.Element, prop: str) -> None:
     """Declare ``prop``'s namespace on ``target`` (the usual XMP layout) when it is not in scope there."""
     uri = _namespace(prop)
-    scope = _scope(document, target, parents)
+    scope = _scope(document, target)
     if any(bound == uri for prefix, bound in scope.items() if prefix):
         return
     prefix = _free_prefix(_PREFERRED.get(uri, "ns"), scope)
@@ -641,11 +647,78 @@ def _escape_attribute(text: str) -> str:
     return _escape_text(text).replace('"', "&quot;").replace("\n", "&#10;").replace("\t", "&#9;").replace("\r", "&#13;")
 
 
+class _Scope:
+    """The namespace bindings in force at an element, and the qualified names already worked out there."""
+
+    def __init__(self, bindings: dict[str, str]) -> None:
+        self.bindings = bindings
+        self.names: dict[tuple[str, str, bool], str] = {}
+
+    def bound(self, declarations: list[tuple[str, str]]) -> _Scope:
+        return _Scope({**self.bindings, **dict(declarations)}) if declarations else self
+
+    def name(self, tag: str, attribute: bool) -> str | None:
+        """``{uri}local`` as written in this scope; None when its namespace needs a declaration first."""
+        key = (tag, "", attribute)
+        known = self.names.get(key)
+        if known is not None:
+            return known
+        uri, _, local = tag[1:].partition("}") if tag.startswith("{") else ("", "", tag)
+        if not uri:
+            if not attribute and self.bindings.get(""):
+                return None  # an element in no namespace under a default one: needs xmlns=""
+            name = local
+        elif attribute and uri == XML_NS:
+            name = f"xml:{local}"
+        else:
+            prefix = next(
+                (
+                    p
+                    for p, bound in reversed(self.bindings.items())
+                    if bound == uri and p != "xml" and (p or not attribute)
+                ),
+                None,
+            )
+            if prefix is None:
+                return None
+            name = f"{prefix}:{local}" if prefix else local
+        self.names[key] = name
+        return name
+
+
+def _qualified(
+    element: ET.Element, document: _Document, scope: _Scope, declarations: list[tuple[str, str]]
+) -> tuple[_Scope, str, list[tuple[str, str]]]:
+    """(scope inside ``element``, its tag's name, its attributes' names and values), declaring what is missing."""
+    tag = element.tag
+    prefix = document.prefixes.get(id(element))
+    uri = tag[1:].partition("}")[0] if tag.startswith("{") else ""
+    while True:
+        if prefix is not None and uri and scope.bindings.get(prefix) == uri:  # as the source wrote it
+            local = tag.partition("}")[2]
+            name: str | None = f"{prefix}:{local}" if prefix else local
+        else:
+            name = scope.name(tag, attribute=False)
+        attributes = [(scope.name(key, attribute=True), value) for key, value in element.attrib.items()]
+        names = [name, *(n for n, _value in attributes)]
+        missing = next((key for key, n in zip([tag, *element.attrib], names, strict=True) if n is None), None)
+        if missing is None:
+            return scope, name or "", [(n or "", v) for n, v in attributes]
+        missing_uri = missing[1:].partition("}")[0] if missing.startswith("{") else ""
+        declaration = (
+            ("", "")
+            if not missing_uri
+            else (_free_prefix(_PREFERRED.get(missing_uri, "ns"), scope.bindings), missing_uri)
+        )
+        declarations.append(declaration)
+        scope = scope.bound([declaration])
+
+
 def _serialize(document: _Document) -> str:
     """The document's root element as XML, each element with the prefixes it was written with."""
     out: list[str] = []
-    # (element, scope) to open, or (element, closing tag) to close; no recursion at any depth
-    todo: list[tuple[ET.Element, dict[str, str] | str]] = [(document.root, {"xml": XML_NS})]
+    # (element, scope) to open, or (element, closing tag) to close: no recursion at any depth
+    todo: list[tuple[ET.Element, _Scope | str]] = [(document.root, _Scope({"xml": XML_NS}))]
     while todo:
         element, scope = todo.pop()
         if isinstance(scope, str):
@@ -659,14 +732,7 @@ def _serialize(document: _Document) -> str:
             out.append(f"<?{element.text or ''}?>")
         else:
             declarations = list(document.declarations.get(id(element), ()))
-            scope = dict(scope)
-            scope.update(declarations)
-            uri, _, local = element.tag[1:].partition("}") if element.tag.startswith("{") else ("", "", element.tag)
-            name = _element_name(uri, local, document.prefixes.get(id(element)), scope, declarations)
-            attributes = []
-            for key, value in element.attrib.items():
-                a_uri, _, a_local = key[1:].partition("}") if key.startswith("{") else ("", "", key)
-                attributes.append((_attribute_name(a_uri, a_local, scope, declarations), value))
+            scope, name, attributes = _qualified(element, document, scope.bound(declarations), declarations)
             parts = [name]
             for prefix, bound in declarations:
                 parts.append(f'xmlns:{prefix}="{_escape_attribute(bound)}"' if prefix else f'xmlns="{bound}"')
@@ -683,39 +749,6 @@ def _serialize(document: _Document) -> str:
         if element.tail and element is not document.root:
             out.append(_escape_text(element.tail))
     return "".join(out)
-
-
-def _element_name(
-    uri: str, local: str, prefix: str | None, scope: dict[str, str], declarations: list[tuple[str, str]]
-) -> str:
-    if not uri:
-        if scope.get(""):
-            declarations.append(("", ""))
-            scope[""] = ""
-        return local
-    if prefix is not None and scope.get(prefix) == uri:
-        return f"{prefix}:{local}" if prefix else local
-    for bound_prefix, bound in reversed(list(scope.items())):
-        if bound == uri and bound_prefix != "xml":
-            return f"{bound_prefix}:{local}" if bound_prefix else local
-    new = _free_prefix(_PREFERRED.get(uri, "ns"), scope)
-    declarations.append((new, uri))
-    scope[new] = uri
-    return f"{new}:{local}"
-
-
-def _attribute_name(uri: str, local: str, scope: dict[str, str], declarations: list[tuple[str, str]]) -> str:
-    if not uri:
-        return local
-    if uri == XML_NS:
-        return f"xml:{local}"
-    for bound_prefix, bound in reversed(list(scope.items())):
-        if bound == uri and bound_prefix:
-            return f"{bound_prefix}:{local}"
-    new = _free_prefix(_PREFERRED.get(uri, "ns"), scope)
-    declarations.append((new, uri))
-    scope[new] = uri
-    return f"{new}:{local}"
 
 
 def _new_document() -> _Document:
@@ -760,7 +793,7 @@ def write_keywords(xmp_path: Path, keywords: list[str], *, root: str = "sdltag",
     descriptions = _descriptions(document.root)
     if not descriptions:
         description = ET.Element(DESCRIPTION, {f"{{{RDF_NS}}}about": ""})
-        _append(rdf, description, _parents(document.root))
+        _append(document, rdf, description)
         descriptions = [description]
     _as_lists(document, descriptions, xmp_path, strict=True)
     existing = KeywordSet(
