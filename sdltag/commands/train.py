@@ -113,7 +113,41 @@ class RichReporter:
             text += "  (best so far)"
         self._line(f"sdltag: {text}")
 
+    def features(self, split: str, done: int, total: int) -> None:
+        """The frozen-backbone feature pass (phase 1 of 2): its own bar, or a log line a minute."""
+        if self.quiet:
+            return
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            if getattr(self, "_feature_split", None) != split:
+                self._end_features()
+                self._feature_split = split
+                self._feature_bar = Progress(
+                    TextColumn(f"features ({split})"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("images  ETA"),
+                    TimeRemainingColumn(),
+                    console=self.console,
+                )
+                self._feature_bar.start()
+                self._feature_task = self._feature_bar.add_task(split, total=total, completed=done)
+            self._feature_bar.update(self._feature_task, completed=done, total=total)
+            if done >= total:
+                self._end_features()
+        elif done >= total or time.perf_counter() - self.last_log >= LOG_EVERY_S:
+            self.last_log = time.perf_counter()
+            self._line(f"sdltag: features ({split}): {done}/{total} images")
+
+    def _end_features(self) -> None:
+        bar = getattr(self, "_feature_bar", None)
+        if bar is not None:
+            bar.stop()
+            self._feature_bar = None
+
     def finish(self) -> None:
+        self._end_features()
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
@@ -134,7 +168,11 @@ def train(
         help="Labels file of labels held out of training and used "
         "only for zero-shot validation; they join the model as unseen labels.",
     ),
-    backbone: str = typer.Option("smallcnn", "--backbone", help="Image backbone (smallcnn, resnet50, ...)."),
+    backbone: str = typer.Option(
+        "smallcnn",
+        "--backbone",
+        help="Image backbone: smallcnn (from scratch), efficientnet_lite0 (ImageNet-pretrained), resnet50, ...",
+    ),
     width: int | None = typer.Option(
         None, "--width", help="Backbone width (channels of the first stage); default: the backbone's own."
     ),
@@ -154,6 +192,23 @@ def train(
         "adam", "--optimizer", help="adam (plain L2, the official recipe) or adamw (decoupled decay)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, the initial weights, batch order and augmentation."),
+    pretrained: bool = typer.Option(
+        True,
+        "--pretrained/--no-pretrained",
+        help="Start from the backbone's ImageNet weights where it has them (efficientnet_lite0); "
+        "--no-pretrained trains from random weights.",
+    ),
+    freeze_backbone: bool = typer.Option(
+        False,
+        "--freeze-backbone",
+        help="Keep the pretrained backbone fixed and train only the SDL head on its features, computed once per "
+        "image and cached in the run folder: minutes on a laptop CPU.",
+    ),
+    feature_views: int = typer.Option(
+        1,
+        "--feature-views",
+        help="With --freeze-backbone: feature vectors per training image (the image, plus augmented views).",
+    ),
     init: Path | None = typer.Option(
         None,
         "--init",
@@ -236,6 +291,9 @@ def train(
         seed=seed,
         init=str(init.expanduser().absolute()) if init else None,
         embedder=embedder,
+        pretrained=pretrained,
+        freeze_backbone=freeze_backbone,
+        feature_views=feature_views,
         name=name,
         notes=notes,
         augment=((AugmentConfig() if flip else AugmentConfig(flip=0.0)) if augment else AugmentConfig.off()).to_dict(),

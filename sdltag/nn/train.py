@@ -17,6 +17,7 @@ only) is written into the model folder so ``--init`` and ``sdltag export`` can r
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import signal
@@ -34,9 +35,11 @@ from sdltag.datasets import LabeledDataset, LabeledImage, read_labeled_dir
 from sdltag.errors import SdltagError
 from sdltag.modelfolder import EmbedderSpec, InputSpec, ModelFolder
 from sdltag.nn.augment import AugmentConfig, augment_batch
+from sdltag.nn.backbones import available_backbones, pretrained_source
 from sdltag.nn.calibration import CalibrationReport, fit_calibration
 from sdltag.nn.checkpoint import load_checkpoint, save_checkpoint
 from sdltag.nn.data import ImageStore, cache_bytes, normalise
+from sdltag.nn.features import FEATURES_DIR, FeatureCache, FeatureStore
 from sdltag.nn.loss import sdl_loss
 from sdltag.nn.model import ModelConfig, SDLModel, sdl_scores
 from sdltag.scoring import l2_normalize
@@ -87,6 +90,9 @@ class TrainConfig:
     seed: int = 0
     init: str | None = None
     embedder: str | None = None
+    pretrained: bool = True  # start from the backbone's ImageNet weights where it has them
+    freeze_backbone: bool = False  # train the head only, on cached features of the frozen backbone
+    feature_views: int = 1  # with freeze_backbone: 1 plain + (n - 1) augmented feature vectors per image
     augment: dict[str, Any] = field(default_factory=lambda: AugmentConfig().to_dict())  # AugmentConfig.off(): none
     name: str = ""
     notes: str = ""
@@ -113,6 +119,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer}: choose {' or '.join(OPTIMIZERS)}"),
             (self.image_size is None or self.image_size >= 16, f"--image-size {self.image_size}: use at least 16"),
             (self.width is None or self.width >= 1, f"--width {self.width}: must be at least 1"),
+            (self.feature_views >= 1, f"--feature-views {self.feature_views}: must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -151,6 +158,9 @@ class TrainReporter:
 
     def epoch_end(self, epoch: int, train_loss: float, metrics: dict[str, Any] | None, best: bool) -> None:
         """After each epoch's validation (``metrics`` None without a validation set)."""
+
+    def features(self, split: str, done: int, total: int) -> None:
+        """Frozen-backbone features of ``split`` ("training"/"validation"): ``done`` of ``total`` images ready."""
 
     def finish(self) -> None:
         """Training is over (also on interruption)."""
@@ -309,10 +319,22 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
 
 @torch.no_grad()
 def principal_vectors(
-    model: SDLModel, store: ImageStore, spec: InputSpec, device: torch.device, channels_last: bool = False
+    model: SDLModel,
+    store: ImageStore | FeatureStore,
+    spec: InputSpec,
+    device: torch.device,
+    channels_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run every decodable image of ``store`` without augmentation -> (indices, (N, M, d) float32)."""
+    """Run every decodable image of ``store`` without augmentation -> (indices, (N, M, d) float32).
+
+    A ``FeatureStore`` (frozen backbone) holds pooled features: only the head runs, on view 0.
+    """
     model.eval()
+    if isinstance(store, FeatureStore):
+        indices = torch.nonzero(store.ok).flatten()
+        pooled = store.features[indices, 0].to(device)  # (N, C)
+        vectors = model.head(pooled[:, :, None, None]).float().cpu().numpy()
+        return indices.numpy(), vectors
     batches = [list(range(i, min(i + VAL_BATCH, len(store.paths)))) for i in range(0, len(store.paths), VAL_BATCH)]
     out_idx, out_vec = [], []
     for indices, pixels in store.iter_batches(batches):
@@ -332,7 +354,7 @@ def principal_vectors(
 
 def validation_scores(
     model: SDLModel,
-    store: ImageStore,
+    store: ImageStore | FeatureStore,
     targets: np.ndarray,
     vectors: torch.Tensor,
     spec: InputSpec,
@@ -420,6 +442,24 @@ def train(
     if options.threads:
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
+    # Refuse an unknown backbone or missing/damaged pretrained weights before reading any image.
+    pretrained_state: dict[str, Any] | None = None
+    weights_record: dict[str, Any] | None = None
+    if resume_state is None and not config.init:
+        if config.backbone not in available_backbones():
+            raise SdltagError(
+                f"--backbone {config.backbone}: unknown backbone; choose one of: {', '.join(available_backbones())}."
+            )
+        source = pretrained_source(config.backbone)
+        if config.pretrained and source is not None:
+            pretrained_state = source.read_weights(config.backbone)
+            weights_record = source.weights_provenance(config.backbone)
+        elif config.freeze_backbone:
+            reason = "has no pretrained weights" if source is None else "is not pretrained (--no-pretrained)"
+            raise SdltagError(
+                f"--freeze-backbone: {config.backbone} {reason}, and a frozen untrained backbone learns nothing. "
+                "Use a pretrained backbone (--backbone efficientnet_lite0) or --init a trained model."
+            )
     torch.manual_seed(config.seed)
 
     if embedder is None:
@@ -452,8 +492,14 @@ def train(
     else:
         backbone_config = {"width": config.width} if config.width else {}
         model_config = ModelConfig(config.backbone, backbone_config, rows=config.rows, dim=embedder.spec.dim)
-        size = config.image_size or DEFAULT_IMAGE_SIZE.get(config.backbone, FALLBACK_IMAGE_SIZE)
-        spec = InputSpec(size, size, resize="squash", mean=DEFAULT_MEAN, std=DEFAULT_STD)
+        source = pretrained_source(config.backbone)
+        if source is not None:  # the input the backbone's weights were trained on (size, resize rule, mean/std)
+            spec = source.input_spec(config.backbone)
+            if config.image_size:
+                spec = dataclasses.replace(spec, height=config.image_size, width=config.image_size)
+        else:
+            size = config.image_size or DEFAULT_IMAGE_SIZE.get(config.backbone, FALLBACK_IMAGE_SIZE)
+            spec = InputSpec(size, size, resize="squash", mean=DEFAULT_MEAN, std=DEFAULT_STD)
     if resume_state is not None:
         model_config = ModelConfig.from_dict(resume_state["model_config"])
         spec = InputSpec.from_json(resume_state["input"])
@@ -479,7 +525,10 @@ def train(
         f"{len(data.train_items)} training and {len(data.val_items)} validation images, "
         f"{len(data.seen_labels)} seen and {len(data.unseen_labels)} unseen labels, {spec.height}x{spec.width}"
     )
-    if train_bytes <= budget:
+    frozen = config.freeze_backbone
+    if frozen:  # images are decoded once, by the feature pass, and not kept
+        budget = -1
+    elif train_bytes <= budget:
         reporter.message(f"decoding the images into RAM ({(train_bytes + val_bytes) / 2**20:.0f} MB) ...")
     else:
         reporter.message(
@@ -509,6 +558,21 @@ def train(
     model = SDLModel(model_config)
     if init_state is not None and resume_state is None:
         model.load_state_dict(init_state["model"], strict=True)
+    if pretrained_state is not None:
+        source = pretrained_source(config.backbone)
+        source.load_state_strict(model.backbone, pretrained_state, weights_record["file"] if weights_record else "")
+        reporter.message(f"starting from the ImageNet weights of {config.backbone} ({weights_record['source']})")
+    if resume_state is not None:
+        weights_record = resume_state.get("provenance", {}).get("backbone_weights")
+    elif init_state is not None:
+        weights_record = init_state.get("provenance", {}).get("backbone_weights")
+    if frozen:
+        if resume_state is not None:
+            model.load_state_dict(resume_state["model"], strict=True)
+        model.backbone.requires_grad_(False)
+        train_store, val_store, usable = _feature_stores(
+            config, model, spec, train_store, val_store, run_dir, device, options, reporter
+        )
     model.to(device)
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -559,6 +623,8 @@ def train(
         "train_config": config.to_dict(),
         "data_fingerprint": data.fingerprint,
     }
+    if weights_record:
+        base_payload["provenance"] = {"backbone_weights": weights_record}
 
     def save(path: Path, *, full: bool) -> None:
         payload = {
@@ -595,17 +661,24 @@ def train(
         with _SigintFlag() as sigint:
             while epoch < config.epochs:
                 model.train()
+                if frozen:
+                    model.backbone.eval()  # frozen: batch-norm statistics stay the pretrained ones
                 batches = _epoch_batches(len(usable), batch_size, config.seed, epoch)
                 batches = [usable[b].tolist() for b in batches]
                 tick = time.perf_counter()
                 for indices, pixels in train_store.iter_batches(batches[step_in_epoch:]):
-                    if len(indices) >= 2:
+                    if len(indices) >= 2 and frozen:  # pixels: pooled features (B, V, C); one view per image
+                        views = torch.randint(pixels.shape[1], (len(indices),), generator=generator, device=device)
+                        pooled = pixels.to(device)[torch.arange(len(indices), device=device), views]  # (B, C)
+                        vectors = model.head(pooled[:, :, None, None])  # (B, M, d)
+                    elif len(indices) >= 2:
                         x = augment_batch(pixels.to(device, non_blocking=True), size, augment, generator)
                         x = normalise(x, spec)  # (B, 3, H, W)
                         if options.channels_last:
                             x = x.contiguous(memory_format=torch.channels_last)
                         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                             vectors = step_model(x)  # (B, M, d)
+                    if len(indices) >= 2:
                         parts = sdl_loss(
                             vectors.float(),
                             seen_vectors,
@@ -683,6 +756,46 @@ def train(
     )
 
 
+def _feature_stores(
+    config: TrainConfig,
+    model: SDLModel,
+    spec: InputSpec,
+    train_images: ImageStore,
+    val_images: ImageStore,
+    run_dir: Path,
+    device: torch.device,
+    options: RuntimeOptions,
+    reporter: TrainReporter,
+) -> tuple[FeatureStore, FeatureStore, torch.Tensor]:
+    """--freeze-backbone: the pooled features of every image, read from the run folder's cache or computed."""
+    cache = FeatureCache(
+        run_dir / FEATURES_DIR,
+        config.backbone,
+        model.backbone,
+        spec,
+        AugmentConfig.from_dict(config.augment),
+        device,
+        options.threads,
+    )
+    views = config.feature_views
+    reporter.message(f"frozen backbone: computing {views} feature vector(s) per image once (cached in {cache.folder})")
+    try:
+        train_store = cache.store(train_images, views, lambda done, total: reporter.features("training", done, total))
+        val_store = cache.store(val_images, 1, lambda done, total: reporter.features("validation", done, total))
+    except KeyboardInterrupt:
+        raise SdltagError(
+            f"interrupted while computing features; those done are kept in {cache.folder}. Run the same command "
+            "again to continue from them.",
+            exit_code=130,
+        ) from None
+    finally:
+        cache.close()
+    usable = torch.nonzero(train_store.ok).flatten()
+    if len(usable) < 2:
+        raise SdltagError(f"{config.data}: fewer than 2 training images could be decoded. Check the files.")
+    return train_store, val_store, usable
+
+
 def _finish(
     config: TrainConfig,
     data: PreparedData,
@@ -692,9 +805,9 @@ def _finish(
     embedder: EmbedderSpec,
     all_vectors: torch.Tensor,
     unseen_mask: np.ndarray,
-    val_store: ImageStore,
+    val_store: ImageStore | FeatureStore,
     val_targets: np.ndarray,
-    train_store: ImageStore,
+    train_store: ImageStore | FeatureStore,
     device: torch.device,
     options: RuntimeOptions,
     history: list[dict[str, Any]],
@@ -733,7 +846,12 @@ def _finish(
         label_vectors=all_vectors.numpy(),
         name=config.name,
         calibration=calibration,
-        provenance={"trained_by": "sdltag train", "run_dir": str(run_dir), "best_epoch": best_epoch},
+        provenance={
+            "trained_by": "sdltag train",
+            "run_dir": str(run_dir),
+            "best_epoch": best_epoch,
+            **best_state.get("provenance", {}),
+        },
         model_card=card,
         model_card_md=_model_card_md(card, Path(config.out).name if not config.name else config.name),
     )

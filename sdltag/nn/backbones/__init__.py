@@ -47,6 +47,19 @@ def available_backbones() -> dict[str, str]:
     return dict(sorted(_DESCRIPTIONS.items()))
 
 
+def pretrained_source(name: str) -> Any:
+    """The module that provides ImageNet weights for backbone ``name``, or None when it has none.
+
+    The module offers ``input_spec(name)`` (the input the weights expect), ``read_weights(name)``
+    (the verified state dict), ``load_state_strict(module, state, source)`` and
+    ``weights_provenance(name)`` (source, licence, sha256 for the manifest).
+    """
+    _load_builtin()
+    from sdltag.nn.backbones import efficientnet_lite
+
+    return efficientnet_lite if name in efficientnet_lite.VARIANTS else None
+
+
 def create_backbone(name: str, **config: Any) -> nn.Module:
     _load_builtin()
     if name not in _REGISTRY:
