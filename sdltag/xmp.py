@@ -242,6 +242,7 @@ def _parse_text(path: Path, text: str) -> _Document:
     parser.namespace_prefixes = True
     parser.ordered_attributes = True
     parser.buffer_text = True
+    parser.specified_attributes = True  # a DTD's default attributes are not written out on a rewrite
     parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
     stack: list[ET.Element] = []
     pending: list[tuple[str, str]] = []
@@ -301,7 +302,7 @@ def _parse_text(path: Path, text: str) -> _Document:
             add(ET.ProcessingInstruction(target, body or None))
 
     def entity(*_args: object) -> None:
-        raise _Refused("declares XML entities, which sdltag does not expand")
+        raise _Refused("declares or refers to XML entities, which sdltag does not expand")
 
     parser.StartNamespaceDeclHandler = start_namespace
     parser.StartElementHandler = start
@@ -311,6 +312,7 @@ def _parse_text(path: Path, text: str) -> _Document:
     parser.ProcessingInstructionHandler = instruction
     parser.EntityDeclHandler = entity
     parser.UnparsedEntityDeclHandler = entity
+    parser.SkippedEntityHandler = entity  # a reference to an entity of an external DTD would be lost
     try:
         parser.Parse(data, True)
     except _Refused as exc:

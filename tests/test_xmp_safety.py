@@ -48,8 +48,9 @@ BROKEN = {
     "deep nesting": (_deep(1500), f"more than {MAX_DEPTH} deep"),
     "entity expansion": (
         b'<!DOCTYPE x [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>' + _body("&b;").encode(),
-        "declares XML entities",
+        "declares or refers to XML entities",
     ),
+    "external entity": (b'<!DOCTYPE x SYSTEM "x.dtd">' + _body("&ext;").encode(), "refers to XML entities"),
     "empty": (b"", "not valid XML"),
     "two roots": (_body().encode() * 2, "not valid XML"),
 }
