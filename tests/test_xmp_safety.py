@@ -181,3 +181,15 @@ def test_tag_run_reports_each_bad_sidecar_and_goes_on(tmp_path: Path, tiny_model
         assert (folder / name).read_bytes() == data
     assert (folder / "fifo.jpg.xmp").is_fifo()
     assert read_keywords(folder / "good.jpg.xmp")
+
+
+def test_an_oversized_sidecar_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sdltag.xmp
+
+    monkeypatch.setattr(sdltag.xmp, "MAX_BYTES", 1000)
+    path = tmp_path / "big.xmp"
+    data = _body(extra="<!--" + "x" * 2000 + "-->").encode()
+    path.write_bytes(data)
+    with pytest.raises(XmpError, match="more than a sidecar sdltag reads"):
+        write_keywords(path, ["cat"])
+    assert path.read_bytes() == data
