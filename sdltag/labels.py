@@ -6,9 +6,13 @@ A labels file is UTF-8 (a byte-order mark is accepted), one label per line::
     cat
     golden retriever          # an inline comment starts at whitespace + "#"
     tabby: a striped domestic cat     <- "label: description": the description is embedded
+    beach<TAB>0.4                     <- a tab, then a number: this label's own threshold
 
 A colon followed by whitespace starts a description (so ``12:30`` and ``C#`` stay
-labels). Surrounding whitespace is stripped and inner runs of whitespace collapse to
+labels). A tab followed by a number at the end of a line (before any comment) is that
+label's threshold: ``sdltag tag`` emits the label only when it scores at least that (a
+label that should end in a number is written with a space instead of the tab). Surrounding
+whitespace is stripped and inner runs of whitespace collapse to
 one space. Case-insensitive duplicates are collapsed (the first spelling wins) with
 one warning naming them all. Anything that cannot be a label is refused with an
 ``SdltagError`` naming the file and line. Labels end up in XMP sidecars, so that
@@ -19,6 +23,7 @@ is not valid UTF-8.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +43,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _NOT_XML = re.compile("[\ud800-\udfff\ufffe\uffff]")
 # What Python puts in argv for bytes that are not valid UTF-8 (surrogateescape).
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+# "label<TAB>0.4": a per-label threshold (labels files only).
+_THRESHOLD = re.compile(r"\t[ \t]*(?P<value>[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)[ \t]*$")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class LabelEntry:
     label: str
     text: str
     source: str
+    threshold: float | None = None  # a labels file's ``label<TAB>0.4``: emitted only at this score or above
 
     @property
     def key(self) -> str:
@@ -69,14 +77,28 @@ def label_key(label: str) -> str:
     return normalize_label(label).casefold()
 
 
-def parse_label_line(line: str, source: str, *, strip_comments: bool = True) -> LabelEntry | None:
+def parse_label_line(
+    line: str, source: str, *, strip_comments: bool = True, allow_threshold: bool = False
+) -> LabelEntry | None:
     """Parse one line (or one ``--label`` value); None for a blank or comment line.
 
-    Raises ``SdltagError`` naming ``source`` for anything that cannot be a label.
+    With ``allow_threshold`` (labels files), a tab and a number ending the line are the label's
+    threshold. Raises ``SdltagError`` naming ``source`` for anything that cannot be a label.
     """
     raw = line
     if strip_comments:
         raw = _COMMENT.sub("", raw)
+    threshold: float | None = None
+    found = _THRESHOLD.search(raw) if allow_threshold else None
+    if found is not None:
+        threshold = float(found.group("value"))
+        if not math.isfinite(threshold):
+            raise SdltagError(f"{source}: the threshold {found.group('value')} is not a finite number. Write e.g. 0.4.")
+        raw = raw[: found.start()]
+        if not raw.strip():
+            raise SdltagError(
+                f"{source}: the threshold {found.group('value')} has no label before it. Write `label<TAB>0.4`."
+            )
     raw = raw.strip()
     if not raw:
         return None
@@ -114,7 +136,9 @@ def parse_label_line(line: str, source: str, *, strip_comments: bool = True) -> 
             f"{source}: the description of {label!r} is {len(description)} characters long, more than the "
             f"{MAX_DESCRIPTION_CHARS} allowed. Shorten it."
         )
-    return LabelEntry(label=label, text=description if description is not None else label, source=source)
+    return LabelEntry(
+        label=label, text=description if description is not None else label, source=source, threshold=threshold
+    )
 
 
 def read_labels_file(path: Path) -> list[LabelEntry]:
@@ -142,7 +166,7 @@ def read_labels_file(path: Path) -> list[LabelEntry]:
     entries: list[LabelEntry] = []
     # Split on \n only (after normalising \r\n and \r) so a stray U+2028 stays inside its line.
     for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
-        entry = parse_label_line(line, f"{path}:{number}")
+        entry = parse_label_line(line, f"{path}:{number}", allow_threshold=True)
         if entry is not None:
             entries.append(entry)
     return entries

@@ -86,6 +86,12 @@ class TagOptions:
     max_megapixels: float = 100.0
     # > 0: each decoded image also gives a JPEG thumbnail this many px on its long side (the HTML contact sheet)
     thumbnail_size: int = 0
+    # Cut-offs by kind (over ``threshold``), and per label (``label_key`` -> value, over both: a labels
+    # file's ``label<TAB>0.4``); ``blocked`` labels (``label_key``) are never emitted (``--block FILE``).
+    threshold_seen: float | None = None
+    threshold_unseen: float | None = None
+    label_thresholds: dict[str, float] = field(default_factory=dict)
+    blocked: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,26 @@ class Scorer:
         self.calibration = None if options.raw_scores else calibration
         self.options = options
         self.kinds = ["unseen" if u else "seen" for u in labels.unseen_mask]
+        self.cutoffs = self._cutoffs()
+
+    def _cutoffs(self) -> np.ndarray | None:
+        """(L,) the least score each label is emitted at (inf: blocked); None when one ``threshold`` serves all."""
+        o = self.options
+        if not (o.label_thresholds or o.blocked or o.threshold_seen is not None or o.threshold_unseen is not None):
+            return None
+        from sdltag.labels import label_key
+
+        base = -np.inf if o.threshold is None else o.threshold
+        seen = base if o.threshold_seen is None else o.threshold_seen
+        unseen = base if o.threshold_unseen is None else o.threshold_unseen
+        cutoffs = np.where(self.labels.unseen_mask, unseen, seen).astype(np.float64)
+        for i, name in enumerate(self.labels.names):
+            key = label_key(name)
+            if key in o.blocked:
+                cutoffs[i] = np.inf
+            elif key in o.label_thresholds:
+                cutoffs[i] = o.label_thresholds[key]
+        return cutoffs
 
     def _scores(self, principal_vectors: np.ndarray) -> np.ndarray:
         raw = sdl_scores(principal_vectors, self.labels.vectors)  # (B, L)
@@ -154,7 +180,12 @@ class Scorer:
             return np.concatenate(list(pool.map(self._scores, np.array_split(principal_vectors, parts))))
 
     def tags(self, principal_vectors: np.ndarray) -> list[list[Tag]]:
-        picked = top_k(self.scores(principal_vectors), self.options.top_k, self.options.threshold)
+        scores = self.scores(principal_vectors)
+        if self.cutoffs is None:
+            picked = top_k(scores, self.options.top_k, self.options.threshold)
+        else:  # the k best of the labels at or above their own cut-off
+            masked = np.where(scores >= self.cutoffs, scores, -np.inf)
+            picked = [[(i, s) for i, s in row if s != -np.inf] for row in top_k(masked, self.options.top_k)]
         return [[Tag(self.labels.names[i], s, self.kinds[i]) for i, s in row] for row in picked]
 
 

@@ -15,10 +15,13 @@ SEARCH_FORMATS = ("table", "csv", "json", "jsonl", "paths", "paths0", "html")
 CHUNK = 4096  # index rows scored per matrix product
 
 
-def rank_indexed(index, model, label_space, folders: list[Path], top: int, raw_scores: bool = False):
+def rank_indexed(
+    index, model, label_space, folders: list[Path], top: int, raw_scores: bool = False, threshold: float | None = None
+):
     """The ``top`` indexed images under ``folders`` (all when empty) by the score of ``label_space``'s one label.
 
-    Rows whose file has gone are left out. Returns ``SearchHit`` records, best first.
+    Rows whose file has gone, and with ``threshold`` those scoring below it, are left out.
+    Returns ``SearchHit`` records, best first.
     """
     from sdltag.scoring import calibrate, sdl_scores
     from sdltag.writers import SearchHit
@@ -48,6 +51,8 @@ def rank_indexed(index, model, label_space, folders: list[Path], top: int, raw_s
     kind = "unseen" if bool(label_space.unseen_mask[0]) else "seen"
     hits = []
     for i in order:
+        if threshold is not None and all_scores[i] < threshold:
+            break  # best first: the rest score lower still
         if not paths[i].exists():
             continue
         hits.append(SearchHit(len(hits) + 1, paths[i], float(all_scores[i]), label_space.names[0], kind))
@@ -96,6 +101,9 @@ def search(
     embedder: str = typer.Option(None, "--embedder", help="Text embedder for the query (default: the model's)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Label-vector cache folder (default: user cache)."),
     raw_scores: bool = typer.Option(False, "--raw-scores", help="Raw SDL scores instead of calibrated confidences."),
+    threshold: float = typer.Option(
+        None, "--threshold", "-t", help="List only images scoring at least this (then at most --top of them)."
+    ),
     precision: str = typer.Option(
         "auto", "--precision", help="Whose vectors to rank: auto (what `sdltag tag` runs here), float or int8."
     ),
@@ -124,7 +132,7 @@ def search(
     label_space = query_label_space(model, query, embedder, cache_dir)
     folders = [Path(p) for p in (paths or [])]
     with ImageIndex.open_readonly(path) as index:
-        hits = rank_indexed(index, model, label_space, folders, top, raw_scores=raw_scores)
+        hits = rank_indexed(index, model, label_space, folders, top, raw_scores=raw_scores, threshold=threshold)
         if not hits and precision == "auto" and model.has_int8:
             # tagged with the other graph of the same model (e.g. --precision float, or on another CPU)
             try:
@@ -132,10 +140,13 @@ def search(
             except SdltagError:
                 other = None
             if other is not None:
-                hits = rank_indexed(index, other, label_space, folders, top, raw_scores=raw_scores)
+                hits = rank_indexed(index, other, label_space, folders, top, raw_scores=raw_scores, threshold=threshold)
     if not hits:
         where = ", ".join(str(p) for p in folders) or "the index"
-        info(f"no images indexed with this model under {where}; run `sdltag tag` on them first")
+        if threshold is not None:
+            info(f"no image indexed with this model under {where} scores at least {threshold:g}")
+        else:
+            info(f"no images indexed with this model under {where}; run `sdltag tag` on them first")
         raise typer.Exit(1)
     if fmt == "html":
         from sdltag.contact_sheet import write_search_sheet

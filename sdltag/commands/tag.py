@@ -46,9 +46,11 @@ def resolve_label_space(
     cache_dir: Path | None = None,
     warn_fn: Callable[[str], None] = warn,
     background: bool = False,
+    thresholds: dict[str, float] | None = None,
 ):
     """The labels to score: the model's own, plus the user's (``--labels``/``--label``) via ``label_space``.
 
+    ``thresholds``, when given, receives the labels files' per-label thresholds (``label_key`` -> value).
     With ``background``, the labels files are read and checked here and the embedding
     runs on a thread: the result is then a ``Future`` of the ``LabelSpace``.
     """
@@ -61,6 +63,8 @@ def resolve_label_space(
     from sdltag.labels import build_vocabulary
 
     entries = build_vocabulary(label_files, inline, warn=warn_fn)
+    if thresholds is not None:
+        thresholds.update((e.key, e.threshold) for e in entries if e.threshold is not None)
     try:
         from sdltag.label_space import resolve_labels
     except ModuleNotFoundError as exc:  # pragma: no cover - the module ships with sdltag
@@ -168,6 +172,15 @@ def tag(
     no_seen: bool = typer.Option(False, "--no-seen", help="Rank only your --labels/--label, not the model's own."),
     top: int = typer.Option(10, "--top-k", "-k", min=1, help="Tags per image (best first)."),
     threshold: float = typer.Option(None, "--threshold", "-t", help="Drop tags scoring below this."),
+    threshold_seen: float = typer.Option(
+        None, "--threshold-seen", help="Drop the model's own (seen) labels scoring below this (over --threshold)."
+    ),
+    threshold_unseen: float = typer.Option(
+        None, "--threshold-unseen", help="Drop zero-shot (unseen) labels scoring below this (over --threshold)."
+    ),
+    block_files: list[Path] = typer.Option(
+        [], "--block", help="Labels file of labels never to emit, one per line (repeatable)."
+    ),
     raw_scores: bool = typer.Option(False, "--raw-scores", help="Raw SDL scores instead of calibrated confidences."),
     fmt: str = typer.Option(
         None,
@@ -212,9 +225,18 @@ def tag(
     model = load_model(model_dir)
     # First the labels, whose embedding (on a thread) is the longest step of a re-tag; the
     # imports below and finding the files then overlap it.
+    label_thresholds: dict[str, float] = {}
     label_space = resolve_label_space(
-        model, labels_files, label, no_seen=no_seen, embedder=embedder, cache_dir=cache_dir, background=True
+        model,
+        labels_files,
+        label,
+        no_seen=no_seen,
+        embedder=embedder,
+        cache_dir=cache_dir,
+        background=True,
+        thresholds=label_thresholds,
     )
+    blocked = _blocked(block_files)
     from sdltag.contact_sheet import THUMB_SIZE, display_path
     from sdltag.images import discover
     from sdltag.tagger import LabelSpace, TagOptions, tag_files
@@ -261,6 +283,10 @@ def tag(
     options = TagOptions(
         top_k=top,
         threshold=threshold,
+        threshold_seen=threshold_seen,
+        threshold_unseen=threshold_unseen,
+        label_thresholds=label_thresholds,
+        blocked=blocked,
         raw_scores=raw_scores,
         batch_size=batch_size,
         decode_threads=threads,
@@ -336,7 +362,8 @@ def tag(
                 on_progress=(lambda n: progress.advance(task, n)) if progress else None,
             )
         if not isinstance(label_space, LabelSpace):
-            label_space.result()  # a run that scored nothing still reports a label problem
+            label_space = label_space.result()  # a run that scored nothing still reports a label problem
+        _warn_unknown_blocked(blocked, label_space)
         writer.close()
         if index is not None and not dry_run:
             # rows of files deleted or renamed since: search must not list them
@@ -355,6 +382,28 @@ def tag(
     failures += len(summary.failed) + xmp_failures
     if failures:
         raise typer.Exit(1)
+
+
+def _blocked(files: list[Path]) -> frozenset[str]:
+    """The ``label_key`` of every label in the ``--block`` files (thresholds and descriptions ignored)."""
+    from sdltag.labels import read_labels_file
+
+    keys: set[str] = set()
+    for path in files:
+        try:
+            keys.update(entry.key for entry in read_labels_file(path))
+        except SdltagError as exc:
+            raise SdltagError(str(exc).replace("the --labels path", "the --block path")) from None
+    return frozenset(keys)
+
+
+def _warn_unknown_blocked(blocked: frozenset[str], label_space) -> None:
+    from sdltag.labels import label_key
+
+    unknown = sorted(blocked - {label_key(name) for name in label_space.names})
+    if unknown:
+        shown = ", ".join(repr(k) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        warn(f"--block: {shown} {'is' if len(unknown) == 1 else 'are'} not among the labels scored (a typo?)")
 
 
 def _progress(total: int, quiet: bool):
