@@ -165,11 +165,13 @@ class ContactSheetWriter:
         self.items: list[_Item] = []
         self.thumbs: list[bytes | Future | None] = []
         self.problems: list[tuple[str, str, str]] = []  # (display, href, reason)
-        self.labels: dict[tuple[str, str], int] = {}
+        self.labels: dict[tuple[str, str], int] = {}  # (label as shown, kind) -> index
+        self.label_index: dict[tuple[str, str], int] = {}  # (label as given, kind) -> index
         self.thumb_bytes = 0
         self.folder: Path | None = None  # the final thumbnail folder, once the thumbnails spill to disk
         self.staging: Path | None = None
         self._finalizer = None
+        self.writes: list[Future] = []  # thumbnails being written to the staging folder
         self.front = 0  # thumbnails before this index are resolved (bytes, a file name or None)
         self.written_to_disk = 0  # thumbnails already in the staging folder (items [0, written_to_disk))
         self.pool = ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1), thread_name_prefix="thumb")
@@ -185,10 +187,13 @@ class ContactSheetWriter:
 
     # -- results -------------------------------------------------------------------------------
     def _label(self, name: str, kind: str) -> int:
-        key = (clean_label(name), kind)
-        index = self.labels.get(key)
+        index = self.label_index.get((name, kind))
         if index is None:
-            index = self.labels[key] = len(self.labels)
+            key = (clean_label(name), kind)
+            index = self.labels.get(key)
+            if index is None:
+                index = self.labels[key] = len(self.labels)
+            self.label_index[(name, kind)] = index
         return index
 
     def _add(self, path: Path, tags: list, thumbnail: bytes | None, rank: int | None = None) -> None:
@@ -245,14 +250,38 @@ class ContactSheetWriter:
         for i in range(self.written_to_disk, len(self.thumbs)):
             thumb = self.thumbs[i]
             if isinstance(thumb, bytes):
-                (self.staging / f"{i:06d}.jpg").write_bytes(thumb)
-                self.thumbs[i] = f"{i:06d}.jpg"  # type: ignore[call-overload]
+                self._store(i, thumb)
             elif isinstance(thumb, Future):
                 break  # still being made: written when resolved
         else:
             self.written_to_disk = len(self.thumbs)
             return
         self.written_to_disk = i
+
+    def _store(self, i: int, thumb: bytes) -> None:
+        """Write thumbnail ``i`` into the staging folder, on the pool (creating files is slow on a busy disk)."""
+        assert self.staging is not None
+        name = f"{i:06d}.jpg"
+        self.writes.append(self.pool.submit((self.staging / name).write_bytes, thumb))
+        self.thumbs[i] = name  # type: ignore[call-overload]
+        if len(self.writes) >= MAX_PENDING:
+            self._check_writes(wait=False)
+
+    def _check_writes(self, wait: bool) -> None:
+        """Raise the first failed thumbnail write (a full disk) as one clear error; keep the pending ones."""
+        pending = []
+        for future in self.writes:
+            if wait or future.done():
+                try:
+                    future.result()
+                except OSError as exc:
+                    raise SdltagError(
+                        f"{thumbs_folder_for(self.output)}: cannot write the contact sheet's thumbnails "
+                        f"({exc.strerror or exc}); free some space or choose another --output folder."
+                    ) from None
+            else:
+                pending.append(future)
+        self.writes = pending
 
     def _src(self, i: int, folder_url: str) -> str:
         thumb = self._resolve(i)
@@ -261,8 +290,7 @@ class ContactSheetWriter:
         if isinstance(thumb, str):
             return folder_url + thumb
         if self.staging is not None:
-            (self.staging / f"{i:06d}.jpg").write_bytes(thumb)
-            self.thumbs[i] = f"{i:06d}.jpg"  # type: ignore[call-overload]
+            self._store(i, thumb)
             return folder_url + f"{i:06d}.jpg"
         return "data:image/jpeg;base64," + base64.b64encode(thumb).decode("ascii")
 
@@ -300,6 +328,7 @@ class ContactSheetWriter:
                 self._resolve(i)
             folder_url = quote(thumbs_folder_for(self.output).name) + "/"
         srcs = [self._src(i, folder_url) for i in range(len(self.items))]
+        self._check_writes(wait=True)
         self.pool.shutdown(wait=True)
         data = {
             "kind": self.kind,
@@ -418,6 +447,7 @@ if("IntersectionObserver" in window)new IntersectionObserver(function(e){
 var h=/^#filter=(.*)$/.exec(location.hash);
 if(h){try{box.value=decodeURIComponent(h[1]);}catch(err){box.value="";}}
 apply(box.value);document.body.setAttribute("data-ready","1");
+if(window.performance&&performance.mark)performance.mark("sdltag-grid");
 })();
 """
 
