@@ -780,7 +780,8 @@ def write_keywords(xmp_path: Path, keywords: list[str], *, root: str = "sdltag",
     """Merge ``keywords`` into the sidecar at ``xmp_path`` (created if missing), atomically.
 
     Returns True when the file was (or, with ``dry_run``, would be) changed; an
-    identical re-run changes nothing. A sidecar that cannot be read safely raises
+    identical re-run changes nothing, and no keywords for a photo without a sidecar
+    create none. A sidecar that cannot be read safely raises
     ``XmpError`` and is left as it is.
     """
     xmp_path = Path(xmp_path)
@@ -805,7 +806,7 @@ def write_keywords(xmp_path: Path, keywords: list[str], *, root: str = "sdltag",
         added=_values(descriptions, ADDED_SUBJECT),
     )
     merged = merge_keywords(existing, keywords, root=root)
-    if exists and _same(merged, existing):
+    if _same(merged, existing) and (exists or not merged.subject):  # nothing to add: no new empty sidecar
         return False
     if dry_run:
         return True

@@ -293,3 +293,9 @@ def test_keywords_written_as_a_plain_value_count_as_the_users(tmp_path: Path) ->
     write_keywords(path, [])
     assert read_keywords(path) == ["Sea", "Sky"]
     assert _text(path).count("<dc:subject>") == 1 and 'dc:subject="' not in _text(path)
+
+
+def test_no_keywords_create_no_sidecar(tmp_path: Path) -> None:
+    path = tmp_path / "k.jpg.xmp"
+    assert write_keywords(path, []) is False and write_keywords(path, ["  "]) is False
+    assert not path.exists()
