@@ -11,6 +11,10 @@ Layout of a model folder (format version 1)::
       model.int8.onnx        optional: the same graph quantised to 8 bits (``sdltag quantize
                              --attach``), listed under the manifest's ``onnx_int8``
       MODEL_CARD.md          optional, human-readable
+      checkpoint.pt          optional: the torch weights (``sdltag train``, for ``--init``)
+
+Nothing else belongs in a model folder: ``check_output_folder`` replaces an existing
+``--out`` only when it is a model folder holding these files alone.
 
 Everything that must agree between training and tagging (input size, resize rule,
 mean/std, M, d, the embedder) is read from the manifest, never retyped. This module
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -40,7 +45,23 @@ ONNX_FILE = "model.onnx"
 INT8_ONNX_FILE = "model.int8.onnx"
 PRECISIONS = ("float", "int8")
 EMBEDDINGS_FILE = "label_embeddings.npy"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+CHECKPOINT_FILE = "checkpoint.pt"
+# Every file sdltag writes into a model folder; ``check_output_folder`` replaces nothing else.
+MODEL_FILES = frozenset({MANIFEST, ONNX_FILE, INT8_ONNX_FILE, EMBEDDINGS_FILE, MODEL_CARD_FILE, CHECKPOINT_FILE})
+# Leftovers of an interrupted write: ``atomic_write``'s temporary files and ``attach_int8``'s partial graph.
+_MODEL_DEBRIS = re.compile(
+    r"\.(manifest\.json|MODEL_CARD\.md|checkpoint\.pt|model\.int8\.onnx)\.(sdltag-tmp-\d+-\w+|.+\.tmp|partial-\d+)"
+)
 RESIZE_RULES = ("squash", "shorter_center_crop")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+HEAD_LAYOUTS = ("contiguous", "interleaved")
+EMBEDDER_KINDS = ("sentence-transformers", "word-vectors")
+MAX_INPUT_SIDE = 4096
+MAX_ROWS = 4096
+MAX_DIM = 1 << 16
+VERIFIED_GRAPHS = "verified-graphs.json"  # in the cache folder: graphs already hashed, by file identity
+_VERIFIED_KEEP = 256
 
 
 def hash_file(path: Path, digest: Any, chunk: int = 1 << 20) -> Any:
@@ -53,6 +74,155 @@ def hash_file(path: Path, digest: Any, chunk: int = 1 << 20) -> Any:
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return hash_file(path, hashlib.sha256(), chunk).hexdigest()
+
+
+def _identity(path: Path) -> str:
+    """What changes whenever a file's bytes may have: path, device, inode, size, mtime and ctime.
+
+    ``ctime`` cannot be set back by a user, so a same-size replacement with a restored mtime
+    still gets a new identity.
+    """
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
+def _verified_path() -> Path:
+    from sdltag.paths import cache_dir
+
+    return cache_dir() / VERIFIED_GRAPHS
+
+
+def _read_verified() -> dict[str, str]:
+    try:
+        data = json.loads(_verified_path().read_text(encoding="utf-8"))
+        entries = data.get("graphs") if isinstance(data, dict) else None
+        return {k: v for k, v in entries.items() if isinstance(v, str)} if isinstance(entries, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+
+
+def graph_sha256(path: Path) -> str:
+    """The sha256 of an ONNX graph, hashed once per file identity (``_identity``) and remembered.
+
+    The record lives in the cache folder (``verified-graphs.json``, the last 256 graphs); if it
+    cannot be written the file is simply hashed again next time.
+    """
+    key = _identity(path)
+    known = _read_verified()
+    if key in known:
+        return known[key]
+    digest = file_sha256(path)
+    if _identity(path) != key:  # changed while being read: hash what is there now, remember nothing
+        return file_sha256(path)
+    known = _read_verified()
+    known.pop(key, None)
+    known[key] = digest
+    entries = dict(list(known.items())[-_VERIFIED_KEEP:])
+    try:
+        with atomic_write(_verified_path()) as out:
+            out.write(json.dumps({"graphs": entries}, indent=0) + "\n")
+    except OSError:
+        pass
+    return digest
+
+
+class ManifestFieldError(ValueError):
+    """A manifest field of the wrong type, range or length; ``field`` is its dotted name."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"field {field!r} {problem}")
+        self.field = field
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _dict(data: Any, field: str, *, optional: bool = False) -> dict[str, Any]:
+    if data is None and optional:
+        return {}
+    if not isinstance(data, dict):
+        raise ManifestFieldError(field, f"must be an object, not {_shown(data)}")
+    return data
+
+
+def _str(value: Any, field: str, *, choices: tuple[str, ...] = (), empty: bool = True) -> str:
+    if not isinstance(value, str) or (not empty and not value.strip()):
+        raise ManifestFieldError(field, f"must be {'a' if empty else 'a non-empty'} string, not {_shown(value)}")
+    if choices and value not in choices:
+        raise ManifestFieldError(field, f"must be one of {', '.join(choices)}, not {_shown(value)}")
+    return value
+
+
+def _int(value: Any, field: str, low: int, high: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise ManifestFieldError(field, f"must be an integer {bounds}, not {_shown(value)}")
+    return value
+
+
+def _float(value: Any, field: str, *, positive: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1e30  # NaN fails too
+    if not ok or (positive and value <= 0):
+        raise ManifestFieldError(
+            field, f"must be a finite {'positive ' if positive else ''}number, not {_shown(value)}"
+        )
+    return float(value)
+
+
+def _floats(value: Any, field: str, length: int, *, positive: bool = False) -> tuple[float, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != length:
+        raise ManifestFieldError(field, f"must be a list of {length} numbers, not {_shown(value)}")
+    return tuple(_float(v, f"{field}[{i}]", positive=positive) for i, v in enumerate(value))
+
+
+def _strings(value: Any, field: str) -> list[str]:
+    if not isinstance(value, list):
+        raise ManifestFieldError(field, f"must be a list of strings, not {_shown(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ManifestFieldError(f"{field}[{i}]", f"must be a string, not {_shown(item)}")
+    return list(value)
+
+
+def _sha256(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ManifestFieldError(field, f"must be 64 lowercase hex digits (a sha256), not {_shown(value)}")
+    return value
+
+
+def _graph_entry(data: Any, field: str, *, optional_hash: bool) -> dict[str, Any]:
+    """The ``onnx`` / ``onnx_int8`` entry: file, tensor names, sha256 and size (other keys are kept)."""
+    entry = dict(_dict(data, field, optional=True))
+    if "file" in entry:
+        name = _str(entry["file"], f"{field}.file", empty=False)
+        if name != Path(name).name or name in (".", ".."):
+            raise ManifestFieldError(f"{field}.file", f"must be a file name in the model folder, not {_shown(name)}")
+    for key in ("input", "output"):
+        if entry.get(key) is not None:
+            _str(entry[key], f"{field}.{key}", empty=False)
+    if entry.get("sha256") is not None or not optional_hash:
+        _sha256(entry.get("sha256"), f"{field}.sha256")
+    if entry.get("bytes") is not None:
+        _int(entry["bytes"], f"{field}.bytes", 0)
+    if entry.get("opset") is not None:
+        _int(entry["opset"], f"{field}.opset", 1, 1000)
+    return entry
+
+
+def _calibration(data: Any) -> dict[str, Any] | None:
+    """``{"method": "platt", "seen": {"a", "b"}, "unseen": {"a", "b"} | absent}`` or None."""
+    if data is None or data == {}:
+        return None
+    data = _dict(data, "calibration")
+    _str(data.get("method"), "calibration.method", choices=("platt",))
+    for group in ("seen", "unseen"):
+        if group == "seen" or data.get(group) is not None:
+            params = _dict(data.get(group), f"calibration.{group}")
+            for key in ("a", "b"):
+                _float(params.get(key), f"calibration.{group}.{key}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -77,15 +247,22 @@ class InputSpec:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> InputSpec:
-        height, width = (int(v) for v in data["size"])
+    def from_json(cls, data: Any, field: str = "input") -> InputSpec:
+        """Parse and validate; raises ``ManifestFieldError`` naming the bad field."""
+        data = _dict(data, field)
+        size = data.get("size")
+        if not isinstance(size, (list, tuple)) or len(size) != 2:
+            raise ManifestFieldError(f"{field}.size", f"must be [height, width], not {_shown(size)}")
+        height, width = (_int(v, f"{field}.size", 1, MAX_INPUT_SIDE) for v in size)
+        if data.get("scale", "0-1") != "0-1":
+            raise ManifestFieldError(f"{field}.scale", f'must be "0-1", not {_shown(data.get("scale"))}')
         return cls(
             height=height,
             width=width,
-            resize=str(data.get("resize", "squash")),
-            interpolation=str(data.get("interpolation", "bilinear")),
-            mean=tuple(float(v) for v in data.get("mean", (0.0, 0.0, 0.0))),
-            std=tuple(float(v) for v in data.get("std", (1.0, 1.0, 1.0))),
+            resize=_str(data.get("resize", "squash"), f"{field}.resize", choices=RESIZE_RULES),
+            interpolation=_str(data.get("interpolation", "bilinear"), f"{field}.interpolation", choices=INTERPOLATIONS),
+            mean=_floats(data.get("mean", [0.0, 0.0, 0.0]), f"{field}.mean", 3),
+            std=_floats(data.get("std", [1.0, 1.0, 1.0]), f"{field}.std", 3, positive=True),
         )
 
 
@@ -106,8 +283,15 @@ class EmbedderSpec:
         return {"kind": self.kind, "name": self.name, "id": self.id, "dim": self.dim}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> EmbedderSpec:
-        return cls(kind=str(data["kind"]), name=str(data["name"]), id=str(data["id"]), dim=int(data["dim"]))
+    def from_json(cls, data: Any, field: str = "embedder") -> EmbedderSpec:
+        """Parse and validate; raises ``ManifestFieldError`` naming the bad field."""
+        data = _dict(data, field)
+        return cls(
+            kind=_str(data.get("kind"), f"{field}.kind", choices=EMBEDDER_KINDS),
+            name=_str(data.get("name"), f"{field}.name", empty=False),
+            id=_str(data.get("id"), f"{field}.id", empty=False),
+            dim=_int(data.get("dim"), f"{field}.dim", 1, MAX_DIM),
+        )
 
 
 @dataclass
@@ -131,9 +315,12 @@ class Manifest:
     # The optional 8-bit graph: file, sha256, bytes and how it was made (``sdltag quantize --attach``).
     onnx_int8: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
+    # Top-level entries this version does not know (a later version's provenance, say), kept as read.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = {
+            **self.extra,
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "name": self.name,
@@ -154,25 +341,63 @@ class Manifest:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        labels = data["labels"]
+    def from_json(cls, data: Any) -> Manifest:
+        """Parse and validate every field tagging uses; raises ``ManifestFieldError`` naming the bad one.
+
+        Unknown entries are accepted (and kept): a newer sdltag of the same format version may add
+        optional ones, such as provenance records.
+        """
+        data = _dict(data, "manifest")
+        version = _int(data.get("format_version"), "format_version", 1)
+        backbone = _dict(data.get("backbone"), "backbone")
+        rows = _int(data.get("rows"), "rows", 1, MAX_ROWS)
+        dim = _int(data.get("dim"), "dim", 1, MAX_DIM)
+        embedder = EmbedderSpec.from_json(data.get("embedder"))
+        if embedder.dim != dim:
+            raise ManifestFieldError("embedder.dim", f"is {embedder.dim} but the model's dim is {dim}")
+        labels = _dict(data.get("labels"), "labels")
+        seen = _strings(labels.get("seen"), "labels.seen")
+        unseen = _strings(labels.get("unseen", []), "labels.unseen")
+        if not seen and not unseen:
+            raise ManifestFieldError("labels", "lists no labels")
+        if labels.get("embeddings", EMBEDDINGS_FILE) != EMBEDDINGS_FILE:
+            raise ManifestFieldError("labels.embeddings", f"must be {EMBEDDINGS_FILE!r}")
+        int8 = data.get("onnx_int8")
+        known = {
+            "format",
+            "format_version",
+            "name",
+            "backbone",
+            "input",
+            "rows",
+            "dim",
+            "head_layout",
+            "onnx",
+            "embedder",
+            "labels",
+            "calibration",
+            "provenance",
+            "model_card",
+            "onnx_int8",
+        }
         return cls(
-            name=str(data.get("name", "")),
-            backbone=str(data["backbone"]["name"]),
-            backbone_config=dict(data["backbone"].get("config", {})),
-            input=InputSpec.from_json(data["input"]),
-            rows=int(data["rows"]),
-            dim=int(data["dim"]),
-            embedder=EmbedderSpec.from_json(data["embedder"]),
-            seen_labels=[str(v) for v in labels["seen"]],
-            unseen_labels=[str(v) for v in labels.get("unseen", [])],
-            head_layout=str(data.get("head_layout", "contiguous")),
-            calibration=data.get("calibration"),
-            provenance=dict(data.get("provenance", {})),
-            model_card=dict(data.get("model_card", {})),
-            onnx=dict(data.get("onnx", {})),
-            onnx_int8=dict(data["onnx_int8"]) if data.get("onnx_int8") else None,
-            format_version=int(data["format_version"]),
+            name=_str(data.get("name", ""), "name"),
+            backbone=_str(backbone.get("name"), "backbone.name", empty=False),
+            backbone_config=dict(_dict(backbone.get("config"), "backbone.config", optional=True)),
+            input=InputSpec.from_json(data.get("input")),
+            rows=rows,
+            dim=dim,
+            embedder=embedder,
+            seen_labels=seen,
+            unseen_labels=unseen,
+            head_layout=_str(data.get("head_layout", "contiguous"), "head_layout", choices=HEAD_LAYOUTS),
+            calibration=_calibration(data.get("calibration")),
+            provenance=dict(_dict(data.get("provenance"), "provenance", optional=True)),
+            model_card=dict(_dict(data.get("model_card"), "model_card", optional=True)),
+            onnx=_graph_entry(data.get("onnx"), "onnx", optional_hash=True),
+            onnx_int8=_graph_entry(int8, "onnx_int8", optional_hash=False) if int8 else None,
+            format_version=version,
+            extra={k: v for k, v in data.items() if k not in known},
         )
 
 
@@ -247,13 +472,25 @@ class ModelFolder:
         return self._label_vectors
 
     def verify_onnx(self) -> None:
-        """Check the running ONNX file's hash against the manifest (reads the whole file)."""
+        """Check the running ONNX file's sha256 against the manifest before its vectors are trusted.
+
+        The file is hashed once per identity (path, device, inode, size, mtime, ctime): later
+        checks of an unchanged file read a small record in the cache folder (``graph_sha256``).
+        """
         expected = self.model_id
-        if expected and file_sha256(self.onnx_path) != expected:
-            raise SdltagError(
-                f"{self.onnx_path}: the file does not match the hash in {MANIFEST} (corrupt or replaced). "
-                "Re-export the model with `sdltag export` or copy the model folder again."
+        try:
+            actual = graph_sha256(self.onnx_path)
+        except OSError as exc:
+            raise _refuse(self.onnx_path, f"cannot read the graph ({exc.strerror or exc})", _COPY_AGAIN) from None
+        if actual != expected:
+            raise _refuse(
+                self.onnx_path,
+                f"the file does not match the sha256 in {MANIFEST} (corrupt or replaced)",
+                _COPY_AGAIN,
             )
+
+
+_COPY_AGAIN = "Re-export the model with `sdltag export` or copy the model folder again."
 
 
 def _refuse(path: Path, problem: str, fix: str) -> SdltagError:
@@ -275,12 +512,33 @@ def _load_embeddings(path: Path, rows: int, dim: int) -> np.ndarray:
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+def _check_embeddings_header(path: Path, rows: int, dim: int) -> None:
+    """The ``.npy`` header (not the data): a float matrix of one row per label, ``dim`` wide."""
+    fix = "Re-export the model folder with `sdltag export`."
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = reader(handle)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise _refuse(path, f"cannot read label embeddings ({' '.join(str(exc).split())[:200]})", fix) from None
+    if shape != (rows, dim):
+        raise _refuse(
+            path, f"label embeddings have shape {shape}; the manifest lists {rows} labels of dimension {dim}", fix
+        )
+    if dtype.kind != "f":
+        raise _refuse(path, f"label embeddings are {dtype}, not floating point", fix)
+
+
 def load_model_folder(path: Path | str) -> ModelFolder:
     """Validate and open a model folder, refusing anything tagging could not trust.
 
-    Checks: the folder and its three files exist, the manifest is valid JSON of a
-    known (not newer) format, the ONNX file has the size recorded at export (a cheap
-    truncation check; ``ModelFolder.verify_onnx`` checks the full hash).
+    Checks: the folder and its three files exist; the manifest is valid JSON of a known
+    (not newer) format whose every field has the right type, range and length (the error
+    names the field); the label embeddings' header matches the labels; the ONNX file has
+    the size recorded at export (a cheap truncation check; ``ModelFolder.verify_onnx``, run
+    before a graph's vectors are used, checks its sha256). A manifest without the graph's
+    sha256 gets one computed now and recorded where the folder is writable.
     """
     path = Path(path).expanduser()
     fix = "Pass a folder written by `sdltag export` or `sdltag train` (it holds model.onnx and manifest.json)."
@@ -295,10 +553,14 @@ def load_model_folder(path: Path | str) -> ModelFolder:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _refuse(manifest_path, f"not valid JSON ({exc})", "Re-export the model with `sdltag export`.") from None
+    except RecursionError:
+        raise _refuse(manifest_path, "not valid JSON (nested too deep)", "Re-export the model.") from None
+    except OSError as exc:
+        raise _refuse(manifest_path, f"cannot read ({exc.strerror or exc})", fix) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise _refuse(manifest_path, "not an sdltag model manifest", fix)
     version = data.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise _refuse(manifest_path, "has no integer format_version", "Re-export the model with `sdltag export`.")
     if version > FORMAT_VERSION:
         raise _refuse(
@@ -308,42 +570,92 @@ def load_model_folder(path: Path | str) -> ModelFolder:
         )
     try:
         manifest = Manifest.from_json(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _refuse(
-            manifest_path, f"manifest is missing or has a bad field ({exc})", "Re-export the model."
-        ) from None
-    if manifest.input.resize not in RESIZE_RULES:
-        raise _refuse(manifest_path, f"unknown resize rule {manifest.input.resize!r}", "Upgrade sdltag or re-export.")
-    if not manifest.seen_labels and not manifest.unseen_labels:
-        raise _refuse(manifest_path, "lists no labels", "Re-export the model with its labels.")
+    except ManifestFieldError as exc:
+        raise _refuse(manifest_path, f"bad manifest: {exc}", "Re-export the model with `sdltag export`.") from None
     onnx_path = path / ONNX_FILE
     if not onnx_path.is_file():
         raise _refuse(onnx_path, "missing", "Re-export the model with `sdltag export`.")
     expected_bytes = manifest.onnx.get("bytes")
     actual = onnx_path.stat().st_size
-    if expected_bytes is not None and actual != int(expected_bytes):
+    if expected_bytes is not None and actual != expected_bytes:
         raise _refuse(
-            onnx_path,
-            f"is {actual} bytes but was {expected_bytes} when exported (truncated or corrupt)",
-            "Re-export the model with `sdltag export` or copy the model folder again.",
+            onnx_path, f"is {actual} bytes but was {expected_bytes} when exported (truncated or corrupt)", _COPY_AGAIN
         )
-    if not (path / EMBEDDINGS_FILE).is_file():
-        raise _refuse(path / EMBEDDINGS_FILE, "missing", "Re-export the model with `sdltag export`.")
+    embeddings = path / EMBEDDINGS_FILE
+    if not embeddings.is_file():
+        raise _refuse(embeddings, "missing", "Re-export the model with `sdltag export`.")
+    _check_embeddings_header(embeddings, len(manifest.seen_labels) + len(manifest.unseen_labels), manifest.dim)
+    if not manifest.onnx.get("sha256"):
+        _record_graph_hash(manifest_path, data, manifest, onnx_path)
     return ModelFolder(path=path, manifest=manifest)
 
 
-def check_output_folder(out_dir: Path | str) -> Path:
-    """Refuse an ``--out`` that is a file or a non-empty folder other than a model folder.
+def _record_graph_hash(manifest_path: Path, data: dict[str, Any], manifest: Manifest, onnx_path: Path) -> None:
+    """Give a manifest without the graph's sha256 one (the graph's identity in the index), and keep it.
 
-    Cheap, so commands call it before slow work; ``write_model_folder`` calls it again.
-    Returns the absolute path.
+    Written into the manifest where the folder allows; otherwise it holds for this run (and
+    ``graph_sha256`` remembers it while the file is unchanged).
+    """
+    try:
+        digest = graph_sha256(onnx_path)
+    except OSError as exc:
+        raise _refuse(onnx_path, f"cannot read the graph ({exc.strerror or exc})", _COPY_AGAIN) from None
+    manifest.onnx = {**manifest.onnx, "sha256": digest, "bytes": onnx_path.stat().st_size}
+    updated = {**data, "onnx": {**(data.get("onnx") or {}), "sha256": digest, "bytes": manifest.onnx["bytes"]}}
+    try:
+        with atomic_write(manifest_path) as out:
+            out.write(json.dumps(updated, indent=2, ensure_ascii=False) + "\n")
+    except OSError:
+        pass
+
+
+def _refused_contents(out_dir: Path) -> str | None:
+    """Why ``out_dir`` (an existing folder) is not a model folder sdltag may replace, or None if it is."""
+    entries = sorted(out_dir.iterdir(), key=lambda p: p.name)
+    if not entries:
+        return None
+    others = [
+        p.name + ("/" if p.is_dir() else "")
+        for p in entries
+        if p.is_dir() or not (p.name in MODEL_FILES or _MODEL_DEBRIS.fullmatch(p.name))
+    ]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        return f"exists and is not a model folder (it holds {shown})"
+    manifest = out_dir / MANIFEST
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"exists and is not a model folder (no {MANIFEST})"
+    except (OSError, ValueError, RecursionError):
+        return f"exists and its {MANIFEST} cannot be read as an sdltag manifest"
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        return f"exists and its {MANIFEST} is not an sdltag model manifest"
+    return None
+
+
+def check_output_folder(out_dir: Path | str) -> Path:
+    """Refuse an ``--out`` that sdltag may not replace; returns the absolute path.
+
+    Allowed: a path that does not exist, an empty folder, or a model folder (a manifest
+    of this format) holding nothing but model files (``MODEL_FILES``, and what an
+    interrupted write leaves). Anything else (a file, a link, extra files or sub-folders,
+    an unreadable manifest) is refused, untouched. Cheap, so commands call it before slow
+    work; ``write_model_folder`` calls it again just before the swap.
     """
     out_dir = Path(out_dir).expanduser().absolute()
+    fix = "Choose another --out path (a new folder, or a model folder sdltag wrote)."
+    if out_dir.is_symlink():
+        raise _refuse(out_dir, "is a symbolic link", fix)
     if out_dir.exists():
         if not out_dir.is_dir():
-            raise _refuse(out_dir, "exists and is not a folder", "Choose another --out path.")
-        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
-            raise _refuse(out_dir, "exists, is not empty and is not a model folder", "Choose another --out path.")
+            raise _refuse(out_dir, "exists and is not a folder", fix)
+        try:
+            problem = _refused_contents(out_dir)
+        except OSError as exc:
+            raise _refuse(out_dir, f"exists and cannot be listed ({exc.strerror or exc})", fix) from None
+        if problem:
+            raise _refuse(out_dir, problem, fix)
     return out_dir
 
 
@@ -352,8 +664,9 @@ def write_model_folder(
 ) -> ModelFolder:
     """Write a complete model folder atomically: build it beside ``out_dir``, then swap it in.
 
-    An existing ``out_dir`` is replaced only if it is a model folder or empty; anything
-    else is refused so a typo never deletes a user's folder.
+    An existing ``out_dir`` is replaced only if it is a model folder holding nothing but
+    model files, or empty (``check_output_folder``); anything else is refused so a typo
+    never deletes a user's folder.
     """
     out_dir = check_output_folder(out_dir)
     vectors = np.ascontiguousarray(label_vectors, dtype=np.float32)
@@ -378,8 +691,9 @@ def write_model_folder(
             json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         if model_card_md:
-            (staging / "MODEL_CARD.md").write_text(model_card_md, encoding="utf-8")
+            (staging / MODEL_CARD_FILE).write_text(model_card_md, encoding="utf-8")
         os.chmod(staging, 0o755)
+        check_output_folder(out_dir)  # again: the folder may have changed while the model was written
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)

@@ -27,7 +27,7 @@ import numpy as np
 
 from sdltag.errors import SdltagError
 from sdltag.images import ImageError, discover, load_image
-from sdltag.modelfolder import ModelFolder, attach_int8, write_model_folder
+from sdltag.modelfolder import ModelFolder, attach_int8, check_output_folder, write_model_folder
 from sdltag.runtime import ImageModel
 from sdltag.scoring import sdl_scores
 
@@ -112,6 +112,8 @@ def quantize_model_folder(
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if out is not None:
+        out = check_output_folder(out)  # refuse a folder that is not ours before the slow work
     model = model.with_precision("float")
     if model.manifest.provenance.get("quantization"):
         raise SdltagError(f"{model.path}: this model is already quantised. Quantise the float model it came from.")

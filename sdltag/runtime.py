@@ -2,7 +2,8 @@
 
 ``--device cuda`` without a working CUDA provider is an error, never a silent fall back
 to the CPU; ``auto`` takes CUDA when onnxruntime offers it and says which provider is
-active (``ImageModel.provider``) so the CLI can print it.
+active (``ImageModel.provider``) so the CLI can print it. The graph's sha256 is checked
+against the manifest before a session starts (``ModelFolder.verify_onnx``, cached per file).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class ImageModel:
         self.rows = model.manifest.rows
         self.dim = model.manifest.dim
         providers = choose_providers(device, available_providers())
+        model.verify_onnx()  # a replaced or damaged graph must not put its vectors under this model's identity
         options = ort.SessionOptions()
         options.log_severity_level = 3  # onnxruntime's own warnings would break the one-line-per-problem rule
         if threads is not None:
