@@ -33,7 +33,7 @@ import torch
 
 from sdltag.datasets import LabeledDataset, LabeledImage, read_labeled_dir
 from sdltag.errors import SdltagError
-from sdltag.modelfolder import EmbedderSpec, InputSpec, ModelFolder
+from sdltag.modelfolder import EmbedderSpec, InputSpec, ModelFolder, check_output_folder
 from sdltag.nn.augment import AugmentConfig, augment_batch
 from sdltag.nn.backbones import available_backbones, pretrained_source
 from sdltag.nn.calibration import CalibrationReport, fit_calibration
@@ -421,6 +421,7 @@ def train(
     """Train an SDL model as ``config`` says and export it to ``config.out``; see the module docstring."""
     options = options or RuntimeOptions()
     reporter = reporter or TrainReporter()
+    check_output_folder(config.out)  # a folder that is not ours is refused now, not after every epoch
     run_dir = run_dir_for(config.out, options.run_dir)
     resume_state: dict[str, Any] | None = None
     if options.resume:
