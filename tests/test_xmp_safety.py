@@ -193,3 +193,29 @@ def test_an_oversized_sidecar_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(XmpError, match="more than a sidecar sdltag reads"):
         write_keywords(path, ["cat"])
     assert path.read_bytes() == data
+
+
+def test_tag_reruns_keep_the_users_keywords_end_to_end(tmp_path: Path, tiny_model) -> None:
+    """`sdltag tag --xmp` twice over sidecars whose keywords sdltag also proposes: the user's stay."""
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    user = ["Cat", "Dog", "Holiday"]  # the tiny model's labels include cat and dog
+    items = "".join(f"<rdf:li>{k}</rdf:li>" for k in user)
+    for i in range(3):
+        Image.new("RGB", (40, 30), (70 * i, 120, 30)).save(folder / f"p{i}.jpg")
+        (folder / f"p{i}.jpg.xmp").write_text(_body().replace("<rdf:li>Mine</rdf:li>", items), encoding="utf-8")
+    base = ["tag", str(folder), "--model", str(tiny_model.path), "--no-index", "--xmp", "-q"]
+    first = CliRunner().invoke(app, [*base, "-k", "6"], catch_exceptions=False)
+    assert first.exit_code == 0, first.stderr
+    for i in range(3):
+        assert {k.casefold() for k in read_keywords(folder / f"p{i}.jpg.xmp")} == {
+            "cat", "dog", "holiday", "tree", "car", "sun", "boat"
+        }  # fmt: skip
+    second = CliRunner().invoke(app, [*base, "-k", "1"], catch_exceptions=False)
+    assert second.exit_code == 0, second.stderr
+    for line in second.stdout.splitlines():
+        record = json.loads(line)
+        (top,) = [t["label"] for t in record["tags"]]
+        keywords = read_keywords(Path(record["path"] + ".xmp"))
+        assert keywords[:3] == user  # exactly as the user wrote them, first
+        assert {k.casefold() for k in keywords} == {"cat", "dog", "holiday", top}
