@@ -247,10 +247,13 @@ def _read_xmp(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[t
 _READERS = {"manifest": _read_manifest, "sidecar": _read_sidecar, "folders": _read_folders, "xmp": _read_xmp}
 
 
-def read_labeled_dir(root: Path | str, format: str = "auto", warn: Warn | None = None) -> LabeledDataset:
+def read_labeled_dir(
+    root: Path | str, format: str = "auto", warn: Warn | None = None, exclude: Iterable[str] = ()
+) -> LabeledDataset:
     """Read a labeled folder in the given layout (``auto`` detects it).
 
-    Problems with single files go to ``warn`` (one line each) and the file is skipped;
+    ``exclude`` globs (``--exclude``, matched as ``sdltag.excludes`` says, relative to ``root``)
+    leave the files they match out. Problems with single files go to ``warn`` (one line each) and the file is skipped;
     a folder that yields no labelled image raises ``SdltagError``.
     """
     root = Path(root).expanduser()
@@ -264,7 +267,12 @@ def read_labeled_dir(root: Path | str, format: str = "auto", warn: Warn | None =
     skipped: list[tuple[Path, str]] = []
     items: list[LabeledImage] = []
     spellings: dict[str, str] = {}
+    from sdltag.excludes import Excluder
+
+    excluder = Excluder(exclude)
     for path, raw in _READERS[format](root, warn, skipped):
+        if excluder and excluder.excluded(os.fspath(path), os.fspath(root)):
+            continue
         labels = normalize_labels(raw, spellings)
         if not labels:
             warn(f"{path}: no label, skipped")

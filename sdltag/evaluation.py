@@ -10,7 +10,7 @@ follow ``sdltag.metrics``. No torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +112,7 @@ def evaluate(
     empty: str = "skip",
     warn: Warn | None = None,
     progress: Callable[[int, int], None] | None = None,
+    exclude: Sequence[str] = (),
 ) -> EvalReport:
     """Score every labelled image of ``data_dir`` with ``model`` and compute ZSL and GZSL metrics."""
     from sdltag.label_space import resolve_labels
@@ -123,7 +124,7 @@ def evaluate(
     warn = warn or (lambda message: None)
     if batch_size < 1:
         raise SdltagError(f"--batch-size {batch_size}: must be at least 1.")
-    dataset = read_labeled_dir(data_dir, data_format, warn)
+    dataset = read_labeled_dir(data_dir, data_format, warn, exclude=exclude)
     entries = build_vocabulary([unseen_file], [], warn) if unseen_file else []
     label_set = resolve_labels(model, entries, include_seen=True, embedder=embedder, cache_dir=cache_dir, warn=warn)
     if entries:

@@ -266,6 +266,7 @@ class Discovery:
     files: list[Path] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
     skipped_raw: list[Path] = field(default_factory=list)
+    excluded: int = 0  # files an --exclude pattern matched
 
 
 def _is_hidden(name: str) -> bool:
@@ -317,7 +318,9 @@ def _walk(
         _walk(sub, recursive, include_hidden, seen_dirs, out, problems)
 
 
-def discover(paths: Iterable[Path], *, recursive: bool = True, include_hidden: bool = False) -> Discovery:
+def discover(
+    paths: Iterable[Path], *, recursive: bool = True, include_hidden: bool = False, exclude: Iterable[str] = ()
+) -> Discovery:
     """Expand files and folders into the image files to tag (absolute, de-duplicated, in input order).
 
     Folders are walked (recursively unless ``recursive`` is False) skipping hidden
@@ -325,9 +328,15 @@ def discover(paths: Iterable[Path], *, recursive: bool = True, include_hidden: b
     ``include_hidden``; files given by name are taken whatever their name (a missing
     one is a problem). A RAW file whose same-stem JPEG (or other non-RAW image) in the
     same folder is also being tagged is dropped: the JPEG is the better rendering.
+    ``exclude`` globs leave out the files they match (``sdltag.excludes``; counted in
+    ``Discovery.excluded``) before that pairing.
     """
+    from sdltag.excludes import Excluder
+
+    excluder = Excluder(exclude)
     result = Discovery()
     found: list[str] = []
+    roots: list[tuple[int, str | None]] = []  # (where in found an input's files start, the folder walked)
     seen_dirs: set[tuple[int, int]] = set()
     for raw in paths:
         path = Path(raw)
@@ -339,6 +348,7 @@ def discover(paths: Iterable[Path], *, recursive: bool = True, include_hidden: b
         except OSError as exc:
             result.problems.append((str(path), f"cannot access ({exc.strerror or exc})"))
             continue
+        roots.append((len(found), os.fspath(path) if stat.S_ISDIR(mode) else None))
         if stat.S_ISDIR(mode):
             _walk(os.fspath(path), recursive, include_hidden, seen_dirs, found, result.problems)
         elif stat.S_ISREG(mode):
@@ -348,6 +358,12 @@ def discover(paths: Iterable[Path], *, recursive: bool = True, include_hidden: b
                 result.problems.append((str(path), f"not a supported image type ({path.suffix or 'no extension'})"))
         else:
             result.problems.append((str(path), "not a regular file or folder"))
+    if excluder:
+        kept: list[str] = []
+        for (start, root), (end, _) in zip(roots, [*roots[1:], (len(found), None)], strict=True):
+            kept.extend(p for p in found[start:end] if not excluder.excluded(p, root))
+        result.excluded = len(found) - len(kept)
+        found = kept
     files = list(dict.fromkeys(os.path.abspath(path) for path in found))
     split = []  # (path, (folder, lower-case name without extension), lower-case extension)
     for path in files:

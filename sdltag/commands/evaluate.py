@@ -26,6 +26,11 @@ def evaluate(
     data_format: str = typer.Option(
         "auto", "--data-format", help="Folder layout: auto, manifest, sidecar, folders, xmp."
     ),
+    exclude: list[str] = typer.Option(
+        [],
+        "--exclude",
+        help="Leave out image files matching this glob (repeatable), e.g. '*/exports/*' or '*.thumb.jpg'.",
+    ),
     empty_labels: str = typer.Option(
         "skip",
         "--empty-labels",
@@ -108,6 +113,7 @@ def evaluate(
             empty=empty_labels,
             warn=warn,
             progress=progress,
+            exclude=exclude,
         )
     finally:
         if bar is not None:

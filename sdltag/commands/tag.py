@@ -200,6 +200,12 @@ def tag(
     no_index: bool = typer.Option(False, "--no-index", help="Neither read nor write the index."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Walk sub-folders (default: yes)."),
     include_hidden: bool = typer.Option(False, "--include-hidden", help="Also tag hidden files, ._*, @eaDir, .git."),
+    exclude: list[str] = typer.Option(
+        [],
+        "--exclude",
+        help="Leave out files matching this glob (repeatable): against the path relative to each input folder "
+        "and the file name, e.g. '*/exports/*' or '*.thumb.jpg'.",
+    ),
     null: bool = typer.Option(False, "--null", "-0", help="Paths on stdin are NUL-separated (find -print0)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per inference batch."),
     threads: int = typer.Option(
@@ -256,13 +262,13 @@ def tag(
             inputs.extend(read_stdin_paths(null))
         else:
             inputs.append(path)
-    found = discover(inputs, recursive=recursive, include_hidden=include_hidden)
+    found = discover(inputs, recursive=recursive, include_hidden=include_hidden, exclude=exclude)
     failures = 0
     for where, reason in found.problems:
         error(f"{where}: {reason}")
         failures += 1
     files = found.files
-    if not files and not found.problems:
+    if not files and not found.problems and not found.excluded:
         where = ", ".join(str(p) for p in inputs) or "stdin"
         warn(f"no images found in {where}; nothing to tag (hidden files are skipped unless --include-hidden)")
 
@@ -370,6 +376,8 @@ def tag(
             index.prune_missing([p for p in inputs if str(p) != "-" and p.is_dir()])
     if found.skipped_raw:
         summary.skipped["RAW with a same-name JPEG"] += len(found.skipped_raw)
+    if found.excluded:
+        summary.skipped["excluded by --exclude"] += found.excluded
     if found.problems:
         summary.skipped["missing or unreadable inputs"] += len(found.problems)
     if not quiet:

@@ -160,6 +160,11 @@ def train(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write at the end (replaced atomically)."),
     format: str = typer.Option("auto", "--format", help="Folder layout: auto, manifest, sidecar, folders, xmp."),
+    exclude: list[str] = typer.Option(
+        [],
+        "--exclude",
+        help="Leave out image files matching this glob (repeatable), e.g. '*/exports/*' or '*.thumb.jpg'.",
+    ),
     val: Path | None = typer.Option(None, "--val", help="Separate labeled folder for validation (else --val-split)."),
     val_split: float = typer.Option(0.1, "--val-split", help="Share of DATA_DIR held out for validation (no --val)."),
     unseen: Path | None = typer.Option(
@@ -296,6 +301,7 @@ def train(
         feature_views=feature_views,
         name=name,
         notes=notes,
+        exclude=list(exclude),
         augment=((AugmentConfig() if flip else AugmentConfig(flip=0.0)) if augment else AugmentConfig.off()).to_dict(),
     )
     if workers < 0:

@@ -96,6 +96,7 @@ class TrainConfig:
     augment: dict[str, Any] = field(default_factory=lambda: AugmentConfig().to_dict())  # AugmentConfig.off(): none
     name: str = ""
     notes: str = ""
+    exclude: list[str] = field(default_factory=list)  # --exclude globs (sdltag.excludes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -227,11 +228,11 @@ def prepare_data(config: TrainConfig, warn: Callable[[str], None]) -> PreparedDa
     """Read the folders, split train/validation, hold out the unseen labels, fix the label order."""
     from sdltag.labels import label_key
 
-    dataset = read_labeled_dir(config.data, config.format, warn)
+    dataset = read_labeled_dir(config.data, config.format, warn, exclude=config.exclude)
     unseen, unseen_texts = _read_unseen(config.unseen, warn)
     unseen_keys = {label_key(label) for label in unseen}
     if config.val:
-        val_dataset: LabeledDataset | None = read_labeled_dir(config.val, config.format, warn)
+        val_dataset: LabeledDataset | None = read_labeled_dir(config.val, config.format, warn, exclude=config.exclude)
         train_items, val_items = list(dataset.items), list(val_dataset.items)  # type: ignore[union-attr]
     else:
         val_dataset = None
