@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
@@ -273,7 +274,8 @@ def test_discover_walks_filters_and_pairs_raw(tmp_path: Path) -> None:
     assert not any("sub" in p.parts for p in flat.files)
     everything = discover([root], include_hidden=True)
     hidden = {p.name for p in everything.files}
-    assert {".hidden.jpg", "._a.jpg", "thumb.jpg", "x.png", "y.jpg"} <= hidden
+    assert {".hidden.jpg", "thumb.jpg", "x.png", "y.jpg"} <= hidden
+    assert "._a.jpg" not in hidden  # an AppleDouble resource fork is never an image
 
 
 def test_discover_missing_paths_and_explicit_files(tmp_path: Path) -> None:
@@ -311,3 +313,289 @@ def test_not_really_raw_is_one_error(tmp_path: Path) -> None:
     with pytest.raises(ImageError) as info:
         open_image(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_discover_walks_any_depth(tmp_path: Path) -> None:
+    deep = tmp_path / "lib"
+    bottom = os.fspath(deep)
+    os.mkdir(bottom)
+    for _ in range(1100):  # deeper than Python's recursion limit (os.makedirs itself would recurse)
+        bottom += "/d"
+        os.mkdir(bottom)
+    _jpeg(Path(bottom) / "deep.jpg")
+    _jpeg(deep / "top.jpg")
+    try:
+        found = discover([deep])
+        assert not found.problems
+        assert [p.name for p in found.files] == ["top.jpg", "deep.jpg"]
+        assert len(found.files[1].relative_to(deep).parts) == 1101
+    finally:
+        remove_deep_tree(deep)
+
+
+def remove_deep_tree(top: Path) -> None:
+    """Remove a tree deeper than ``shutil.rmtree`` (recursive before Python 3.12) can."""
+    for dirpath, _dirs, files in reversed(list(_walk_down(os.fspath(top)))):
+        for name in files:
+            os.unlink(os.path.join(dirpath, name))
+        os.rmdir(dirpath)
+
+
+def _walk_down(top: str):
+    stack = [top]
+    while stack:
+        current = stack.pop()
+        with os.scandir(current) as entries:
+            items = list(entries)
+        dirs = [e.path for e in items if e.is_dir(follow_symlinks=False)]
+        yield current, dirs, [e.name for e in items if not e.is_dir(follow_symlinks=False)]
+        stack.extend(dirs)
+
+
+def test_discover_links_to_ancestors_and_link_loops(tmp_path: Path) -> None:
+    root = tmp_path / "lib"
+    (root / "a" / "b").mkdir(parents=True)
+    _jpeg(root / "a" / "b" / "p.jpg")
+    _jpeg(root / "q.jpg")
+    os.symlink(root, root / "a" / "b" / "up")  # to an ancestor: already being walked
+    os.symlink(tmp_path, root / "a" / "outside")  # to a folder above the input: its other content is walked once
+    os.symlink("loop2", root / "loop1")  # a link loop that resolves to nothing (ELOOP)
+    os.symlink("loop1", root / "loop2")
+    _jpeg(tmp_path / "beside.jpg")
+    found = discover([root])
+    names = [p.name for p in found.files]
+    assert sorted(names) == ["beside.jpg", "p.jpg", "q.jpg"]
+    assert len(names) == len(set(names))  # nothing twice
+    # the same folder given twice, and through a link, is walked once
+    again = discover([root, root / "a" / "b" / "up"])
+    assert sorted(p.name for p in again.files) == sorted(names)
+
+
+def test_discover_skips_appledouble_even_with_hidden_files(tmp_path: Path) -> None:
+    _jpeg(tmp_path / "IMG_1.jpg")
+    (tmp_path / "._IMG_1.jpg").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)  # the AppleDouble header
+    assert [p.name for p in discover([tmp_path]).files] == ["IMG_1.jpg"]
+    assert [p.name for p in discover([tmp_path], include_hidden=True).files] == ["IMG_1.jpg"]
+
+
+# -- damaged files Pillow decodes without a word ----------------------------------------------
+
+
+def _noise_png(path: Path, size=(160, 120), mode: str = "RGB") -> Path:
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(path)
+    return path
+
+
+@pytest.mark.parametrize("from_bytes", [False, True], ids=["from-disk", "from-bytes"])
+def test_png_with_bytes_flipped_throughout_is_reported(tmp_path: Path, from_bytes: bool) -> None:
+    import random
+
+    data = bytearray(_noise_png(tmp_path / "src.png").read_bytes())
+    assert Image.open(tmp_path / "src.png").format == "PNG"
+    flips = random.Random(0).sample(range(64, len(data) - 16), 40)  # spread over the image data
+    for offset in flips:
+        data[offset] ^= 0xFF
+    path = tmp_path / "flipped.png"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageError) as info:
+        load_image(path, InputSpec(32, 32), data=bytes(data) if from_bytes else None)
+    assert "CRC" in info.value.reason and str(path) in str(info.value) and "\n" not in str(info.value)
+    # one flipped byte in the pixel data alone is enough
+    single = bytearray(_noise_png(tmp_path / "src.png").read_bytes())
+    single[len(single) // 2] ^= 0x01
+    path.write_bytes(bytes(single))
+    with pytest.raises(ImageError, match="IDAT chunk fails its CRC"):
+        open_image(path)
+
+
+def test_png_cut_short_is_reported(tmp_path: Path) -> None:
+    data = _noise_png(tmp_path / "src.png").read_bytes()
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[:-12])  # whole pixels, no IEND: a copy that stopped
+    with pytest.raises(ImageError, match="truncated"):
+        open_image(path)
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated"):
+        open_image(path)
+
+
+def _with_frame_size(data: bytes, width: int, height: int) -> bytes:
+    """A JPEG whose start-of-frame header is rewritten to claim ``width`` x ``height``."""
+    out, pos = bytearray(data), 2
+    while pos < len(out):
+        marker, length = out[pos + 1], struct.unpack(">H", out[pos + 2 : pos + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2):
+            out[pos + 5 : pos + 9] = struct.pack(">HH", height, width)
+            return bytes(out)
+        pos += 2 + length
+    raise AssertionError("no frame header")
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_jpeg_claiming_more_pixels_than_its_data_is_truncated(tmp_path: Path, progressive: bool) -> None:
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 255, (150, 110, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95, progressive=progressive)
+    data = _with_frame_size(buffer.getvalue(), 9000, 11000)
+    assert 10_000 < len(data) < 40_000 and data.endswith(b"\xff\xd9")
+    path = tmp_path / "claims-99mp.jpg"
+    path.write_bytes(data)
+    # Pillow itself decodes it (grey where the data is missing)
+    with Image.open(path) as image:
+        image.draft("RGB", (224, 224))
+        image.load()
+    for from_bytes in (False, True):
+        with pytest.raises(ImageError) as info:
+            load_image(path, InputSpec(224, 224), data=data if from_bytes else None)
+        assert "truncated" in info.value.reason and "9000x11000" in info.value.reason
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_jpeg_cut_and_closed_is_truncated_when_it_has_restart_markers(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    path = tmp_path / "whole.jpg"
+    Image.fromarray(pixels).save(path, quality=90, restart_marker_rows=1)  # as most cameras write them
+    whole = path.read_bytes()
+    assert load_image(path, InputSpec(32, 32)).shape == (3, 32, 32)  # the whole file is fine
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole[: len(whole) * 2 // 3] + b"\xff\xd9")  # a copy that stopped, closed by a repair tool
+    with pytest.raises(ImageError, match="restart markers"):
+        load_image(cut, InputSpec(32, 32))
+    # the same with a second picture appended (a motion photo): still the first picture that counts
+    cut.write_bytes(whole[: len(whole) * 2 // 3] + b"\xff\xd9" + whole)
+    with pytest.raises(ImageError, match="restart markers"):
+        load_image(cut, InputSpec(32, 32))
+    cut.write_bytes(whole + whole)
+    assert load_image(cut, InputSpec(32, 32)).shape == (3, 32, 32)
+
+
+def test_valid_jpegs_of_every_kind_pass_the_checks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    flat = np.full((2000, 3000, 3), 255, np.uint8)  # a blank frame: the least data a JPEG can hold
+    cases = {
+        "baseline": (pixels, {}),
+        "progressive": (pixels, {"progressive": True}),
+        "restarts": (pixels, {"restart_marker_blocks": 3}),
+        "no-subsampling": (pixels, {"subsampling": 0, "restart_marker_rows": 1}),
+        "grey": (pixels[:, :, 0], {"restart_marker_rows": 2}),
+        "blank-progressive": (flat, {"progressive": True, "optimize": True, "quality": 10}),
+        "blank": (flat, {"optimize": True, "quality": 10}),
+    }
+    for name, (array, options) in cases.items():
+        path = tmp_path / f"{name}.jpg"
+        Image.fromarray(array).save(path, **options)
+        assert open_image(path, target=(32, 32)).mode == "RGB", name
+
+
+# -- decode memory ------------------------------------------------------------------------------
+
+
+def test_decode_budget_bounds_what_threads_hold_at_once() -> None:
+    import threading
+    import time
+
+    from sdltag.images import DecodeBudget
+
+    budget = DecodeBudget(100)
+    holding: list[int] = []
+    alone: list[bool] = []
+    lock = threading.Lock()
+    most = [0]
+
+    def work(cost: int) -> None:
+        with budget.reserve(cost):
+            with lock:
+                holding.append(cost)
+                alone.append(cost <= 100 or holding == [cost])
+                most[0] = max(most[0], sum(min(c, 100) for c in holding))
+            time.sleep(0.01)
+            with lock:
+                holding.remove(cost)
+
+    threads = [threading.Thread(target=work, args=(cost,)) for cost in [40, 30, 50, 60, 10, 250, 20, 90] * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert most[0] <= 100 and budget.peak <= 100 and budget.used == 0
+    assert len(alone) == 24 and all(alone)  # 250 (over the whole budget) ran alone
+
+
+def test_huge_images_decode_within_the_shared_budget(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdltag import images
+
+    paths = []
+    for i, mode in enumerate(["RGB", "RGBA", "L", "P"]):
+        path = tmp_path / f"big{i}.png"
+        Image.new(mode, (1500, 1000), 120 if mode != "RGBA" else (10, 20, 30, 128)).save(path)
+        paths.append(path)
+    expected = [load_image(path, InputSpec(48, 48)) for path in paths]
+    old = images.decode_budget()
+    try:
+        budget = images.set_decode_budget(8 * 2**20)  # room for about one 1.5 MP image at 4 bytes a pixel
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda p: load_image(p, InputSpec(48, 48)), paths * 3))
+        assert 0 < budget.peak <= budget.total and budget.used == 0
+        for got, want in zip(results, expected * 3, strict=True):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        images._budget = old
+
+
+def test_big_non_jpeg_is_reduced_once_decoded(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 255, (1003, 2011, 4), dtype=np.uint8)
+    path = tmp_path / "big.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    image = open_image(path, target=(224, 224))
+    assert image.size == (503, 251)  # 4x smaller (still covering 224x224), rounded up as Image.reduce does
+    # the same pixels as flattening the whole image onto white, then reducing
+    whole = Image.alpha_composite(Image.new("RGBA", (2011, 1003), (255,) * 4), Image.open(path).convert("RGBA"))
+    reference = np.asarray(whole.convert("RGB").reduce(4), dtype=np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - reference).max() <= 1
+    assert open_image(path).size == (2011, 1003)  # no target: full size
+
+
+def test_sixteen_bit_scaling_is_the_same_in_every_band(tmp_path: Path) -> None:
+    values = np.full((1200, 300), 1000, dtype=np.int32)
+    values[-10:, :] = 60000  # only the last rows show it is 16-bit data
+    path = tmp_path / "i.tif"
+    Image.fromarray(values, "I").save(path)
+    image = open_image(path, target=(32, 32))
+    assert image.getpixel((0, 0)) == (3, 3, 3)  # 1000 / 65535 of white, not 1000 / 255 (clipped to 255)
+    assert open_image(path).getpixel((0, 0)) == (3, 3, 3)
+
+
+@pytest.mark.slow
+def test_peak_memory_of_big_pngs_on_four_threads(tmp_path: Path) -> None:
+    """24 MP RGBA PNGs on 4 threads within a 200 MB budget: the process grows by about one image, not four."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(6)
+    tile = rng.integers(0, 255, (250, 300, 4), dtype=np.uint8)
+    Image.fromarray(np.tile(tile, (16, 20, 1)), "RGBA").save(tmp_path / "big.png", compress_level=1)  # 6000x4000
+    script = f"""
+import os, resource
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from sdltag.images import load_image
+from sdltag.modelfolder import InputSpec
+path = Path({str(tmp_path / "big.png")!r})
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with ThreadPoolExecutor(4) as pool:
+    list(pool.map(lambda i: load_image(path, InputSpec(224, 224)).shape, range(8)))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+"""
+    env = dict(os.environ, SDLTAG_DECODE_MEMORY_MB="200")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    grown_mb = int(out.stdout.split()[-1])
+    # one decoded image is 96 MB (4 bytes a pixel); four threads of the old pipeline took over 1.4 GB
+    assert grown_mb < 400, out.stdout
