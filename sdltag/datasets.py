@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdltag.errors import SdltagError
-from sdltag.images import IMAGE_EXTENSIONS, SKIPPED_NAMES
+from sdltag.images import IMAGE_EXTENSIONS, walk
 
 FORMATS = ("manifest", "sidecar", "folders", "xmp")
 MANIFEST_NAMES = ("labels.csv", "labels.jsonl")
@@ -83,16 +83,19 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def walk_images(root: Path) -> list[Path]:
-    """Every image file under ``root`` (recursive, hidden files and folders skipped), sorted."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIPPED_NAMES)
-        for name in filenames:
-            path = Path(dirpath) / name
-            if is_image(path):
-                found.append(path)
-    return sorted(found)
+def walk_images(root: Path, warn: Warn | None = None) -> list[Path]:
+    """Every image file under ``root``, sorted: the walk ``sdltag tag`` makes (``sdltag.images.walk``).
+
+    Recursive at any depth, hidden files and folders and ``._*`` skipped, each real folder
+    entered once (links to folders followed, loops walked once); a folder that cannot be
+    read goes to ``warn``.
+    """
+    problems: list[tuple[str, str]] = []
+    found = walk(os.fspath(root), problems=problems)
+    if warn is not None:
+        for path, reason in problems:
+            warn(f"{path}: {reason}, skipped")
+    return sorted(Path(path) for path in found)
 
 
 def _sidecar_text(image: Path) -> Path | None:
@@ -194,7 +197,7 @@ def _split_sidecar(text: str) -> list[str]:
 
 def _read_sidecar(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
     rows: list[tuple[Path, list[str]]] = []
-    for image in walk_images(root):
+    for image in walk_images(root, warn):
         sidecar = _sidecar_text(image)
         if sidecar is None:
             rows.append((image, []))
@@ -211,7 +214,7 @@ def _read_sidecar(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> li
 
 def _read_folders(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
     rows: list[tuple[Path, list[str]]] = []
-    for image in walk_images(root):
+    for image in walk_images(root, warn):
         rel = image.relative_to(root)
         if len(rel.parts) < 2:
             warn(f"{image}: not inside a label folder, skipped")
@@ -225,7 +228,7 @@ def _read_xmp(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[t
     from sdltag.xmp import read_keywords
 
     rows: list[tuple[Path, list[str]]] = []
-    for image in walk_images(root):
+    for image in walk_images(root, warn):
         sidecar = _sidecar_xmp(image)
         if sidecar is None:
             rows.append((image, []))

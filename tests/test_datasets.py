@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +150,57 @@ def test_refusals_name_the_folder_and_the_fix(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("path,labels\na.png,\nb.png,cat\n", encoding="utf-8")
     with pytest.raises(SdltagError, match="no labelled image"):
         read_labeled_dir(tmp_path)
+
+
+def _remove_deep_tree(top: Path) -> None:
+    """Remove a tree deeper than ``shutil.rmtree`` (recursive before Python 3.12) can."""
+    stack, order = [os.fspath(top)], []
+    while stack:
+        current = stack.pop()
+        order.append(current)
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    os.unlink(entry.path)
+    for folder in reversed(order):
+        os.rmdir(folder)
+
+
+def test_label_folders_of_any_depth(tmp_path: Path) -> None:
+    _image(tmp_path / "cat" / "1.png")
+    bottom = os.fspath(tmp_path / "dog")
+    os.mkdir(bottom)
+    for _ in range(1100):  # deeper than Python's recursion limit
+        bottom += "/d"
+        os.mkdir(bottom)
+    try:
+        _image(Path(bottom) / "2.png")
+        dataset = read_labeled_dir(tmp_path)
+        assert dataset.format == "folders"
+        assert sorted(item.labels[0] for item in dataset.items) == ["cat", "dog"]
+    finally:
+        _remove_deep_tree(tmp_path / "dog")
+
+
+def test_links_and_appledouble_files_in_a_labelled_folder(tmp_path: Path) -> None:
+    _image(tmp_path / "cat" / "1.png")
+    (tmp_path / "cat" / "1.png.txt").write_text("tabby")
+    (tmp_path / "cat" / "._1.png").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)  # macOS resource fork
+    (tmp_path / "cat" / "._1.png.txt").write_text("junk")
+    os.symlink(tmp_path, tmp_path / "cat" / "up")  # a link to an ancestor
+    os.symlink("loop-b", tmp_path / "cat" / "loop-a")  # a link loop
+    os.symlink("loop-a", tmp_path / "cat" / "loop-b")
+    warnings: list[str] = []
+    dataset = read_labeled_dir(tmp_path, warn=warnings.append)
+    assert _labels(dataset) == {"cat/1.png": ("tabby",)} and warnings == []
+
+
+def test_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
+    odd = os.fsencode(tmp_path) + b"/\xff.png"
+    _image(tmp_path / "src.png").rename(os.fsdecode(odd))
+    with open(odd + b".txt", "wb") as handle:
+        handle.write(b"beach\n")
+    dataset = read_labeled_dir(tmp_path)
+    assert [(os.fsencode(item.path), item.labels) for item in dataset.items] == [(odd, ("beach",))]
