@@ -367,9 +367,7 @@ class ImageIndex:
             finally:
                 recover.close()
         except sqlite3.DatabaseError as exc:
-            raise sqlite3.OperationalError(
-                f"an interrupted write left {self.path.name}-journal, and undoing it needs write access ({exc})"
-            ) from None
+            raise sqlite3.OperationalError(f"attempt to write a readonly database ({exc})") from None
         return sqlite3.connect(uri, uri=True, timeout=LOCK_SLICE_S)
 
     def _start(self) -> None:
@@ -391,6 +389,9 @@ class ImageIndex:
                         f"cannot write the index {self.path} ({exc}); using it read-only for this run "
                         "(results are still written; new ones are not stored)"
                     )
+                    return
+                if inspect_file(self.path)[0] == "ours":  # there, but neither writable nor readable now
+                    self._opening_failed(exc)
                     return
                 raise SdltagError(
                     f"{self.path}: cannot open the index ({exc}). Pass --index FILE somewhere writable, or --no-index."
@@ -428,6 +429,12 @@ class ImageIndex:
             )
         elif _looks_corrupt(exc):
             self._give_up(f"the index {self.path} is damaged ({exc}); continuing without it. {_REBUILD_HINT}")
+        elif _needs_roll_back(self.path, exc):
+            self._give_up(
+                f"cannot read the index {self.path} (an interrupted write left {self.path.name}-journal, and undoing "
+                f"it needs write access: {exc}); continuing without it for this run. A run allowed to write the "
+                "index restores it."
+            )
         else:
             self._give_up(f"cannot read the index {self.path} ({exc}); continuing without it for this run")
 

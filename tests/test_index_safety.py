@@ -564,3 +564,27 @@ def test_cli_search_and_dry_run_after_a_kill_use_the_committed_rows(tmp_path: Pa
     result = _cli("search", "cat", str(tmp_path / "lib"), *base)
     assert result.exit_code == 0, result.stderr
     assert "readonly" not in result.stderr and len(result.stdout.splitlines()) == 3
+
+
+def test_unfinished_write_in_a_read_only_index_is_reported_not_raised(shared_dir: Path) -> None:
+    """A journal left by a kill that this user may not roll back (the index is not theirs to write): one
+    warning naming the cause, the run goes on without the index, nothing changes on disk."""
+    files = _photos(shared_dir / "lib", 2)
+    path = shared_dir / "i.db"
+    _killed_mid_write(path, files, "m")
+    os.chmod(path, 0o444)
+    before = {p.name: p.read_bytes() for p in shared_dir.iterdir() if p.is_file()}
+
+    def work() -> dict:
+        seen = {}
+        for name, opener in (("open", ImageIndex.open), ("readonly", ImageIndex.open_readonly)):
+            warnings: list[str] = []
+            with opener(path, warn=warnings.append) as index:
+                seen[name] = [index.usable, index.lookup(files[0], 1, 1, "m") is None, warnings]
+        return seen
+
+    seen = _as_unprivileged(work)
+    for usable, missed, warnings in seen.values():
+        assert not usable and missed
+        assert len(warnings) == 1 and "interrupted write" in warnings[0] and "needs write access" in warnings[0]
+    assert {p.name: p.read_bytes() for p in shared_dir.iterdir() if p.is_file()} == before
