@@ -209,6 +209,7 @@ class _Document:
     epilog: str = ""
     codec: str = "utf-8"
     bom: bytes = b""
+    crlf: bool = False  # every line ends in CR LF (the parser reads them as LF; a rewrite gives them back)
     # id(element) -> its namespace declarations in source order ("" = the default namespace)
     declarations: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
     prefixes: dict[int, str] = field(default_factory=dict)  # id(element) -> the prefix its tag was written with
@@ -342,6 +343,7 @@ def _parse(path: Path) -> _Document | None:
     text, codec, bom = _decode(path, data)
     document = _parse_text(path, text)
     document.codec, document.bom = codec, bom
+    document.crlf = "\r\n" in text and text.count("\r\n") == text.count("\n")
     return document
 
 
@@ -819,7 +821,10 @@ def write_keywords(xmp_path: Path, keywords: list[str], *, root: str = "sdltag",
     ):
         owner = next((d for d in descriptions if d.find(prop) is not None), target)
         _update_property(document, descriptions, prop, f"{{{RDF_NS}}}{container}", values, owner)
-    text = document.prolog + _serialize(document) + document.epilog
+    body = _serialize(document)
+    if document.crlf:  # line breaks inside text are CR LF again (a parser reads them back as LF)
+        body = body.replace("\n", "\r\n")
+    text = document.prolog + body + document.epilog
     try:
         payload = document.bom + text.encode(document.codec, "xmlcharrefreplace")
     except (UnicodeError, LookupError) as exc:

@@ -299,3 +299,12 @@ def test_no_keywords_create_no_sidecar(tmp_path: Path) -> None:
     path = tmp_path / "k.jpg.xmp"
     assert write_keywords(path, []) is False and write_keywords(path, ["  "]) is False
     assert not path.exists()
+
+
+def test_windows_line_ends_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "w.xmp"
+    path.write_bytes(EXIFTOOL_KEYWORDS.replace("\n", "\r\n").encode())
+    write_keywords(path, ["toast"])
+    data = path.read_bytes()
+    assert data.count(b"\n") == data.count(b"\r\n") and b"    <rdf:li>toast</rdf:li>\r\n   </rdf:Bag>" in data
+    assert read_keywords(path) == ["Food", "breakfast", "Holiday", "toast"]
