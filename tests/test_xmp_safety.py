@@ -219,3 +219,18 @@ def test_tag_reruns_keep_the_users_keywords_end_to_end(tmp_path: Path, tiny_mode
         keywords = read_keywords(Path(record["path"] + ".xmp"))
         assert keywords[:3] == user  # exactly as the user wrote them, first
         assert {k.casefold() for k in keywords} == {"cat", "dog", "holiday", top}
+
+
+def test_training_data_skips_unreadable_sidecars_without_hanging(tmp_path: Path) -> None:
+    from sdltag.datasets import read_labeled_dir
+
+    for name in ["good", "fifo", "deep"]:
+        Image.new("RGB", (20, 20), (9, 9, 9)).save(tmp_path / f"{name}.jpg")
+    (tmp_path / "good.jpg.xmp").write_text(_body("beach"), encoding="utf-8")
+    os.mkfifo(tmp_path / "fifo.jpg.xmp")
+    (tmp_path / "deep.jpg.xmp").write_bytes(_deep(1200))
+    warnings: list[str] = []
+    dataset = read_labeled_dir(tmp_path, "xmp", warn=warnings.append)
+    assert [(item.path.name, list(item.labels)) for item in dataset.items] == [("good.jpg", ["beach"])]
+    assert sorted(p.name for p, _reason in dataset.skipped) == ["deep.jpg", "fifo.jpg"]
+    assert len(warnings) == 2 and any("fifo.jpg.xmp" in w for w in warnings)
