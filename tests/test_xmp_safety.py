@@ -233,4 +233,4 @@ def test_training_data_skips_unreadable_sidecars_without_hanging(tmp_path: Path)
     dataset = read_labeled_dir(tmp_path, "xmp", warn=warnings.append)
     assert [(item.path.name, list(item.labels)) for item in dataset.items] == [("good.jpg", ["beach"])]
     assert sorted(p.name for p, _reason in dataset.skipped) == ["deep.jpg", "fifo.jpg"]
-    assert len(warnings) == 2 and any("fifo.jpg.xmp" in w for w in warnings)
+    assert len(warnings) == 2 and any("deep.jpg.xmp" in w for w in warnings) and any("fifo.jpg" in w for w in warnings)
