@@ -431,8 +431,10 @@ function render(){var end=Math.min(next+PAGE,shown.length),frag=document.createD
   more.hidden=next>=shown.length;}
 function apply(text){var want=[],avoid=[],index={};
   D.labels.forEach(function(l,i){var k=l[0].toLowerCase();(index[k]=index[k]||[]).push(i);});
-  text.split(",").forEach(function(t){t=t.trim();var neg=t.charAt(0)==="-";if(neg)t=t.slice(1).trim();
-    if(!t)return;(neg?avoid:want).push(index[t.toLowerCase()]||[]);});
+  function term(t){t=t.trim();var neg=t.charAt(0)==="-";if(neg)t=t.slice(1).trim();
+    if(t)(neg?avoid:want).push(index[t.toLowerCase()]||[]);return t;}
+  var whole=text.trim().replace(/^-/,"").trim().toLowerCase();  /* one label with a comma in it */
+  if(whole&&index[whole])term(text);else text.split(",").forEach(term);
   function has(it,ids){for(var k=0;k<it[3].length;k+=2)if(ids.indexOf(it[3][k])>=0)return true;return false;}
   shown=D.items.filter(function(it){return want.every(function(ids){return has(it,ids);})&&
     !avoid.some(function(ids){return has(it,ids);});});
