@@ -195,6 +195,9 @@ def tag(
     ),
     xmp: bool = typer.Option(False, "--xmp", help="Merge tags into XMP sidecars (dc:subject, sdltag|label)."),
     xmp_naming: str = typer.Option("ext", "--xmp-naming", help="Sidecar names: ext (IMG.jpg.xmp) or adobe (IMG.xmp)."),
+    txt: bool = typer.Option(
+        False, "--txt", help="Merge tags into IMG.txt caption files (comma-separated, as caption-training tools read)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print results only: write no index, sidecar or file."),
     index_path: Path = typer.Option(None, "--index", help="Index file (default: in the user data folder)."),
     no_index: bool = typer.Option(False, "--no-index", help="Neither read nor write the index."),
@@ -286,6 +289,7 @@ def tag(
             owners[sidecar] = path
             sidecars[path] = sidecar
 
+    captions = _caption_files(files) if txt else {}
     options = TagOptions(
         top_k=top,
         threshold=threshold,
@@ -301,6 +305,7 @@ def tag(
     )
     xmp_failures = 0
     xmp_changed = 0
+    txt_counts = {"changed": 0, "failed": 0}
 
     _install_sigterm()
     with ExitStack() as stack:
@@ -335,6 +340,7 @@ def tag(
         def on_result(result) -> None:
             nonlocal xmp_failures, xmp_changed
             writer.write(result)
+            _caption(captions.get(result.path), result, dry_run, txt_counts)
             sidecar = sidecars.get(result.path)
             if sidecar is None:
                 return
@@ -386,10 +392,48 @@ def tag(
             if xmp
             else ""
         )
+        if txt:
+            changed = txt_counts["changed"]
+            extra += f"; {changed} caption{'s' if changed != 1 else ''} {'to update' if dry_run else 'updated'}"
         info(summary.line() + extra)
-    failures += len(summary.failed) + xmp_failures
+    failures += len(summary.failed) + xmp_failures + txt_counts["failed"]
     if failures:
         raise typer.Exit(1)
+
+
+def _caption_files(files: list[Path]) -> dict[Path, Path]:
+    """Each image's caption file (``sdltag.captions.caption_path``); a file two images would share goes to the first."""
+    from sdltag.captions import caption_path
+
+    owners: dict[Path, Path] = {}
+    captions: dict[Path, Path] = {}
+    for path in files:
+        caption = caption_path(path)
+        if caption in owners:
+            warn(
+                f"{path} and {owners[caption]} would share the caption file {caption.name}; writing it for "
+                f"{owners[caption].name} only"
+            )
+            continue
+        owners[caption] = path
+        captions[path] = caption
+    return captions
+
+
+def _caption(caption: Path | None, result, dry_run: bool, counts: dict[str, int]) -> None:
+    """Merge one result's tags into its caption file; a problem is one error line and counted."""
+    if caption is None:
+        return
+    from sdltag.captions import CaptionError, write_caption
+
+    try:
+        if write_caption(caption, [t.label for t in result.tags], dry_run=dry_run):
+            counts["changed"] += 1
+            if dry_run:
+                info(f"--dry-run: would update {caption}")
+    except CaptionError as exc:
+        error(str(exc))
+        counts["failed"] += 1
 
 
 def _blocked(files: list[Path]) -> frozenset[str]:
