@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -313,7 +314,10 @@ def test_cli_every_kind_of_bad_input(tmp_path: Path, tiny_model, monkeypatch: py
     locked.chmod(0o644)
     assert result.exit_code == 1
     stdout = result.stdout_bytes.decode("utf-8", "surrogateescape")
-    tagged = [json.loads(x)["path"] for x in stdout.splitlines()]
+    # A name that is not UTF-8 comes back exactly through path_bytes (path carries U+FFFD).
+    records = [json.loads(x) for x in stdout.splitlines()]
+    tagged = [os.fsdecode(base64.b64decode(r["path_bytes"])) if "path_bytes" in r else r["path"] for r in records]
+    assert any("\ufffd" in r["path"] for r in records if "path_bytes" in r)
     assert sorted(Path(p).name for p in tagged) == sorted([good[0].name, good[1].name, os.fsdecode(b"na\xefve.jpg")])
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     for name in ["zero.jpg", "truncated.jpg", "text.jpg", "bomb.png", "corrupt.png", "locked.jpg", "missing-folder"]:
