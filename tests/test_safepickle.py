@@ -158,9 +158,9 @@ def test_a_file_over_the_size_limit_is_refused_unread(tmp_path: Path, monkeypatc
 @pytest.mark.parametrize(
     ("classes", "message"),
     [
-        ({0: "sky", "1": "cat", 2.5: "dog"}, r"keys must be the integers 0\.\.N-1 .*\(found the key '1'\)"),
-        ({(1, 2): "sky"}, r"keys must be the integers"),
-        ({}, r"keys must be the integers"),
+        ({0: "sky", "1": "cat", 2.5: "dog"}, r"keys must be 0\.\.N-1, integers .*\(found the key '1'\)"),
+        ({(1, 2): "sky"}, r"keys must be 0\.\.N-1, integers"),
+        ({}, r"keys must be 0\.\.N-1, integers"),
         ([], "lists no classes"),
         (["sky", 3], "every class name must be a non-empty string"),
         (np.zeros(3), "expected a dict index -> class name or a list of names, got ndarray"),

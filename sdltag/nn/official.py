@@ -173,7 +173,7 @@ def _class_names(classes: Any, source: str) -> list[str]:
         if odd is not None or not keys or keys != list(range(len(keys))):
             found = f" (found the key {odd!r:.40})" if odd is not None else ""
             raise SdltagError(
-                f"{source}: class dict keys must be the integers 0..N-1 (the word-vector columns){found}. "
+                f"{source}: class dict keys must be 0..N-1, integers (the word-vector columns){found}. "
                 "Pass nus_wide_classes.pickle from the official repository."
             )
         names = [classes[i] for i in keys]
