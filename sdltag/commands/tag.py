@@ -99,6 +99,15 @@ def read_stdin_paths(null: bool, stream: IO[bytes] | None = None) -> list[Path]:
     return paths
 
 
+def _thumbnail_size(fmt: str) -> int:
+    """The contact sheet's thumbnails are made from the tagging decode; no other format needs one."""
+    if fmt != "html":
+        return 0
+    from sdltag.contact_sheet import THUMB_SIZE
+
+    return THUMB_SIZE
+
+
 def _format_for(fmt: str | None, output: Path | None) -> str:
     if fmt is not None:
         if fmt not in FORMATS:
@@ -246,7 +255,6 @@ def tag(
         thresholds=label_thresholds,
     )
     blocked = _blocked(block_files)
-    from sdltag.contact_sheet import THUMB_SIZE, display_path
     from sdltag.images import discover
     from sdltag.tagger import LabelSpace, TagOptions, tag_files
     from sdltag.writers import make_writer, open_output, stdout_stream
@@ -301,7 +309,7 @@ def tag(
         batch_size=batch_size,
         decode_threads=threads,
         max_megapixels=max_megapixels,
-        thumbnail_size=THUMB_SIZE if fmt == "html" else 0,  # the contact sheet's, taken from the decode
+        thumbnail_size=_thumbnail_size(fmt),
     )
     xmp_failures = 0
     xmp_changed = 0
@@ -326,6 +334,8 @@ def tag(
                 failures += 1
         sheet = {}
         if fmt == "html":  # thumbnails go beside --output when too many to embed; none when on stdout
+            from sdltag.contact_sheet import display_path
+
             shown = ", ".join(display_path(p) for p in inputs[:3]) + (", ..." if len(inputs) > 3 else "")
             sheet = {"output": None if stream is None else output, "title": f"sdltag tag {shown}"}
             sheet.update(max_megapixels=max_megapixels, warn=warn)
