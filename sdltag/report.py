@@ -98,8 +98,11 @@ def _gzsl(report: EvalReport) -> tuple[np.ndarray, np.ndarray]:
     return report.scores[keep], report.targets[keep]
 
 
-def pr_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Micro-averaged precision-recall over every (image, label) pair, one point per distinct score."""
+def pr_curve(scores: np.ndarray, targets: np.ndarray, max_points: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Micro-averaged precision-recall over every (image, label) pair, one point per distinct score.
+
+    A library's millions of pairs are thinned to ``max_points`` thresholds (the SVG stays small).
+    """
     flat_scores, flat_targets = scores.ravel().astype(np.float64), targets.ravel().astype(bool)
     if not flat_targets.any():
         return np.zeros(0), np.zeros(0)
@@ -109,6 +112,9 @@ def pr_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.nd
     true_positives = np.cumsum(hits)[ends]
     precision = true_positives / (ends + 1)
     recall = true_positives / flat_targets.sum()
+    if len(recall) > max_points:  # a chart, not a table: evenly spaced thresholds, first and last kept
+        keep = np.unique(np.linspace(0, len(recall) - 1, max_points).round().astype(np.int64))
+        recall, precision = recall[keep], precision[keep]
     return recall, precision
 
 

@@ -98,6 +98,16 @@ def test_pr_curve_by_hand() -> None:
     np.testing.assert_allclose(precision, [0.5])
 
 
+def test_pr_curve_of_many_pairs_is_thinned_for_the_chart() -> None:
+    rng = np.random.default_rng(0)
+    scores, targets = rng.random((2000, 100)), rng.random((2000, 100)) < 0.05  # 200,000 distinct scores
+    recall, precision = pr_curve(scores, targets, max_points=500)
+    full_recall, full_precision = pr_curve(scores, targets, max_points=10**9)
+    assert len(full_recall) == 200_000 and len(recall) == 500
+    assert recall[0] == full_recall[0] and recall[-1] == full_recall[-1] == 1.0
+    assert np.isin(precision, full_precision).all()
+
+
 def test_reliability_bins_by_hand() -> None:
     conf, rate, count = reliability(np.array([0.05, 0.06, 0.95, 1.0]), np.array([0, 1, 1, 1]), bins=10)
     np.testing.assert_allclose(conf, [0.055, 0.975])
