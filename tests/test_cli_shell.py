@@ -67,4 +67,4 @@ def test_usage_lines_name_arguments_plainly() -> None:
     usage = run(["tag", "-h"]).stdout.splitlines()[0]
     assert usage.endswith("tag [OPTIONS] PATHS...")
     assert "{" not in run(["search", "-h"]).stdout.splitlines()[0]
-    assert run(["search", "-h"]).stdout.splitlines()[0].endswith("QUERY [PATHS...]")
+    assert run(["search", "-h"]).stdout.splitlines()[0].endswith("[QUERY] [PATHS...]")  # no QUERY with --like

@@ -84,7 +84,9 @@ def query_label_space(model, query: str, embedder: str | None, cache_dir: Path |
 
 @cli_errors
 def search(
-    query: str = typer.Argument(..., help="The label to search for, e.g. 'beach' or 'red car' (any text)."),
+    query: str = typer.Argument(
+        None, help="The label to search for, e.g. 'beach' or 'red car' (any text); none with --like."
+    ),
     paths: list[Path] = typer.Argument(None, help="Folders or files to search under (default: the whole index)."),
     top: int = typer.Option(20, "--top", "-n", min=1, help="How many images to list, best first."),
     fmt: str = typer.Option(
@@ -107,11 +109,20 @@ def search(
     precision: str = typer.Option(
         "auto", "--precision", help="Whose vectors to rank: auto (what `sdltag tag` runs here), float or int8."
     ),
+    like: Path = typer.Option(
+        None,
+        "--like",
+        help="Rank by likeness to this image instead of a label: its principal vectors against every indexed "
+        "image's (the model runs on this one image only, and not at all when it is indexed).",
+    ),
 ) -> None:
     """Search indexed images by a label (tag-based retrieval); the image model never runs.
 
     Ranks every image `sdltag tag` indexed under PATH... with the same model by the
-    query label's SDL score. Exit 1 when no indexed image matches the paths.
+    query label's SDL score. With --like IMAGE instead of a label, ranks them by likeness
+    to that image (the mean best-row cosine of the principal vectors, both ways), running
+    the model on that one image only when the index does not hold it. Exit 1 when no
+    indexed image matches the paths.
     """
     from sdltag.commands.tag import load_model
     from sdltag.index import ImageIndex
@@ -129,8 +140,13 @@ def search(
 
     # "cpu": no onnxruntime import just to ask for CUDA; rows of the other graph are the fallback below
     model, _ = resolve_precision(load_model(model_dir), precision, "cpu")
-    label_space = query_label_space(model, query, embedder, cache_dir)
     folders = [Path(p) for p in (paths or [])]
+    if like is not None:  # no label: QUERY, when given, is the first folder
+        _search_like(path, model, Path(like), [Path(query), *folders] if query else folders, top, threshold, fmt)
+        return
+    if query is None:
+        raise SdltagError("give a label to search for (e.g. `sdltag search beach`), or --like IMAGE.")
+    label_space = query_label_space(model, query, embedder, cache_dir)
     with ImageIndex.open_readonly(path) as index:
         hits = rank_indexed(index, model, label_space, folders, top, raw_scores=raw_scores, threshold=threshold)
         if not hits and precision == "auto" and model.has_int8:
@@ -152,6 +168,41 @@ def search(
         from sdltag.contact_sheet import write_search_sheet
 
         write_search_sheet(hits, stdout_stream(), title=f"sdltag search {query}")
+        return
+    write_search_hits(hits, fmt, stdout_stream())
+
+
+def _search_like(index_file: Path, model, image: Path, folders: list[Path], top: int, threshold, fmt: str) -> None:
+    """``search --like IMAGE``: the indexed images most like ``image`` (``sdltag.similar``), best first."""
+    from sdltag.index import ImageIndex
+    from sdltag.similar import query_matrix, rank_like
+    from sdltag.writers import SearchHit, stdout_stream, write_search_hits
+
+    with ImageIndex.open_readonly(index_file) as index:
+        if not index.count(model.model_id) and model.has_int8:
+            # the library was tagged with this model's other graph: compare like with like
+            try:
+                other = model.with_precision("float" if model.precision == "int8" else "int8")
+            except SdltagError:
+                other = None
+            if other is not None and index.count(other.model_id):
+                model = other
+        query, source = query_matrix(index, model, image)
+        pairs = rank_like(index, model.model_id, query, folders, top, threshold=threshold, skip=image)
+    info(f"--like {image}: its principal vectors from {source}")
+    if not pairs:
+        where = ", ".join(str(p) for p in folders) or "the index"
+        if threshold is not None:
+            info(f"no other image indexed with this model under {where} is at least {threshold:g} alike")
+        else:
+            info(f"no other images indexed with this model under {where}; run `sdltag tag` on them first")
+        raise typer.Exit(1)
+    name = image.name
+    hits = [SearchHit(rank, hit, score, name, "like") for rank, (hit, score) in enumerate(pairs, start=1)]
+    if fmt == "html":
+        from sdltag.contact_sheet import write_search_sheet
+
+        write_search_sheet(hits, stdout_stream(), title=f"sdltag search --like {name}")
         return
     write_search_hits(hits, fmt, stdout_stream())
 
