@@ -25,9 +25,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdltag.errors import SdltagError
 from sdltag.images import IMAGE_EXTENSIONS, walk
+
+if TYPE_CHECKING:
+    from sdltag.xmp import KeywordSet
 
 FORMATS = ("manifest", "sidecar", "folders", "xmp")
 MANIFEST_NAMES = ("labels.csv", "labels.jsonl")
@@ -224,8 +228,42 @@ def _read_folders(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> li
     return rows
 
 
-def _read_xmp(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
-    from sdltag.xmp import read_keywords
+# Keyword hierarchies programs write by themselves, not people: sdltag's own tags (``sdltag|beach``),
+# darktable's automatic tags (``darktable|format|jpg``, ``darktable|changed``, ``darktable|exported``)
+# and digiKam's internal bookkeeping (never meant to leave its database). Compared case-insensitively
+# with the first level of ``lr:hierarchicalSubject`` (``|``) and ``digiKam:TagsList`` (``/``).
+MACHINE_ROOTS = ("sdltag", "darktable", "_Digikam_Internal_Tags_")
+
+
+def _root(value: str, separator: str) -> str:
+    return value.split(separator, 1)[0].strip().casefold()
+
+
+def xmp_labels(keywords: KeywordSet, machine_keywords: bool = False) -> list[str]:
+    """The training labels of one sidecar's keywords: ``dc:subject`` plus the leaves of
+    ``lr:hierarchicalSubject``, without what programs wrote unless ``machine_keywords``.
+
+    Left out by default: hierarchical entries under ``MACHINE_ROOTS`` and the flat keywords
+    sdltag recorded as its own additions (``sdltag:addedSubject``) that no other hierarchy
+    lists. Every other flat keyword is a person's, even one sdltag also proposed.
+    """
+    machine = {root.casefold() for root in MACHINE_ROOTS}
+    hierarchical = keywords.hierarchical
+    subject = keywords.subject
+    if not machine_keywords:
+        hierarchical = [h for h in hierarchical if _root(h, "|") not in machine]
+        people = {h.split("|")[-1].strip().casefold() for h in hierarchical}
+        people |= {t.split("/")[-1].strip().casefold() for t in keywords.tags_list if _root(t, "/") not in machine}
+        added = {a.casefold() for a in keywords.added} - people
+        subject = [s for s in subject if s.casefold() not in added]
+    leaves = [h.split("|")[-1].strip() for h in hierarchical]
+    return subject + [leaf for leaf in leaves if leaf]
+
+
+def _read_xmp(
+    root: Path, warn: Warn, skipped: list[tuple[Path, str]], machine_keywords: bool = False
+) -> list[tuple[Path, list[str]]]:
+    from sdltag.xmp import read_keyword_set
 
     rows: list[tuple[Path, list[str]]] = []
     for image in walk_images(root, warn):
@@ -234,7 +272,7 @@ def _read_xmp(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[t
             rows.append((image, []))
             continue
         try:
-            keywords = read_keywords(sidecar)
+            keywords = read_keyword_set(sidecar)
         except SdltagError as exc:  # XmpError names the file already
             warn(f"{exc}; image skipped")
             skipped.append((image, "unreadable XMP"))
@@ -243,21 +281,36 @@ def _read_xmp(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[t
             warn(f"{sidecar}: cannot read XMP ({exc}), image skipped")
             skipped.append((image, "unreadable XMP"))
             continue
-        rows.append((image, list(keywords)))
+        rows.append((image, xmp_labels(keywords, machine_keywords)))
     return rows
+
+
+def _not_text(label: str) -> bool:
+    """True for a label holding the stand-ins Python uses for bytes that are not UTF-8 (lone surrogates)."""
+    try:
+        label.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 _READERS = {"manifest": _read_manifest, "sidecar": _read_sidecar, "folders": _read_folders, "xmp": _read_xmp}
 
 
 def read_labeled_dir(
-    root: Path | str, format: str = "auto", warn: Warn | None = None, exclude: Iterable[str] = ()
+    root: Path | str,
+    format: str = "auto",
+    warn: Warn | None = None,
+    exclude: Iterable[str] = (),
+    machine_keywords: bool = False,
 ) -> LabeledDataset:
     """Read a labeled folder in the given layout (``auto`` detects it).
 
     ``exclude`` globs (``--exclude``, matched as ``sdltag.excludes`` says, relative to ``root``)
-    leave the files they match out. Problems with single files go to ``warn`` (one line each) and the file is skipped;
-    a folder that yields no labelled image raises ``SdltagError``.
+    leave the files they match out. XMP keywords that programs wrote (``xmp_labels``) are
+    left out unless ``machine_keywords``. Problems with single files go to ``warn`` (one line
+    each) and the file is skipped; a label that is not valid text (a folder name that is not
+    UTF-8) is left out with one line; a folder that yields no labelled image raises ``SdltagError``.
     """
     root = Path(root).expanduser()
     warn = warn or (lambda message: None)
@@ -273,10 +326,22 @@ def read_labeled_dir(
     from sdltag.excludes import Excluder
 
     excluder = Excluder(exclude)
-    for path, raw in _READERS[format](root, warn, skipped):
+    rows = (
+        _read_xmp(root, warn, skipped, machine_keywords) if format == "xmp" else _READERS[format](root, warn, skipped)
+    )
+    for path, raw in rows:
         if excluder and excluder.excluded(os.fspath(path), os.fspath(root)):
             continue
         labels = normalize_labels(raw, spellings)
+        bad = [label for label in labels if _not_text(label)]
+        if bad:
+            labels = tuple(label for label in labels if not _not_text(label))
+            shown = ", ".join(repr(os.fsencode(label))[1:] for label in bad)
+            what = "skipped" if not labels else "that label left out"
+            warn(f"{path}: label {shown} is not valid UTF-8 (rename the folder or file), {what}")
+            if not labels:
+                skipped.append((path, "label not UTF-8"))
+                continue
         if not labels:
             warn(f"{path}: no label, skipped")
             skipped.append((path, "no label"))

@@ -464,6 +464,23 @@ class KeywordSet:
     added: list[str] = field(default_factory=list)
 
 
+def read_keyword_set(xmp_path: Path) -> KeywordSet:
+    """Every keyword property of a sidecar as written, with sdltag's record of the flat keywords it
+    added (training tells a person's keywords from a program's with it). Raises ``XmpError``."""
+    xmp_path = Path(xmp_path)
+    document = _parse(xmp_path)
+    if document is None:
+        raise XmpError(xmp_path, "does not exist")
+    descriptions = _descriptions(document.root)
+    _as_lists(document, descriptions, xmp_path, strict=False)
+    return KeywordSet(
+        subject=_values(descriptions, SUBJECT),
+        hierarchical=_values(descriptions, HIERARCHICAL),
+        tags_list=_values(descriptions, TAGS_LIST),
+        added=_values(descriptions, ADDED_SUBJECT),
+    )
+
+
 def merge_keywords(existing: KeywordSet, keywords: list[str], root: str = "sdltag") -> KeywordSet:
     """Replace ``root``'s entries with ``keywords``, keeping everything else (case-insensitive union).
 

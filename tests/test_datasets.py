@@ -127,9 +127,12 @@ def test_xmp_sidecars_both_namings(tmp_path: Path) -> None:
     warnings: list[str] = []
     dataset = read_labeled_dir(tmp_path, warn=warnings.append)
     assert dataset.format == "xmp"
-    assert _labels(dataset) == {"IMG_1.jpg": ("Mountain", "snow", "lake"), "IMG_2.png": ("forest", "fog")}
+    assert _labels(dataset) == {"IMG_1.jpg": ("Mountain", "snow", "lake")}  # sdltag's own keywords are no labels
     assert any("IMG_3" in w for w in warnings)
     assert any("IMG_4.png" in w and "no label" in w for w in warnings)
+    assert any("IMG_2.png" in w and "no label" in w for w in warnings)
+    with_ours = read_labeled_dir(tmp_path, machine_keywords=True)
+    assert _labels(with_ours) == {"IMG_1.jpg": ("Mountain", "snow", "lake"), "IMG_2.png": ("forest", "fog")}
 
 
 def test_format_can_be_forced(tmp_path: Path) -> None:
@@ -204,3 +207,87 @@ def test_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
         handle.write(b"beach\n")
     dataset = read_labeled_dir(tmp_path)
     assert [(os.fsencode(item.path), item.labels) for item in dataset.items] == [(odd, ("beach",))]
+
+
+DARKTABLE_XMP = """<?xml version="1.0" encoding="UTF-8"?>
+<x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="XMP Core 4.4.0-Exiv2">
+ <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+  <rdf:Description rdf:about=""
+    xmlns:darktable="http://darktable.sf.net/"
+    xmlns:dc="http://purl.org/dc/elements/1.1/"
+    xmlns:lr="http://ns.adobe.com/lightroom/1.0/"
+   darktable:xmp_version="5">
+   <dc:subject><rdf:Seq>{subject}</rdf:Seq></dc:subject>
+   <lr:hierarchicalSubject><rdf:Seq>{hierarchical}</rdf:Seq></lr:hierarchicalSubject>
+  </rdf:Description>
+ </rdf:RDF>
+</x:xmpmeta>
+"""
+
+
+def _items(values: list[str]) -> str:
+    return "".join(f"<rdf:li>{value}</rdf:li>" for value in values)
+
+
+def test_xmp_keywords_programs_wrote_are_not_labels(tmp_path: Path) -> None:
+    from sdltag.xmp import write_keywords
+
+    # darktable: the person's tags, plus its automatic darktable|... hierarchy
+    _image(tmp_path / "IMG_1.CR2.jpg")
+    (tmp_path / "IMG_1.CR2.jpg.xmp").write_text(
+        DARKTABLE_XMP.format(
+            subject=_items(["places", "Paris"]),
+            hierarchical=_items(["places|Paris", "darktable|format|jpg", "darktable|changed", "Darktable|exported"]),
+        ),
+        encoding="utf-8",
+    )
+    # a sidecar sdltag tagged: the person's "Food" and "breakfast" were there first; sdltag added "espresso"
+    # and also proposed "Food" (then it stays the person's)
+    _image(tmp_path / "IMG_2.jpg")
+    (tmp_path / "IMG_2.xmp").write_text(LIGHTROOM_XMP.format(items=_items(["Food", "breakfast"])), encoding="utf-8")
+    write_keywords(tmp_path / "IMG_2.xmp", ["Food", "espresso"])
+    # digiKam's internal bookkeeping, and a person's own "Color Label" hierarchy
+    _image(tmp_path / "IMG_3.jpg")
+    (tmp_path / "IMG_3.jpg.xmp").write_text(
+        DARKTABLE_XMP.format(
+            subject=_items(["dog"]),
+            hierarchical=_items(["_Digikam_Internal_Tags_|Scanned for Faces", "Color Label|Red", "animals|dog"]),
+        ),
+        encoding="utf-8",
+    )
+    # only machine keywords: no label left
+    _image(tmp_path / "IMG_4.jpg")
+    (tmp_path / "IMG_4.jpg.xmp").write_text(
+        DARKTABLE_XMP.format(subject="", hierarchical=_items(["darktable|format|jpg"])), encoding="utf-8"
+    )
+    warnings: list[str] = []
+    dataset = read_labeled_dir(tmp_path, warn=warnings.append)
+    assert dataset.format == "xmp"
+    assert _labels(dataset) == {
+        "IMG_1.CR2.jpg": ("places", "Paris"),
+        "IMG_2.jpg": ("Food", "breakfast"),
+        "IMG_3.jpg": ("dog", "Red"),
+    }
+    assert any("IMG_4.jpg" in w and "no label" in w for w in warnings)
+    everything = read_labeled_dir(tmp_path, machine_keywords=True)
+    assert _labels(everything) == {
+        "IMG_1.CR2.jpg": ("places", "Paris", "jpg", "changed", "exported"),
+        "IMG_2.jpg": ("Food", "breakfast", "espresso"),
+        "IMG_3.jpg": ("dog", "Scanned for Faces", "Red"),
+        "IMG_4.jpg": ("jpg",),
+    }
+
+
+def test_labels_that_are_not_utf8_are_reported_per_file(tmp_path: Path) -> None:
+    _image(tmp_path / "cat" / "1.png")
+    _image(tmp_path / "dog" / "2.png")
+    odd = os.fsencode(tmp_path) + b"/gr\xfcn"
+    os.mkdir(odd)
+    for name in (b"/3.png", b"/4.png"):
+        _image(tmp_path / "cat" / "1.png").rename(os.fsdecode(odd + name))
+        _image(tmp_path / "cat" / "1.png")
+    warnings: list[str] = []
+    dataset = read_labeled_dir(tmp_path, format="folders", warn=warnings.append)
+    assert sorted(item.labels[0] for item in dataset.items) == ["cat", "dog"]
+    assert len(warnings) == 2 and all("not valid UTF-8" in w and "skipped" in w for w in warnings)
+    assert {reason for _, reason in dataset.skipped} == {"label not UTF-8"}

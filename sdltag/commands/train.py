@@ -165,6 +165,12 @@ def train(
         "--exclude",
         help="Leave out image files matching this glob (repeatable), e.g. '*/exports/*' or '*.thumb.jpg'.",
     ),
+    machine_keywords: bool = typer.Option(
+        False,
+        "--machine-keywords",
+        help="XMP layout: also learn keywords programs wrote (sdltag's own, darktable|..., digiKam's internal "
+        "tags); by default only people's keywords are labels.",
+    ),
     val: Path | None = typer.Option(None, "--val", help="Separate labeled folder for validation (else --val-split)."),
     val_split: float = typer.Option(0.1, "--val-split", help="Share of DATA_DIR held out for validation (no --val)."),
     unseen: Path | None = typer.Option(
@@ -302,6 +308,7 @@ def train(
         name=name,
         notes=notes,
         exclude=list(exclude),
+        machine_keywords=machine_keywords,
         augment=((AugmentConfig() if flip else AugmentConfig(flip=0.0)) if augment else AugmentConfig.off()).to_dict(),
     )
     if workers < 0:

@@ -97,6 +97,7 @@ class TrainConfig:
     name: str = ""
     notes: str = ""
     exclude: list[str] = field(default_factory=list)  # --exclude globs (sdltag.excludes)
+    machine_keywords: bool = False  # --machine-keywords: also learn XMP keywords programs wrote (datasets.xmp_labels)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,11 +229,15 @@ def prepare_data(config: TrainConfig, warn: Callable[[str], None]) -> PreparedDa
     """Read the folders, split train/validation, hold out the unseen labels, fix the label order."""
     from sdltag.labels import label_key
 
-    dataset = read_labeled_dir(config.data, config.format, warn, exclude=config.exclude)
+    dataset = read_labeled_dir(
+        config.data, config.format, warn, exclude=config.exclude, machine_keywords=config.machine_keywords
+    )
     unseen, unseen_texts = _read_unseen(config.unseen, warn)
     unseen_keys = {label_key(label) for label in unseen}
     if config.val:
-        val_dataset: LabeledDataset | None = read_labeled_dir(config.val, config.format, warn, exclude=config.exclude)
+        val_dataset: LabeledDataset | None = read_labeled_dir(
+            config.val, config.format, warn, exclude=config.exclude, machine_keywords=config.machine_keywords
+        )
         train_items, val_items = list(dataset.items), list(val_dataset.items)  # type: ignore[union-attr]
     else:
         val_dataset = None
@@ -260,7 +265,7 @@ def prepare_data(config: TrainConfig, warn: Callable[[str], None]) -> PreparedDa
         )
     digest = hashlib.sha256()
     for item in held + [LabeledImage(Path("--val--"), ())] + val_items:
-        digest.update(f"{item.path}\t{';'.join(item.labels)}\n".encode())
+        digest.update(f"{item.path}\t{';'.join(item.labels)}\n".encode("utf-8", "surrogateescape"))  # any file name
     return PreparedData(
         train_items=held,
         val_items=val_items,
