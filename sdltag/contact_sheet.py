@@ -176,14 +176,12 @@ class ContactSheetWriter:
         self.written_to_disk = 0  # thumbnails already in the staging folder (items [0, written_to_disk))
         self.pool = ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1), thread_name_prefix="thumb")
         self.started = time.time()
+        # A NAME_files that sdltag did not write (or that holds other files) is never touched: the
+        # thumbnails are then all embedded, however many.
+        self.folder_blocked = False
         if self.output is not None:
             folder = thumbs_folder_for(self.output)
-            if (folder.exists() or folder.is_symlink()) and not is_sdltag_folder(folder):
-                self.pool.shutdown()
-                raise SdltagError(
-                    f"{folder} exists and is not a thumbnail folder sdltag wrote (or holds other files); the "
-                    "contact sheet keeps its thumbnails there. Move it, or choose another --output name."
-                )
+            self.folder_blocked = (folder.exists() or folder.is_symlink()) and not is_sdltag_folder(folder)
 
     # -- results -------------------------------------------------------------------------------
     def _label(self, name: str, kind: str) -> int:
@@ -212,9 +210,17 @@ class ContactSheetWriter:
             self.front += 1
 
     def _count(self, thumbnail: bytes) -> None:
+        before = self.thumb_bytes
         self.thumb_bytes += len(thumbnail)
-        if self.output is not None and self.thumb_bytes > self.embed_max_bytes:
+        if self.output is None or self.thumb_bytes <= self.embed_max_bytes:
+            return
+        if not self.folder_blocked:
             self._spill()
+        elif before <= self.embed_max_bytes:
+            self.warn(
+                f"{thumbs_folder_for(self.output)} is not a thumbnail folder sdltag wrote: every thumbnail is "
+                "embedded in the page instead (a larger file); move that folder to have them beside it"
+            )
 
     def write(self, result) -> None:
         """One ``TagResult``."""

@@ -35,7 +35,6 @@ from sdltag.contact_sheet import (
     thumbnail_jpeg,
     thumbs_folder_for,
 )
-from sdltag.errors import SdltagError
 from sdltag.images import open_image
 from sdltag.writers import SearchHit, Tag, TagResult
 
@@ -166,17 +165,26 @@ def test_thumbnails_move_to_a_folder_past_the_embedding_limit(tmp_path: Path) ->
 
 
 def test_a_folder_sdltag_did_not_write_is_never_touched(tmp_path: Path) -> None:
+    path = photo(tmp_path / "a.png")
     output = tmp_path / "review.html"
     folder = thumbs_folder_for(output)
     folder.mkdir()
     (folder / "000000.jpg").write_bytes(b"the user's own")
-    with pytest.raises(SdltagError, match="not a thumbnail folder sdltag wrote"):
-        ContactSheetWriter(io.StringIO(), output)
-    (folder / MARKER).write_text("")  # sdltag's marker, but a file of someone else's beside it
+    (folder / MARKER).write_text("")  # even with sdltag's marker: a file of someone else's is beside it
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(SdltagError, match="holds other files"):
-        ContactSheetWriter(io.StringIO(), output)
-    assert (folder / "000000.jpg").read_bytes() == b"the user's own" and (folder / "notes.txt").exists()
+    warnings: list[str] = []
+    for _ in range(2):  # past the limit, where the folder would be used: a run, then a run over its sheet
+        with open(output, "w", encoding="utf-8") as stream:
+            sheet = ContactSheetWriter(stream, output, embed_max_bytes=1, warn=warnings.append)
+            for _ in range(3):
+                sheet.write(TagResult(path, [], thumbnail=thumbnail_jpeg(Image.open(path))))
+            sheet.close()
+        items = sheet_data(parse(output.read_text(encoding="utf-8")))["items"]
+        assert all(item[2].startswith("data:image/jpeg;base64,") for item in items)  # embedded instead
+    assert len(warnings) == 2 and "embedded" in warnings[0]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MARKER, "000000.jpg", "notes.txt"])
+    assert (folder / "000000.jpg").read_bytes() == b"the user's own"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_an_abandoned_sheet_leaves_no_staging_folder(tmp_path: Path) -> None:
