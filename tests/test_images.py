@@ -599,3 +599,34 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
     grown_mb = int(out.stdout.split()[-1])
     # one decoded image is 96 MB (4 bytes a pixel); four threads of the old pipeline took over 1.4 GB
     assert grown_mb < 400, out.stdout
+
+
+def test_tag_reports_damaged_files_and_goes_on(tmp_path: Path, tiny_model) -> None:
+    """`sdltag tag`: one stderr line per damaged file, naming it; the whole files are tagged."""
+    import json
+    import random
+
+    from typer.testing import CliRunner
+
+    from sdltag.cli import app
+
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    _jpeg(folder / "good.jpg", size=(120, 90))
+    data = bytearray(_noise_png(folder / "good.png").read_bytes())
+    for offset in random.Random(1).sample(range(64, len(data) - 16), 30):
+        data[offset] ^= 0xFF
+    (folder / "flipped.png").write_bytes(bytes(data))
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (150, 110, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    (folder / "claims-99mp.jpg").write_bytes(_with_frame_size(buffer.getvalue(), 9000, 11000))
+    result = CliRunner().invoke(
+        app, ["tag", str(folder), "--model", str(tiny_model.path), "--no-index"], catch_exceptions=False
+    )
+    assert result.exit_code == 1  # some inputs failed
+    tagged = sorted(Path(json.loads(line)["path"]).name for line in result.stdout.splitlines())
+    assert tagged == ["good.jpg", "good.png"]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 2
+    assert any("flipped.png" in line and "CRC" in line for line in errors)
+    assert any("claims-99mp.jpg" in line and "truncated" in line for line in errors)
