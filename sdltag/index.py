@@ -91,9 +91,46 @@ def _migration_1(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX images_by_hash ON images (hash, model_id)")
 
 
+def _migration_2(conn: sqlite3.Connection) -> None:
+    """Per model, counters that every change of its rows moves, in the change's own transaction (triggers).
+
+    ``generation`` grows with every insert, update and delete; ``removals`` with every delete,
+    update and replacement of an existing row; ``epoch`` is drawn once per model (a new index gets
+    new ones). ``sdltag.matrixfile`` compares them with its file's header: the same three values
+    mean the file holds exactly the model's rows; only a larger generation means rows were added
+    since (those with a larger rowid); anything else means the file is stale.
+    """
+    conn.execute(
+        "CREATE TABLE matrix_state (model_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, "
+        "generation INTEGER NOT NULL, removals INTEGER NOT NULL)"
+    )
+    conn.execute("INSERT INTO matrix_state SELECT DISTINCT model_id, random(), 1, 0 FROM images")
+    conn.execute(
+        "CREATE TRIGGER images_matrix_replace BEFORE INSERT ON images "
+        "WHEN EXISTS (SELECT 1 FROM images WHERE path = NEW.path AND model_id = NEW.model_id) BEGIN "
+        "UPDATE matrix_state SET removals = removals + 1 WHERE model_id = NEW.model_id; END"
+    )
+    conn.execute(
+        "CREATE TRIGGER images_matrix_insert AFTER INSERT ON images BEGIN "
+        "INSERT INTO matrix_state (model_id, epoch, generation, removals) VALUES (NEW.model_id, random(), 1, 0) "
+        "ON CONFLICT (model_id) DO UPDATE SET generation = generation + 1; END"
+    )
+    conn.execute(
+        "CREATE TRIGGER images_matrix_delete AFTER DELETE ON images BEGIN "
+        "UPDATE matrix_state SET generation = generation + 1, removals = removals + 1 "
+        "WHERE model_id = OLD.model_id; END"
+    )
+    conn.execute(
+        "CREATE TRIGGER images_matrix_update AFTER UPDATE ON images BEGIN "
+        "UPDATE matrix_state SET generation = generation + 1, removals = removals + 1 "
+        "WHERE model_id IN (OLD.model_id, NEW.model_id); END"
+    )
+
+
 # Named, ordered schema steps; a step is never edited once released, only appended.
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite3.Connection], None]]] = [
     (1, "create_images_table", _migration_1),
+    (2, "matrix_state_counters", _migration_2),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -343,7 +380,7 @@ class ImageIndex:
             index._opening_failed(exc)
             return index
         newest = max(applied, default=0)
-        if newest != SCHEMA_VERSION:
+        if not 1 <= newest <= SCHEMA_VERSION:  # an older schema reads the same (its matrix files are not used)
             index.close()
             raise SdltagError(f"{path}: index schema version {newest} is not {SCHEMA_VERSION}")
         index._usable = True
@@ -404,7 +441,7 @@ class ImageIndex:
         """An up-to-date index that cannot be written (read-only file or folder): open it for reading."""
         try:
             self.conn = self._connect_readonly()
-            if max(self._applied(self.conn), default=0) != SCHEMA_VERSION:
+            if not 1 <= max(self._applied(self.conn), default=0) <= SCHEMA_VERSION:
                 raise sqlite3.OperationalError("schema not up to date")
         except sqlite3.DatabaseError:
             self._close_connection()
@@ -825,9 +862,10 @@ class ImageIndex:
             return paths, 0, unsure
 
         def work(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
-            conn.executemany("DELETE FROM images WHERE path = ? AND indexed_at <= ?", [(p, started) for p in gone])
-            return conn.total_changes - before
+            # rowcount: this statement's rows only (total_changes would add the matrix_state triggers' updates)
+            return conn.executemany(
+                "DELETE FROM images WHERE path = ? AND indexed_at <= ?", [(p, started) for p in gone]
+            ).rowcount
 
         self.commit()  # this run's own pending rows first: they are older than the check
         return paths, self._do(_in_transaction(work), int, write=True), unsure
@@ -853,9 +891,7 @@ class ImageIndex:
         ids = list(model_ids)
 
         def work(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
-            conn.executemany("DELETE FROM images WHERE model_id = ?", [(m,) for m in ids])
-            return conn.total_changes - before
+            return conn.executemany("DELETE FROM images WHERE model_id = ?", [(m,) for m in ids]).rowcount
 
         self.commit()
         return self._do(_in_transaction(work), int, write=True)
@@ -908,16 +944,14 @@ class ImageIndex:
             part = plan.moves[start : start + 500]
 
             def work(conn: sqlite3.Connection, part: list = part) -> int:
-                before = conn.total_changes
-                conn.executemany(
+                return conn.executemany(
                     "UPDATE OR REPLACE images SET path = ?, mtime_ns = ? "
                     "WHERE path = ? AND model_id = ? AND size = ? AND mtime_ns = ?",
                     [
                         (target, mtime, key, model_id, size, old_mtime)
                         for key, model_id, size, old_mtime, target, mtime in part
                     ],
-                )
-                return conn.total_changes - before
+                ).rowcount
 
             if start == 0:
                 self.commit()
