@@ -156,7 +156,7 @@ class ContactSheetWriter:
     ) -> None:
         self.stream = stream
         self.output = Path(output) if output is not None else None
-        self.title = title or ("sdltag search" if kind == "search" else "sdltag contact sheet")
+        self.title = clean_label(title or ("sdltag search" if kind == "search" else "sdltag contact sheet"))
         self.kind = kind
         self.embed_max_bytes = embed_max_bytes
         self.thumb_size = thumb_size
@@ -175,7 +175,6 @@ class ContactSheetWriter:
         self.front = 0  # thumbnails before this index are resolved (bytes, a file name or None)
         self.written_to_disk = 0  # thumbnails already in the staging folder (items [0, written_to_disk))
         self.pool = ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1), thread_name_prefix="thumb")
-        self.started = time.time()
         # A NAME_files that sdltag did not write (or that holds other files) is never touched: the
         # thumbnails are then all embedded, however many.
         self.folder_blocked = False
@@ -234,7 +233,7 @@ class ContactSheetWriter:
         self._add(hit.path, [self._label(hit.label, hit.kind), round(float(hit.score), SCORE_DIGITS)], None, hit.rank)
 
     def problem(self, path: Path | str, reason: str) -> None:
-        self.problems.append((display_path(path), file_url(path), reason))
+        self.problems.append((display_path(path), file_url(path), clean_label(reason)))
 
     # -- thumbnails ------------------------------------------------------------------------------
     def _resolve(self, i: int) -> bytes | None:
