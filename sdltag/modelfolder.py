@@ -135,7 +135,11 @@ class ManifestFieldError(ValueError):
 
 
 def _shown(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str) if not isinstance(value, float) else repr(value)
+    """A short rendering of a bad value for a message."""
+    if isinstance(value, (dict, list)):
+        return f"a{'n' if isinstance(value, dict) else ''} {'object' if isinstance(value, dict) else 'list'}"
+    text = repr(value) if isinstance(value, float) else json.dumps(value, ensure_ascii=False)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate shown, not raised
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -171,18 +175,26 @@ def _float(value: Any, field: str, *, positive: bool = False) -> float:
     return float(value)
 
 
-def _floats(value: Any, field: str, length: int, *, positive: bool = False) -> tuple[float, ...]:
-    if not isinstance(value, (list, tuple)) or len(value) != length:
-        raise ManifestFieldError(field, f"must be a list of {length} numbers, not {_shown(value)}")
-    return tuple(_float(v, f"{field}[{i}]", positive=positive) for i, v in enumerate(value))
+def _three_floats(value: Any, field: str, *, positive: bool = False) -> tuple[float, float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ManifestFieldError(field, f"must be a list of 3 numbers, not {_shown(value)}")
+    first, second, third = (_float(v, f"{field}[{i}]", positive=positive) for i, v in enumerate(value))
+    return first, second, third
 
 
-def _strings(value: Any, field: str) -> list[str]:
+# Characters XML 1.0 cannot hold: a label with one would make every sidecar it is written to unreadable.
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _labels(value: Any, field: str) -> list[str]:
     if not isinstance(value, list):
-        raise ManifestFieldError(field, f"must be a list of strings, not {_shown(value)}")
+        raise ManifestFieldError(field, f"must be a list of label strings, not {_shown(value)}")
     for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise ManifestFieldError(f"{field}[{i}]", f"must be a string, not {_shown(item)}")
+        if not isinstance(item, str) or not item.strip():
+            raise ManifestFieldError(f"{field}[{i}]", f"must be a non-empty string, not {_shown(item)}")
+        bad = _NOT_XML_CHAR.search(item)
+        if bad is not None:
+            raise ManifestFieldError(f"{field}[{i}]", f"holds U+{ord(bad.group()):04X}, which XML cannot store")
     return list(value)
 
 
@@ -261,8 +273,8 @@ class InputSpec:
             width=width,
             resize=_str(data.get("resize", "squash"), f"{field}.resize", choices=RESIZE_RULES),
             interpolation=_str(data.get("interpolation", "bilinear"), f"{field}.interpolation", choices=INTERPOLATIONS),
-            mean=_floats(data.get("mean", [0.0, 0.0, 0.0]), f"{field}.mean", 3),
-            std=_floats(data.get("std", [1.0, 1.0, 1.0]), f"{field}.std", 3, positive=True),
+            mean=_three_floats(data.get("mean", [0.0, 0.0, 0.0]), f"{field}.mean"),
+            std=_three_floats(data.get("std", [1.0, 1.0, 1.0]), f"{field}.std", positive=True),
         )
 
 
@@ -356,8 +368,8 @@ class Manifest:
         if embedder.dim != dim:
             raise ManifestFieldError("embedder.dim", f"is {embedder.dim} but the model's dim is {dim}")
         labels = _dict(data.get("labels"), "labels")
-        seen = _strings(labels.get("seen"), "labels.seen")
-        unseen = _strings(labels.get("unseen", []), "labels.unseen")
+        seen = _labels(labels.get("seen"), "labels.seen")
+        unseen = _labels(labels.get("unseen", []), "labels.unseen")
         if not seen and not unseen:
             raise ManifestFieldError("labels", "lists no labels")
         if labels.get("embeddings", EMBEDDINGS_FILE) != EMBEDDINGS_FILE:
@@ -551,7 +563,7 @@ def load_model_folder(path: Path | str) -> ModelFolder:
         raise _refuse(manifest_path, "missing", fix)
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, or a number of over 4300 digits
         raise _refuse(manifest_path, f"not valid JSON ({exc})", "Re-export the model with `sdltag export`.") from None
     except RecursionError:
         raise _refuse(manifest_path, "not valid JSON (nested too deep)", "Re-export the model.") from None

@@ -196,12 +196,12 @@ def check_structure(data: bytes, max_depth: int = MAX_DEPTH) -> None:
                 stack.append(pop(1)[0])
                 stack.append(stack[-1])
             elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[int(arg)] = pop(1)[0]
-                stack.append(memo[int(arg)])
+                memo[arg if isinstance(arg, int) else -1] = pop(1)[0]
+                stack.append(memo[arg if isinstance(arg, int) else -1])
             elif name == "MEMOIZE":
                 memo[len(memo)] = stack[-1] if stack else 0
             elif name in ("GET", "BINGET", "LONG_BINGET"):
-                stack.append(memo.get(int(arg), 0))
+                stack.append(memo.get(arg if isinstance(arg, int) else -1, 0))
             elif name in ("PROTO", "FRAME", "STOP", "READONLY_BUFFER"):
                 pass
             else:  # every other opcode pushes one new object built from its argument

@@ -90,6 +90,9 @@ _DROP = object()
         ("backbone", "smallcnn", "backbone"),
         ("labels.seen", "cat", "labels.seen"),
         ("labels.seen.3", 3, "labels.seen[3]"),
+        ("labels.seen.4", "", "labels.seen[4]"),
+        ("labels.seen.5", "caf\udce9", "labels.seen[5]"),
+        ("labels.seen.6", "a\ufffeb", "labels.seen[6]"),
         ("labels.unseen", {"a": 1}, "labels.unseen"),
         ("labels", _DROP, "labels"),
         ("head_layout", "diagonal", "head_layout"),
@@ -117,6 +120,17 @@ def test_a_bad_field_is_named(folder: Path, path: str, value: Any, field: str) -
     message = str(caught.value)
     assert message.startswith(f"{folder / 'manifest.json'}: ") and f"'{field}'" in message, message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("junk", "problem"),
+    [("[" * 100_000 + "]" * 100_000, r"nested too deep"), ("9" * 5000, r"Exceeds the limit"), ('"\\udc80"', "rows")],
+)
+def test_json_python_cannot_hold_is_refused_in_one_line(folder: Path, junk: str, problem: str) -> None:
+    text = json.dumps(BASE)
+    (folder / "manifest.json").write_text(text[:-1] + ', "rows": ' + junk + "}", encoding="utf-8")
+    with pytest.raises(SdltagError, match=rf"manifest\.json: (not valid JSON|bad manifest).*{problem}"):
+        load_model_folder(folder)
 
 
 def test_label_counts_must_match_the_embeddings(folder: Path) -> None:
