@@ -211,7 +211,9 @@ def tag(
     index_path: Path = typer.Option(None, "--index", help="Index file (default: in the user data folder)."),
     no_index: bool = typer.Option(False, "--no-index", help="Neither read nor write the index."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Walk sub-folders (default: yes)."),
-    include_hidden: bool = typer.Option(False, "--include-hidden", help="Also tag hidden files, @eaDir, .git (never ._* resource forks)."),
+    include_hidden: bool = typer.Option(
+        False, "--include-hidden", help="Also tag hidden files, @eaDir, .git (never ._* resource forks)."
+    ),
     exclude: list[str] = typer.Option(
         [],
         "--exclude",
