@@ -23,9 +23,14 @@ def rank_indexed(
     Rows whose file has gone, and with ``threshold`` those scoring below it, are left out.
     Returns ``SearchHit`` records, best first.
     """
+    from sdltag import matrixfile
     from sdltag.scoring import calibrate, sdl_scores
     from sdltag.writers import SearchHit
 
+    # The model's matrix file (float16, memory-mapped, checked against the index): a large index in a few products
+    hits = matrixfile.rank(index, model, label_space, folders, top, raw_scores=raw_scores, threshold=threshold)
+    if hits is not None:
+        return hits
     calibration = None if raw_scores else model.manifest.calibration
     paths: list[Path] = []
     scores: list[np.ndarray] = []
