@@ -27,7 +27,7 @@ import sys
 import threading
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,8 +105,9 @@ def _open_raw_preview(path: Path) -> Image.Image:
             thumb = raw.extract_thumb()
         except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError) as exc:
             raise ImageError(path, f"RAW file has no usable embedded preview ({_one_line(exc)})") from None
+        image: Image.Image
         if thumb.format == rawpy.ThumbFormat.JPEG:
-            image = Image.open(io.BytesIO(thumb.data))
+            image = Image.open(io.BytesIO(bytes(thumb.data)))
             image.load()
         else:
             image = Image.fromarray(np.asarray(thumb.data))
@@ -139,8 +140,8 @@ def _to_rgb(image: Image.Image, levels: float | None = None) -> Image.Image:
         mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         peak = _levels(image) if levels is None else levels
-        values = np.asarray(image, dtype=np.float32 if mode == "F" else np.float64)
-        image = Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+        values = np.multiply(np.asarray(image, dtype=np.float64), 255.0 / peak)
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
         mode = "L"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
@@ -154,7 +155,7 @@ def _levels(image: Image.Image) -> float:
     mode = image.mode
     if mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return 255.0
-    top = image.getextrema()[1]
+    top = float(np.max(image.getextrema()))
     if mode == "F":
         return 1.0 if top <= 1.0 else 255.0
     return 65535.0 if mode.startswith("I;16") or top > 255 else 255.0
@@ -261,22 +262,23 @@ _budget_lock = threading.Lock()
 # the decoding thread's heap otherwise, so each thread would hold its biggest image for good
 # and the process would grow with the thread count, whatever the budget.
 _TRIM_BYTES = 64 * 2**20
-_malloc_trim = None
+_malloc_trim: list[Callable[[int], int]] = []  # glibc's malloc_trim, once looked up
+_malloc_trim_looked_up = False
 
 
 def _release_memory() -> None:
-    global _malloc_trim
-    if _malloc_trim is None:
-        _malloc_trim = False
+    global _malloc_trim_looked_up
+    if not _malloc_trim_looked_up:
+        _malloc_trim_looked_up = True
         if sys.platform.startswith("linux"):
             try:
                 import ctypes
 
-                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+                _malloc_trim.append(ctypes.CDLL("libc.so.6").malloc_trim)
             except (OSError, AttributeError):  # not glibc (musl): nothing to do
-                _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+                pass
+    for trim in _malloc_trim:
+        trim(0)
 
 
 def decode_budget() -> DecodeBudget:
@@ -558,7 +560,7 @@ def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
     elif image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), resample, reducing_gap=REDUCING_GAP)
     pixels = np.asarray(image)  # (H, W, 3) uint8
-    scale = 1.0 / (255.0 * np.asarray(spec.std, dtype=np.float32))
+    scale = np.divide(1.0, 255.0 * np.asarray(spec.std, dtype=np.float32))
     offset = np.asarray(spec.mean, dtype=np.float32) / np.asarray(spec.std, dtype=np.float32)
     # ((x / 255) - mean) / std, one channel plane at a time straight into the (3, H, W) array:
     # no float (H, W, 3) temporaries and no transposing copy (3x cheaper than the array expression).
@@ -711,18 +713,18 @@ def discover(
             kept.extend(p for p in found[start:end] if not excluder.excluded(p, root))
         result.excluded = len(found) - len(kept)
         found = kept
-    files = list(dict.fromkeys(os.path.abspath(path) for path in found))
+    files = list(dict.fromkeys(os.path.abspath(found_path) for found_path in found))
     split = []  # (path, (folder, lower-case name without extension), lower-case extension)
-    for path in files:
-        folder, name = os.path.split(path)
+    for file in files:
+        folder, name = os.path.split(file)
         stem, ext = os.path.splitext(name)
-        split.append((path, (folder, stem.lower()), ext.lower()))
+        split.append((file, (folder, stem.lower()), ext.lower()))
     rendered = {key for _, key, ext in split if ext not in RAW_EXTENSIONS}
-    for path, key, ext in split:
+    for file, key, ext in split:
         if ext in RAW_EXTENSIONS and key in rendered:
-            result.skipped_raw.append(Path(path))
+            result.skipped_raw.append(Path(file))
         else:
-            result.files.append(Path(path))
+            result.files.append(Path(file))
     return result
 
 
