@@ -481,6 +481,8 @@ def open_image(
             if (len(data) if data is not None else path.stat().st_size) == 0:
                 raise ImageError(path, "empty file (0 bytes)")
             _allow_pixels(max_megapixels)
+            if ImageFile.LOAD_TRUNCATED_IMAGES:  # turned on by another library: never tag half a picture
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data) if data is not None else path)

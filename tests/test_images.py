@@ -409,6 +409,19 @@ def test_png_with_bytes_flipped_throughout_is_reported(tmp_path: Path, from_byte
         open_image(path)
 
 
+def test_truncated_files_stay_errors_when_another_library_allows_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    whole = _jpeg(tmp_path / "whole.jpg", size=(400, 300)).read_bytes()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ImageError, match="truncated"):
+        load_image(path, InputSpec(32, 32))
+
+
 def test_png_cut_short_is_reported(tmp_path: Path) -> None:
     data = _noise_png(tmp_path / "src.png").read_bytes()
     path = tmp_path / "cut.png"
