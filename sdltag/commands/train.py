@@ -250,6 +250,17 @@ def train(
         help="torch.compile the training step (a minute of compiling; no faster than the default channels-last "
         "layout on a 2-core CPU, may help on a GPU).",
     ),
+    dist_backend: str = typer.Option(
+        "auto",
+        "--dist-backend",
+        help="Under torchrun: gloo (CPUs) or nccl (GPUs); auto picks by --device.",
+    ),
+    dist_timeout: float = typer.Option(
+        300.0,
+        "--dist-timeout",
+        help="Under torchrun: seconds to wait for the other processes (joining, and each exchange) before "
+        "failing with a resumable checkpoint.",
+    ),
     augment: bool = typer.Option(
         True, "--augment/--no-augment", help="Random resized crop, flip, colour jitter and cutout while training."
     ),
@@ -324,6 +335,8 @@ def train(
         channels_last=channels_last,
         keep_weights=keep_weights,
         compile=compile,
+        dist_backend=dist_backend,
+        dist_timeout=dist_timeout,
     )
     reporter = RichReporter(quiet=quiet)
     try:
@@ -333,6 +346,8 @@ def train(
         raise typer.Exit(130) from None
     finally:
         reporter.finish()
+    if result.model_folder is None:  # a torchrun process other than rank 0: rank 0 wrote the model
+        return
     summary = f"wrote {result.model_folder.path} (best epoch {result.best_epoch}"
     gzsl = result.metrics.get("gzsl")
     if gzsl:

@@ -34,6 +34,7 @@ import torch
 from sdltag.datasets import LabeledDataset, LabeledImage, read_labeled_dir
 from sdltag.errors import SdltagError
 from sdltag.modelfolder import EmbedderSpec, InputSpec, ModelFolder, check_output_folder
+from sdltag.nn import distributed
 from sdltag.nn.augment import AugmentConfig, augment_batch
 from sdltag.nn.backbones import available_backbones, pretrained_source
 from sdltag.nn.calibration import CalibrationReport, fit_calibration
@@ -141,6 +142,8 @@ class RuntimeOptions:
     channels_last: bool = True  # NHWC: oneDNN's fast convolution path on CPUs (bench_train: ~2.8x per step)
     keep_weights: bool = True  # write checkpoint.pt (torch weights, for --init) into the model folder
     compile: bool = False  # torch.compile the training forward/backward (~1 min compile)
+    dist_backend: str = "auto"  # under torchrun: gloo (CPU) or nccl (GPU); auto picks by device
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_S  # seconds any collective may wait for the other processes
 
 
 class TrainReporter:
@@ -178,7 +181,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @dataclass
 class TrainResult:
-    model_folder: ModelFolder
+    model_folder: ModelFolder | None  # None on the processes other than rank 0 of a torchrun launch
     run_dir: Path
     best_epoch: int
     metrics: dict[str, Any]
@@ -391,6 +394,24 @@ def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _restore_rng(
+    generator: torch.Generator, state: dict[str, Any], ctx: distributed.DistContext, seed: int, step: int
+) -> None:
+    """A checkpoint's RNG state for this process: its own generator when the run had as many processes.
+
+    Otherwise (another world size, or a checkpoint saved when a process failed) the processes after
+    the first get a generator re-seeded from (seed, rank, step).
+    """
+    _set_rng_state(generator, state)
+    if ctx.rank == 0:
+        return
+    ranks = state.get("ranks")
+    if ranks is not None and len(ranks) == ctx.world_size:
+        generator.set_state(ranks[ctx.rank])
+    else:
+        generator.manual_seed(distributed.rank_seed(seed, ctx.rank) + step)
+
+
 class _HardStop(KeyboardInterrupt):
     """A second Ctrl-C: stop now and keep the last consistent checkpoint."""
 
@@ -424,9 +445,30 @@ def train(
     embedder: Embedder | None = None,
     reporter: TrainReporter | None = None,
 ) -> TrainResult:
-    """Train an SDL model as ``config`` says and export it to ``config.out``; see the module docstring."""
+    """Train an SDL model as ``config`` says and export it to ``config.out``; see the module docstring.
+
+    Launched by torchrun (``WORLD_SIZE`` > 1), every process runs this: data-parallel training
+    (``sdltag.nn.distributed``); rank 0 alone reports progress and writes checkpoints and the model
+    folder, the others return a result without a model folder.
+    """
     options = options or RuntimeOptions()
     reporter = reporter or TrainReporter()
+    context = distributed.setup(options.device, options.dist_backend, options.dist_timeout)
+    if context is not None and not context.is_main:
+        reporter = TrainReporter()  # rank 0 alone reports
+    try:
+        return _train(config, options, embedder, reporter, context or distributed.DistContext())
+    finally:
+        distributed.teardown(context)
+
+
+def _train(
+    config: TrainConfig,
+    options: RuntimeOptions,
+    embedder: Embedder | None,
+    reporter: TrainReporter,
+    ctx: distributed.DistContext,
+) -> TrainResult:
     check_output_folder(config.out)  # a folder that is not ours is refused now, not after every epoch
     run_dir = run_dir_for(config.out, options.run_dir)
     resume_state: dict[str, Any] | None = None
@@ -446,9 +488,18 @@ def train(
             "(or choose another --out) to start afresh."
         )
     config.validate()
+    resumed_world = int(resume_state.get("world_size", 1)) if resume_state is not None else None
+    if ctx.enabled:
+        distributed.check_batch(ctx, config.batch_size, resumed_world if resumed_world != ctx.world_size else None)
+    if resumed_world is not None and resumed_world != ctx.world_size:
+        reporter.message(
+            f"the run was started with {resumed_world} process(es) and goes on with {ctx.world_size}: the global "
+            "batches, weights and optimizer state are the same; each process's share of the batches and the "
+            "augmentation draws of the processes after the first are new"
+        )
     if options.threads:
         torch.set_num_threads(options.threads)
-    device = resolve_device(options.device)
+    device = ctx.device if ctx.enabled else resolve_device(options.device)
     # Refuse an unknown backbone or missing/damaged pretrained weights before reading any image.
     pretrained_state: dict[str, Any] | None = None
     weights_record: dict[str, Any] | None = None
@@ -578,7 +629,7 @@ def train(
             model.load_state_dict(resume_state["model"], strict=True)
         model.backbone.requires_grad_(False)
         train_store, val_store, usable = _feature_stores(
-            config, model, spec, train_store, val_store, run_dir, device, options, reporter
+            config, model, spec, train_store, val_store, run_dir, device, options, reporter, ctx
         )
     model.to(device)
     if options.channels_last:
@@ -595,8 +646,10 @@ def train(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=warmup
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    # Several GPUs: bf16 autocast, which needs no loss scaling (fp16 with a scaler on one GPU, as before).
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not ctx.enabled)
+    amp_dtype = torch.bfloat16 if ctx.enabled else torch.float16
+    generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(config.seed, ctx.rank))
     augment = AugmentConfig.from_dict(config.augment)
 
     epoch, step, step_in_epoch = 0, 0, 0
@@ -607,14 +660,14 @@ def train(
         model.load_state_dict(resume_state["model"], strict=True)
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
-        if "scaler" in resume_state:
+        if resume_state.get("scaler"):  # a bf16 (several GPUs) run saved an empty scaler state
             scaler.load_state_dict(resume_state["scaler"])
-        _set_rng_state(generator, resume_state["rng"])
         epoch, step, step_in_epoch = (
             int(resume_state["epoch"]),
             int(resume_state["step"]),
             int(resume_state["step_in_epoch"]),
         )
+        _restore_rng(generator, resume_state["rng"], ctx, config.seed, step)
         loss_sum, loss_count = (float(v) for v in resume_state.get("epoch_loss", (0.0, 0)))
         loss_count = int(loss_count)
         best = dict(resume_state.get("best", best))
@@ -633,7 +686,7 @@ def train(
     if weights_record:
         base_payload["provenance"] = {"backbone_weights": weights_record}
 
-    def save(path: Path, *, full: bool) -> None:
+    def save(path: Path, *, full: bool, rng: dict[str, Any] | None = None) -> None:
         payload = {
             **base_payload,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -643,75 +696,110 @@ def train(
             "best": best,
             "history": history,
             "epoch_loss": (loss_sum, loss_count),
+            "world_size": ctx.world_size,
         }
         if full:
+            if rng is None:
+                rng = _rng_state(generator)
+                if ctx.enabled:  # every process's augmentation generator, so the same world size resumes exactly
+                    rng["ranks"] = distributed.gather_states(ctx, generator.get_state())
             payload.update(
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
                 scaler=scaler.state_dict(),
-                rng=_rng_state(generator),
+                rng=rng,
             )
-        save_checkpoint(path, payload)
+        if ctx.is_main:  # rank 0 alone writes
+            save_checkpoint(path, payload)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     size = (spec.height, spec.width)
     # The compiled module shares its parameters with ``model``; checkpoints and validation use ``model``.
-    step_model = model
+    step_model: torch.nn.Module = model
+    head_model: torch.nn.Module = model.head
+    if ctx.enabled:  # gradients averaged over the processes; batch norm over the global batch
+        distributed.convert_batchnorm(model)
+        if frozen:
+            head_model = distributed.wrap(model.head, ctx)
+        else:
+            step_model = distributed.wrap(model, ctx)
     if options.compile:
         import torch._dynamo as dynamo
 
         dynamo.config.suppress_errors = True  # no C++ compiler etc.: run eagerly instead of failing
-        step_model = torch.compile(model)
+        step_model = torch.compile(step_model)
     reporter.start(total_steps, step, steps_per_epoch)
     use_amp = device.type == "cuda"
+    snapshot: dict[str, Any] | None = None  # under torchrun: the RNG state at the start of the step in progress
     try:
-        with _SigintFlag() as sigint:
+        with _SigintFlag() as sigint, distributed.stop_on_sigterm(sigint if ctx.enabled else None):
             while epoch < config.epochs:
                 model.train()
                 if frozen:
                     model.backbone.eval()  # frozen: batch-norm statistics stay the pretrained ones
                 batches = _epoch_batches(len(usable), batch_size, config.seed, epoch)
                 batches = [usable[b].tolist() for b in batches]
+                if ctx.enabled:  # this process's contiguous share of each global batch
+                    batches = [distributed.shard(b, ctx.rank, ctx.world_size) for b in batches]
                 tick = time.perf_counter()
                 for indices, pixels in train_store.iter_batches(batches[step_in_epoch:]):
-                    if len(indices) >= 2 and frozen:  # pixels: pooled features (B, V, C); one view per image
+                    count, weight = len(indices), 1.0
+                    batch_targets = train_targets[indices.to(device)]
+                    if ctx.enabled:
+                        snapshot = _rng_state(generator)
+                        labelled = int((batch_targets.sum(dim=1) > 0).sum())
+                        count, kept, stop = distributed.sync_step(ctx, len(indices), labelled, sigint.raised)
+                        if stop:  # every process stops before this step, so the saved state is consistent
+                            raise KeyboardInterrupt
+                        # DDP averages the gradients: weight each share by its labelled images so the
+                        # average is the gradient of the global batch's mean loss.
+                        weight = ctx.world_size * labelled / max(kept, 1)
+                        if len(indices) == 0 and count >= 2:  # a share emptied by undecodable images: a
+                            # stand-in image of weight 0 keeps this process in the collectives
+                            pixels = torch.zeros((1, *pixels.shape[1:]), dtype=pixels.dtype)
+                            batch_targets = torch.zeros_like(train_targets[:1])
+                            indices = torch.zeros(1, dtype=torch.long)
+                    if count >= 2 and frozen:  # pixels: pooled features (B, V, C); one view per image
                         views = torch.randint(pixels.shape[1], (len(indices),), generator=generator, device=device)
                         pooled = pixels.to(device)[torch.arange(len(indices), device=device), views]  # (B, C)
-                        vectors = model.head(pooled[:, :, None, None])  # (B, M, d)
-                    elif len(indices) >= 2:
+                        vectors = head_model(pooled[:, :, None, None])  # (B, M, d)
+                    elif count >= 2:
                         x = augment_batch(pixels.to(device, non_blocking=True), size, augment, generator)
                         x = normalise(x, spec)  # (B, 3, H, W)
                         if options.channels_last:
                             x = x.contiguous(memory_format=torch.channels_last)
-                        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                             vectors = step_model(x)  # (B, M, d)
-                    if len(indices) >= 2:
+                    if count >= 2:
                         parts = sdl_loss(
                             vectors.float(),
                             seen_vectors,
-                            train_targets[indices.to(device)],
+                            batch_targets,
                             lam=config.lam,
                             use_sigma=config.sigma,
                         )
                         optimizer.zero_grad(set_to_none=True)
-                        scaler.scale(parts.total).backward()
+                        scaler.scale(parts.total * weight if ctx.enabled else parts.total).backward()
+                        loss_value = float(parts.total.detach())
+                        if ctx.enabled:  # the global batch's loss; the step's last collective, before the update
+                            loss_value = distributed.mean_loss(ctx, loss_value * weight)
                         if config.grad_clip > 0:
                             scaler.unscale_(optimizer)
                             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                         scaler.step(optimizer)
                         scaler.update()
-                        loss_value = float(parts.total.detach())
                         loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
                     else:  # a batch emptied by undecodable images: keep the schedule in step
                         loss_value = float("nan")
                     scheduler.step()
                     step += 1
                     step_in_epoch += 1
+                    snapshot = None  # the step is complete: the current state is consistent
                     now = time.perf_counter()
-                    rate = len(indices) / max(now - tick, 1e-9)
+                    rate = count / max(now - tick, 1e-9)
                     tick = now
                     reporter.step(step, epoch, loss_value, scheduler.get_last_lr()[0], rate)
-                    if sigint.raised:
+                    if sigint.raised and not ctx.enabled:  # under torchrun the processes agree at the next step
                         raise KeyboardInterrupt
                 metrics = None
                 is_best = False
@@ -735,7 +823,7 @@ def train(
                 if is_best:
                     save(run_dir / BEST, full=False)
                 reporter.epoch_end(epoch, train_loss, metrics, is_best)
-                if sigint.raised:
+                if distributed.any_true(ctx, sigint.raised) if ctx.enabled else sigint.raised:
                     raise KeyboardInterrupt
     except _HardStop:
         reporter.finish()
@@ -744,7 +832,23 @@ def train(
         save(run_dir / LAST, full=True)  # raised between steps: the state is consistent
         reporter.finish()
         raise TrainingInterrupted(run_dir / LAST) from None
+    except Exception as exc:
+        if not (ctx.enabled and distributed.is_collective_failure(exc)):
+            raise
+        # Another process died or stopped answering. A collective fails before the optimizer update, so
+        # the weights and optimizer are those of the last complete step; rank 0 saves them with that
+        # step's RNG state (the other processes' generators are re-seeded on resume).
+        written = None
+        if ctx.is_main:
+            save(run_dir / LAST, full=True, rng=snapshot or _rng_state(generator))
+            written = str(run_dir / LAST)
+        reporter.finish()
+        raise SdltagError(distributed.failure_message(ctx, exc, written), exit_code=distributed.FAILED_EXIT) from None
     reporter.finish()
+    if ctx.enabled:
+        distributed.revert_batchnorm(model)
+    if not ctx.is_main:  # rank 0 calibrates and exports
+        return TrainResult(None, run_dir, int(best["epoch"]), {}, CalibrationReport(None, None, 0, 0), history)
     return _finish(
         config,
         data,
@@ -773,8 +877,13 @@ def _feature_stores(
     device: torch.device,
     options: RuntimeOptions,
     reporter: TrainReporter,
+    ctx: distributed.DistContext | None = None,
 ) -> tuple[FeatureStore, FeatureStore, torch.Tensor]:
-    """--freeze-backbone: the pooled features of every image, read from the run folder's cache or computed."""
+    """--freeze-backbone: the pooled features of every image, read from the run folder's cache or computed.
+
+    Under torchrun each process computes the features of its share of the images into the run folder
+    (shared by all machines), waits for the others at a barrier, then every process reads the whole cache.
+    """
     cache = FeatureCache(
         run_dir / FEATURES_DIR,
         config.backbone,
@@ -787,6 +896,12 @@ def _feature_stores(
     views = config.feature_views
     reporter.message(f"frozen backbone: computing {views} feature vector(s) per image once (cached in {cache.folder})")
     try:
+        if ctx is not None and ctx.enabled:
+            for images, n_views in ((train_images, views), (val_images, 1)):
+                share = [p for i, p in enumerate(images.paths) if i % ctx.world_size == ctx.rank]
+                part = ImageStore(share, images.spec, cache=False, workers=images.workers, warn=images.warn)
+                cache.store(part, n_views)
+            distributed.barrier(ctx)
         train_store = cache.store(train_images, views, lambda done, total: reporter.features("training", done, total))
         val_store = cache.store(val_images, 1, lambda done, total: reporter.features("validation", done, total))
     except KeyboardInterrupt:
@@ -800,6 +915,10 @@ def _feature_stores(
     usable = torch.nonzero(train_store.ok).flatten()
     if len(usable) < 2:
         raise SdltagError(f"{config.data}: fewer than 2 training images could be decoded. Check the files.")
+    if device.type == "cpu" and not options.threads:
+        # The head's steps are small matrix products: one thread avoids synchronisation that costs more than
+        # it saves (2.5x faster steps on a busy 2-core CPU, benchmarks/bench_pretrained.py).
+        torch.set_num_threads(1)
     return train_store, val_store, usable
 
 
