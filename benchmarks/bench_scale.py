@@ -1,0 +1,231 @@
+"""The index at scale: synthetic indexes of 10,000, 100,000 and 1,000,000 photos, built through the real index API.
+
+For each size (random principal vectors of the bundled model's shape, 7 x 384; no images):
+
+- build: ``ImageIndex.put`` for every photo (resumable: a killed build goes on from its last commit),
+  then the model's matrix file (``sdltag.matrixfile.sync``), each timed;
+- disk: the index (SQLite, float32 rows) and the matrix file (float16);
+- search: ``sdltag search beach --top 20`` as a whole process (warm file cache: one untimed run first),
+  wall time (median of 3) and peak memory (VmHWM);
+- re-tag: every photo scored against 100 new labels from the index alone (the image model never runs),
+  the 10 best of each written as CSV to a file, as a whole process: wall time and peak memory.
+
+The photos search shows are created (empty files) so that search finds them; the others never
+exist, and search never looks at them. Results are merged into benchmarks/results/scale.json
+(one entry per size, so sizes can be measured in separate runs); the work files are deleted after
+each size unless --keep.
+
+    .venv/bin/python benchmarks/bench_scale.py [--sizes 10000 100000 1000000] [--work DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
+QUERY = "beach"
+CHUNK = 1000  # photos generated per step (one seed each, so a resumed build makes the same ones)
+SHOWN = 64  # the best photos for the query are created as files (search checks only those it shows)
+WRAPPER = (
+    "import resource, sys\n"
+    "from sdltag.cli import app\n"
+    "sys.argv = ['sdltag'] + sys.argv[1:]\n"
+    "code = 0\n"
+    "try:\n    app()\nexcept SystemExit as exc:\n    code = exc.code or 0\n"
+    "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+    "print('MAXRSS_KB', hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def _model():
+    from sdltag.modelfolder import default_model_dir, load_model_folder
+
+    return load_model_folder(default_model_dir()).with_precision("float")
+
+
+def _photo(work: Path, i: int) -> Path:
+    return work / "photos" / f"{i // 1000:04d}" / f"{i:07d}.jpg"
+
+
+def _vectors(chunk: int, rows: int, dim: int) -> np.ndarray:
+    rng = np.random.default_rng(1000 + chunk)
+    return (rng.standard_normal((CHUNK, rows, dim), dtype=np.float32) * (3 / np.sqrt(dim))).astype(np.float32)
+
+
+def build(work: Path, size: int) -> dict:
+    """The index of ``size`` photos (resumed where a killed build stopped); returns its timings."""
+    from sdltag.index import ImageIndex
+
+    model = _model()
+    rows, dim = model.manifest.rows, model.manifest.dim
+    progress = work / "build.json"
+    done = json.loads(progress.read_text()) if progress.is_file() else {"seconds": 0.0}
+    with ImageIndex.open(work / "index.db", commit_every=5000) as index:
+        have = index.count(model.model_id)
+        start_chunk = have // CHUNK  # a partial chunk is written again (INSERT OR REPLACE: same rows)
+        started = time.perf_counter()
+        for chunk in range(start_chunk, size // CHUNK):
+            vectors = _vectors(chunk, rows, dim)
+            for j in range(CHUNK):
+                i = chunk * CHUNK + j
+                index.put(_photo(work, i), 1, 1, f"synthetic:{i}", model.model_id, vectors[j])
+            if chunk % 50 == 49:
+                index.commit()
+                done["seconds"] += time.perf_counter() - started
+                started = time.perf_counter()
+                progress.write_text(json.dumps(done))
+                print(f"  built {(chunk + 1) * CHUNK} of {size}", file=sys.stderr, flush=True)
+        index.commit()
+        done["seconds"] += time.perf_counter() - started
+        progress.write_text(json.dumps(done))
+    return done
+
+
+def prepare(work: Path) -> dict:
+    """The matrix file (timed) and the files of the photos a search for QUERY shows."""
+    from sdltag import matrixfile
+    from sdltag.index import ImageIndex
+    from sdltag.tagger import LabelSpace
+
+    model = _model()
+    own = LabelSpace.from_model(model)
+    q = own.names.index(QUERY)
+    with ImageIndex.open(work / "index.db") as index:
+        started = time.perf_counter()
+        assert matrixfile.sync(index, model.model_id)
+        seconds = time.perf_counter() - started
+        view = matrixfile.load(index, model.model_id, update=False)
+        scores = view.scores(own.vectors[q : q + 1])[:, 0]
+        best = view.rowids[np.argsort(-scores)[: 4 * SHOWN]]
+        found = matrixfile.rows_by_id(index, model.model_id, best, view.state)
+    for path, _ in found.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    return {"matrix_build_s": round(seconds, 2)}
+
+
+def _run(argv: list[str]) -> tuple[float, int, str]:
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:4])}... failed ({done.returncode}): {done.stderr[-2000:]}")
+    rss = [int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("MAXRSS_KB")]
+    return wall, (rss[-1] if rss else 0), done.stdout
+
+
+def measure_search(work: Path) -> dict:
+    from sdltag.modelfolder import default_model_dir
+
+    argv = [sys.executable, "-c", WRAPPER, "search", QUERY, "--index", str(work / "index.db")]
+    argv += ["--model", str(default_model_dir()), "--precision", "float", "--top", "20", "--format", "jsonl"]
+    _run(argv)  # warm the file cache
+    runs = [_run(argv) for _ in range(3)]
+    hits = [json.loads(line) for line in runs[-1][2].splitlines()]
+    assert len(hits) == 20, runs[-1][2]
+    return {
+        "search_wall_s": round(statistics.median(r[0] for r in runs), 3),
+        "search_wall_s_runs": [round(r[0], 3) for r in runs],
+        "search_peak_rss_mb": round(max(r[1] for r in runs) / 1024, 1),
+    }
+
+
+def retag_child(index_path: Path, out: Path, labels: int) -> None:
+    """The re-tag as its own process: every indexed photo against ``labels`` new labels, from the index alone."""
+    import resource
+
+    from sdltag import matrixfile
+    from sdltag.index import ImageIndex
+    from sdltag.scoring import l2_normalize
+    from sdltag.tagger import LabelSpace
+
+    model = _model()
+    rng = np.random.default_rng(7)
+    space = LabelSpace(
+        [f"new label {i}" for i in range(labels)],
+        l2_normalize(rng.standard_normal((labels, model.manifest.dim))),
+        np.ones(labels, dtype=bool),
+    )
+    with ImageIndex.open_readonly(index_path) as index, open(out, "w", encoding="utf-8", newline="") as stream:
+        written = matrixfile.retag(index, model, space, stream, top_k=10, raw_scores=True)
+    print("WRITTEN", written)
+    hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+    print("MAXRSS_KB", hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+
+
+def measure_retag(work: Path, labels: int) -> dict:
+    out = work / "retag.csv"
+    argv = [sys.executable, str(Path(__file__).resolve()), "--retag-child", str(work / "index.db"), str(out)]
+    wall, rss, stdout = _run([*argv, "--labels", str(labels)])
+    written = int(stdout.split()[-1])
+    return {
+        "retag_labels": labels,
+        "retag_images": written,
+        "retag_wall_s": round(wall, 2),
+        "retag_peak_rss_mb": round(rss / 1024, 1),
+        "retag_output_mb": round(out.stat().st_size / 2**20, 1),
+    }
+
+
+def disk(work: Path) -> dict:
+    from sdltag import matrixfile
+    from sdltag.index import file_size_on_disk
+
+    matrix = matrixfile.matrix_path(work / "index.db", _model().model_id)
+    return {
+        "index_mb": round(file_size_on_disk(work / "index.db") / 2**20, 1),
+        "matrix_file_mb": round(matrix.stat().st_blocks * 512 / 2**20, 1),  # allocated (the spare room is sparse)
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--work", type=Path, default=ROOT / "work" / "bench-scale")
+    parser.add_argument("--keep", action="store_true", help="keep the work files (default: deleted after each size)")
+    parser.add_argument("--labels", type=int, default=100)
+    parser.add_argument("--retag-child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.retag_child:
+        retag_child(*args.retag_child, args.labels)
+        return
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for size in args.sizes:
+        work = args.work / f"n{size}"
+        work.mkdir(parents=True, exist_ok=True)
+        print(f"{size} photos in {work}", file=sys.stderr, flush=True)
+        entry = {"photos": size}
+        entry["build_s"] = round(build(work, size)["seconds"], 1)
+        entry.update(prepare(work))
+        entry.update(disk(work))
+        entry.update(measure_search(work))
+        entry.update(measure_retag(work, args.labels))
+        entry.update(
+            {
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+                "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
+        print(json.dumps(entry), flush=True)
+        results[str(size)] = entry
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(dict(sorted(results.items(), key=lambda kv: int(kv[0]))), indent=2) + "\n")
+        if not args.keep:
+            shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
