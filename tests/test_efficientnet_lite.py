@@ -7,7 +7,10 @@ exports to ONNX that matches torch; the weights are verified (hash, names, shape
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +127,20 @@ def test_sdl_model_folder_matches_torch(network: lite.EfficientNetLite, photos: 
     got = runtime.run(photos.numpy())
     assert got.shape == expected.shape == (len(EXPECTED), 3, 16)
     assert np.abs(got - expected).max() < 1e-4
+
+    # `sdltag tag` runs it like any other model, without importing torch; its first tag is torch's best label.
+    probe = (
+        "import sys\n"
+        "from sdltag.cli import app\n"
+        f"sys.argv = ['sdltag', 'tag', {str(PHOTOS)!r}, '--model', {str(folder.path)!r}, '--no-index', '-k', '1']\n"
+        "try:\n    app()\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', code, file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert "NO-TORCH 0" in result.stderr, result.stderr
+    tagged = {Path(r["path"]).name: r["tags"][0]["label"] for r in map(json.loads, result.stdout.splitlines())}
+    best = (expected @ folder.label_vectors.T).max(axis=1).argmax(axis=1)  # (B,)
+    assert tagged == {name: "abcd"[int(j)] for name, j in zip(EXPECTED, best, strict=True)}
 
 
 def test_weights_are_checked_before_loading(tmp_path: Path) -> None:
