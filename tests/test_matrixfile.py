@@ -40,7 +40,7 @@ def _state(path: Path, model: str = "m") -> matrixfile.State | None:
 
 
 def _values(view: matrixfile.IndexView) -> np.ndarray:
-    return np.concatenate([view.file.vectors.astype(np.float32), view.tail_vectors]) if len(view) else np.zeros(0)
+    return view.vectors(0, len(view))
 
 
 def test_counters_move_with_every_change_in_its_transaction(tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ def test_built_appended_rebuilt_and_never_stale(tmp_path: Path) -> None:
         _fill(index, tmp_path, range(10))
         view = matrixfile.load(index, "m")
         assert len(view) == 10 and len(view.tail_ids) == 0 and path.is_file()
-        np.testing.assert_allclose(_values(view), np.stack([_matrix(i) for i in range(10)]), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(_values(view), np.stack([_matrix(i) for i in range(10)]), atol=0.03)  # 8 bits
         inode = os.stat(path).st_ino
         _fill(index, tmp_path, range(10, 15))
         stale = matrixfile.load(index, "m", update=False)  # the file is older: the new rows come from SQLite
@@ -101,7 +101,7 @@ def test_built_appended_rebuilt_and_never_stale(tmp_path: Path) -> None:
         assert matrixfile.load(index, "m", update=False) is None
         view = matrixfile.load(index, "m")  # rebuilt, renamed over
         assert len(view) == 15 and os.stat(path).st_ino != inode
-        assert np.isclose(_values(view), _matrix(99), atol=2e-3).all(axis=(1, 2)).sum() == 1
+        assert np.isclose(_values(view), _matrix(99), atol=0.03).all(axis=(1, 2)).sum() == 1
         index.clear_model(["m"])
         assert matrixfile.load(index, "m", update=False) is None
         assert len(matrixfile.load(index, "m")) == 0
@@ -119,7 +119,7 @@ def test_a_file_of_another_index_or_damaged_is_not_used(tmp_path: Path) -> None:
         assert matrixfile.MatrixFile.open(matrixfile.matrix_path(db, "m"), "m") is not None
         assert matrixfile.load(index, "m", update=False) is None
         view = matrixfile.load(index, "m")
-        np.testing.assert_allclose(_values(view)[0], _matrix(4), atol=2e-3)
+        np.testing.assert_allclose(_values(view)[0], _matrix(4), atol=0.03)
         path = matrixfile.matrix_path(db, "m")
         assert matrixfile.MatrixFile.open(path, "another model") is None
         torn = bytearray(saved)
@@ -180,9 +180,15 @@ def test_retag_writes_each_images_best_labels(tmp_path: Path, tiny_model) -> Non
         assert matrixfile.retag(index, tiny_model, labels, out, top_k=3, raw_scores=True) == 50
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert len(rows) == 150
+    agree = 0
     for path, matrix in matrices.items():
         scores = sdl_scores(matrix[None], labels.vectors)[0]
         mine = [r for r in rows if r["path"] == path]
-        assert [r["label"] for r in mine] == [labels.names[i] for i in np.argsort(-scores, kind="stable")[:3]]
         assert [r["rank"] for r in mine] == ["1", "2", "3"]
-        np.testing.assert_allclose([float(r["score"]) for r in mine], np.sort(scores)[::-1][:3], atol=2e-2)
+        listed = [float(r["score"]) for r in mine]
+        assert listed == sorted(listed, reverse=True)
+        exact = {labels.names[i]: float(s) for i, s in enumerate(scores)}
+        np.testing.assert_allclose(listed, [exact[r["label"]] for r in mine], atol=0.05)  # 8-bit scores
+        assert min(listed) >= np.sort(scores)[-3] - 0.1  # no label far below the exact third best
+        agree += [r["label"] for r in mine] == [labels.names[i] for i in np.argsort(-scores, kind="stable")[:3]]
+    assert agree >= 45  # the exact top 3, in order, for nearly every image

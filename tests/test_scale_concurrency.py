@@ -58,12 +58,12 @@ READER = textwrap.dedent(
         after = committed()
         if view is None:
             continue
-        matrices = np.concatenate([view.file.vectors.astype(np.float32), view.tail_vectors]) if len(view) else None
-        if matrices is None:
+        if not len(view):
             continue
+        matrices = view.vectors(0, len(view))
         firsts = matrices[:, 0, 0]
         assert (matrices == firsts[:, None, None]).all(), "a torn matrix"
-        values = [int(v) for v in firsts]
+        values = [int(v) for v in np.rint(firsts)]
         assert len(values) == len(set(values)), "a matrix twice"
         removed = seen - before  # committed once, gone before this read began (a removed value never comes back)
         assert not removed & set(values), f"a removed matrix: {sorted(removed & set(values))[:5]}"
