@@ -117,14 +117,23 @@ def prepare(work: Path) -> dict:
     return {"matrix_build_s": round(seconds, 2)}
 
 
-def _run(argv: list[str]) -> tuple[float, int, str]:
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(argv: list[str]) -> tuple[float, int, str, float]:
+    """(wall s, peak RSS kB, stdout, CPU s: user + system, all threads) of one process."""
+    cpu = _children_cpu()
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:4])}... failed ({done.returncode}): {done.stderr[-2000:]}")
     rss = [int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("MAXRSS_KB")]
-    return wall, (rss[-1] if rss else 0), done.stdout
+    return wall, (rss[-1] if rss else 0), done.stdout, _children_cpu() - cpu
 
 
 def measure_search(work: Path) -> dict:
@@ -139,6 +148,7 @@ def measure_search(work: Path) -> dict:
     return {
         "search_wall_s": round(statistics.median(r[0] for r in runs), 3),
         "search_wall_s_runs": [round(r[0], 3) for r in runs],
+        "search_cpu_s": round(statistics.median(r[3] for r in runs), 3),
         "search_peak_rss_mb": round(max(r[1] for r in runs) / 1024, 1),
     }
 
@@ -169,14 +179,53 @@ def retag_child(index_path: Path, out: Path, labels: int) -> None:
 def measure_retag(work: Path, labels: int) -> dict:
     out = work / "retag.csv"
     argv = [sys.executable, str(Path(__file__).resolve()), "--retag-child", str(work / "index.db"), str(out)]
-    wall, rss, stdout = _run([*argv, "--labels", str(labels)])
+    wall, rss, stdout, cpu = _run([*argv, "--labels", str(labels)])
     written = int(stdout.split()[-1])
     return {
         "retag_labels": labels,
         "retag_images": written,
         "retag_wall_s": round(wall, 2),
+        "retag_cpu_s": round(cpu, 2),
         "retag_peak_rss_mb": round(rss / 1024, 1),
         "retag_output_mb": round(out.stat().st_size / 2**20, 1),
+    }
+
+
+def agreement(work: Path, sample: int = 2000) -> dict:
+    """Against exact float32 scores from SQLite: search's top 20 (all photos, exact re-rank) and the 8-bit
+    re-tag's top 10 labels of ``sample`` photos."""
+    from sdltag import matrixfile
+    from sdltag.index import ImageIndex
+    from sdltag.scoring import l2_normalize, sdl_scores
+    from sdltag.tagger import LabelSpace
+
+    model = _model()
+    rng = np.random.default_rng(7)
+    labels = l2_normalize(rng.standard_normal((100, model.manifest.dim)))  # the re-tag's labels
+    own = LabelSpace.from_model(model)
+    q = own.names.index(QUERY)
+    with ImageIndex.open_readonly(work / "index.db") as index:
+        view = matrixfile.load(index, model.model_id, update=False)
+        picked = np.sort(np.random.default_rng(1).choice(len(view), size=min(sample, len(view)), replace=False))
+        found = matrixfile.rows_by_id(index, model.model_id, view.rowids[picked], view.state)
+        exact = sdl_scores(np.stack([found[int(r)][1] for r in view.rowids[picked]]), labels)
+        approx = np.concatenate([view.block_scores(int(i), int(i) + 1, np.ascontiguousarray(labels.T)) for i in picked])
+        same = [set(np.argsort(-e)[:10]) == set(np.argsort(-a)[:10]) for e, a in zip(exact, approx, strict=True)]
+        space = LabelSpace(own.names[q : q + 1], own.vectors[q : q + 1], own.unseen_mask[q : q + 1])
+        hits = matrixfile.rank(index, model, space, [], 20, raw_scores=True, threshold=None)
+        top = [h.path for h in hits]
+        recall = None
+        if len(view) <= 100_000:  # every float32 row read from SQLite: exact, and slow at a million
+            paths, scores = [], []
+            for row in index.under([], model.model_id):
+                paths.append(row.path)
+                scores.append(float(sdl_scores(row.vectors[None], space.vectors)[0, 0]))
+            best = {paths[i] for i in np.argsort(-np.array(scores), kind="stable")[:20]}
+            recall = len(best & set(top)) / 20
+    return {
+        "search_recall_at_20": recall,
+        "retag_top10_same_as_exact": round(float(np.mean(same)), 4),
+        "retag_max_abs_score_error": round(float(np.abs(exact - approx).max()), 4),
     }
 
 
@@ -211,11 +260,13 @@ def main() -> None:
         entry["build_s"] = round(build(work, size)["seconds"], 1)
         entry.update(prepare(work))
         entry.update(disk(work))
+        entry.update(agreement(work))
         entry.update(measure_search(work))
         entry.update(measure_retag(work, args.labels))
         entry.update(
             {
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+                "note": "wall times on a machine shared with other work (see the load average); CPU s: user + system",
                 "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
         )
