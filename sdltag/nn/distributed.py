@@ -266,7 +266,7 @@ def failure_message(context: DistContext, exc: BaseException, checkpoint: str | 
         f"a resumable checkpoint is in {checkpoint}; run the same command with --resume (any number of processes "
         "that divides --batch-size)"
         if checkpoint
-        else "rank 0 keeps the checkpoints: resume from its last one with --resume"
+        else "rank 0 keeps the checkpoints: if it wrote one, run the same command with --resume"
     )
     return (
         f"rank {context.rank} of {context.world_size}: another training process stopped or did not answer within "

@@ -458,6 +458,11 @@ def train(
         reporter = TrainReporter()  # rank 0 alone reports
     try:
         return _train(config, options, embedder, reporter, context or distributed.DistContext())
+    except Exception as exc:
+        if context is None or not distributed.is_collective_failure(exc):
+            raise
+        # A process failed outside the training steps (before the first, or while features were shared out).
+        raise SdltagError(distributed.failure_message(context, exc, None), exit_code=distributed.FAILED_EXIT) from None
     finally:
         distributed.teardown(context)
 
