@@ -178,7 +178,7 @@ def check_batch(context: DistContext, batch_size: int, resumed_from: int | None 
     """The global batch must split evenly over the processes (per-process batch = global / world)."""
     if batch_size % context.world_size:
         sizes = [n for n in range(1, batch_size + 1) if batch_size % n == 0 and n <= 64]
-        origin = f" (the run resumed started with {resumed_from} process(es))" if resumed_from else ""
+        origin = f" (the run being resumed started with {resumed_from})" if resumed_from else ""
         raise SdltagError(
             f"--batch-size {batch_size} does not split evenly over {context.world_size} processes{origin}: "
             f"start a number of processes that divides it ({', '.join(map(str, sizes))})."
