@@ -287,6 +287,8 @@ def train(
     IMG.jpg.txt sidecars, from XMP dc:subject keywords, or from one sub-folder per label. Checkpoints
     go to OUT.train/ (last.pt every epoch and on Ctrl-C, best.pt by GZSL F1@3); --resume continues
     exactly. The model folder gets Platt calibration fitted on the validation images and a model card.
+    Launched as `torchrun --nproc_per_node N -m sdltag train ...` it trains data-parallel on N processes
+    (several machines: torchrun's --nnodes and rendezvous options); --batch-size stays the global batch.
     """
     from sdltag.nn.augment import AugmentConfig
     from sdltag.nn.train import RuntimeOptions, TrainConfig, TrainingInterrupted
