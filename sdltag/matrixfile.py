@@ -34,7 +34,6 @@ the 8-bit scores.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import mmap
 import os
@@ -675,49 +674,63 @@ def retag(
     Scores come from the 8-bit file (within about 1% of the largest value of a principal vector).
     Returns how many images were written, or None when there is no usable matrix file.
     """
+    from numpy.dtypes import StringDType
+
     from sdltag.scoring import calibrate
-    from sdltag.writers import csv_escape
 
     view = load(index, model.model_id)
     if view is None:
         return None
-    paths = paths_by_id(index, model.model_id)
+    cells = {rowid: _csv_cell(path) + "," for rowid, path in paths_by_id(index, model.model_id).items()}
     calibration = None if raw_scores else model.manifest.calibration
-    names = [csv_escape(n) for n in label_space.names]
+    text = StringDType()
     kinds = ["unseen" if u else "seen" for u in label_space.unseen_mask]
-    k = max(0, min(top_k, len(names)))
+    labels = np.array([f"{_csv_cell(n)}," for n in label_space.names], dtype=text)
+    tails = np.array([f",{kind}\n" for kind in kinds], dtype=text)
+    k = max(0, min(top_k, len(kinds)))
+    if k == 0:
+        return 0
+    ranks = np.array([f"{r}," for r in range(1, k + 1)], dtype=text)
     rowids = view.rowids
-    writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow(("path", "rank", "label", "score", "kind"))
+    stream.write("path,rank,label,score,kind\n")
     weights = np.ascontiguousarray(label_space.vectors.T, dtype=np.float32)
-    spans = view.blocks(4 * BLOCK)
-    written = 0
 
-    def score(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def block(span: tuple[int, int]) -> tuple[str, int]:
+        """The CSV text of the images at [lo, hi) (built with numpy's string functions, not row by row)."""
         lo, hi = span
-        raw = view.block_scores(lo, hi, weights)
-        conf = calibrate(raw, label_space.unseen_mask, calibration)
-        best = (
-            np.argpartition(-conf, k - 1, axis=1)[:, :k] if k < conf.shape[1] else np.tile(np.arange(k), (hi - lo, 1))
-        )
+        conf = calibrate(view.block_scores(lo, hi, weights), label_space.unseen_mask, calibration)
+        if k < conf.shape[1]:
+            best = np.argpartition(-conf, k - 1, axis=1)[:, :k]
+        else:
+            best = np.tile(np.arange(k), (hi - lo, 1))
         best_scores = np.take_along_axis(conf, best, axis=1)
         order = np.lexsort((best, -best_scores), axis=1)
-        return np.take_along_axis(best, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
+        best, best_scores = np.take_along_axis(best, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
+        found = [cells.get(r) for r in rowids[lo:hi].tolist()]
+        keep = np.array([c is not None for c in found], dtype=bool)
+        paths = np.array([c for c in found if c is not None], dtype=text)
+        best, best_scores = best[keep], best_scores[keep]
+        fixed = np.rint(best_scores.astype(np.float64) * 10_000).astype(np.int64)  # 4 decimals
+        size = np.abs(fixed)
+        digits = np.strings.zfill((size % 10_000).astype(text), 4)
+        score = np.where(fixed < 0, "-", "").astype(text) + (size // 10_000).astype(text) + "." + digits
+        lines = np.repeat(paths, k).reshape(-1, k) + ranks[None, :] + labels[best] + score + tails[best]
+        return "".join(lines.ravel().tolist()), len(paths)
 
+    written = 0
     threads = max(1, threads or os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdltag-matrix") as pool:
-        for span, (best, best_scores) in zip(spans, pool.map(score, spans), strict=True):
-            lo, hi = span
-            rows = []
-            for j, rowid in enumerate(rowids[lo:hi].tolist()):
-                path = paths.get(rowid)
-                if path is None:
-                    continue
-                path = csv_escape(path)
-                rows.extend(
-                    (path, rank, names[i], f"{s:.4f}", kinds[i])
-                    for rank, (i, s) in enumerate(zip(best[j].tolist(), best_scores[j].tolist(), strict=True), 1)
-                )
-                written += 1
-            writer.writerows(rows)
+        for chunk, images in pool.map(block, view.blocks(4 * BLOCK)):
+            stream.write(chunk)
+            written += images
     return written
+
+
+def _csv_cell(value: str) -> str:
+    """One CSV cell: a spreadsheet formula start defused (``writers.csv_escape``), quoted when it must be."""
+    from sdltag.writers import clean_text, csv_escape
+
+    value = csv_escape(clean_text(value))
+    if any(c in value for c in ',"\r\n'):
+        return '"' + value.replace('"', '""') + '"'
+    return value

@@ -173,8 +173,9 @@ def test_retag_writes_each_images_best_labels(tmp_path: Path, tiny_model) -> Non
     matrices = {}
     with ImageIndex.open(tmp_path / "i.db") as index:
         for i in range(50):
-            matrices[str(tmp_path / f"{i}.jpg")] = rng.normal(size=(m, d)).astype(np.float32)
-            index.put(tmp_path / f"{i}.jpg", 1, 1, str(i), tiny_model.model_id, matrices[str(tmp_path / f"{i}.jpg")])
+            path = tmp_path / (f"{i}.jpg" if i else 'a, "quoted" name.jpg')  # CSV quoting
+            matrices[str(path)] = rng.normal(size=(m, d)).astype(np.float32)
+            index.put(path, 1, 1, str(i), tiny_model.model_id, matrices[str(path)])
         labels = LabelSpace.from_model(tiny_model)
         out = io.StringIO()
         assert matrixfile.retag(index, tiny_model, labels, out, top_k=3, raw_scores=True) == 50
