@@ -61,9 +61,13 @@ BUSY_TIMEOUT_S = 30.0  # how long a run waits for another program's lock before 
 LOCK_SLICE_S = 2.0  # SQLite's own busy wait per attempt; past it, the run says that it is waiting
 APPLICATION_ID = 0x53444C54  # "SDLT": PRAGMA application_id of every index sdltag creates
 SQLITE_MAGIC = b"SQLite format 3\x00"
-# The objects of the schema's first step: a file without the application id is an sdltag index
+# The objects of sdltag's schema steps: a file without the application id is an sdltag index
 # (written before the id existed) only if it holds these and nothing else.
-_LEGACY_OBJECTS = frozenset({"schema_migrations", "images", "images_by_hash", "sqlite_autoindex_images_1"})
+_LEGACY_OBJECTS = frozenset(
+    {"schema_migrations", "images", "images_by_hash", "sqlite_autoindex_images_1"}
+    | {"matrix_state", "sqlite_autoindex_matrix_state_1"}
+    | {f"images_matrix_{event}" for event in ("insert", "replace", "delete", "update")}
+)
 _SIDE_FILES = ("-journal", "-wal", "-shm")
 
 
