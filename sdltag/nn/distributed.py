@@ -346,7 +346,7 @@ def revert_batchnorm(model: nn.Module) -> None:
     """Undo ``convert_batchnorm`` (before exporting)."""
     for module in model.modules():
         if type(module) is GlobalBatchNorm2d:
-            module.__class__ = nn.BatchNorm2d
+            module.__class__ = nn.BatchNorm2d  # type: ignore[assignment]
 
 
 def wrap(module: nn.Module, context: DistContext) -> nn.Module:
@@ -358,12 +358,9 @@ def wrap(module: nn.Module, context: DistContext) -> nn.Module:
     ids = [context.local_rank] if context.device.type == "cuda" else None
     # Buffers (batch-norm running statistics) are identical on every process: GlobalBatchNorm2d computes them
     # from the global batch, so there is nothing to broadcast at each forward.
-    sync = (
-        "forward_sync_buffers"
-        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-        else "broadcast_buffers"
-    )
-    return DistributedDataParallel(module, device_ids=ids, **{sync: False})
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
 @contextmanager

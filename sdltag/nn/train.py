@@ -720,8 +720,8 @@ def _train(
     run_dir.mkdir(parents=True, exist_ok=True)
     size = (spec.height, spec.width)
     # The compiled module shares its parameters with ``model``; checkpoints and validation use ``model``.
-    step_model: torch.nn.Module = model
-    head_model: torch.nn.Module = model.head
+    step_model: Callable[..., Any] = model
+    head_model: Callable[..., Any] = model.head
     if ctx.enabled:  # gradients averaged over the processes; batch norm over the global batch
         distributed.convert_batchnorm(model)
         if frozen:
