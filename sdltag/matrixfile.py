@@ -55,7 +55,8 @@ HEADER_SIZE = 4096
 _HEADER = struct.Struct("<8sIIIqqqqqq32s")  # magic, version, rows M, dim d, count, capacity, epoch, gen, removals,
 # max_rowid, sha256(model_id)
 _CRC = struct.Struct("<I")
-BLOCK = 1024  # images per scored block (7 x 384 float32 = 11 MB once cast)
+BLOCK = 1024  # images per block a thread scores
+STEP = 256  # images cast and multiplied at once: 7 x 384 float32 = 2.7 MB, in cache (twice as fast as 1024 here)
 READ_CHUNK = 2048  # SQLite rows read per query while building
 
 
@@ -468,11 +469,15 @@ class IndexView:
         n = len(self.file)
         parts = []
         if lo < n:
-            q, scales = self.file.vectors[lo : min(hi, n)], self.file.scales[lo : min(hi, n)]
-            b, m, d = q.shape
-            products = q.reshape(-1, d).astype(np.float32) @ weights  # (b * M, L)
-            products *= scales.reshape(-1, 1)
-            parts.append(products.reshape(b, m, -1).max(axis=1))
+            top = min(hi, n)
+            part = np.empty((top - lo, weights.shape[1]), dtype=np.float32)
+            for at in range(lo, top, STEP):  # small steps: the cast rows stay in the CPU cache for the product
+                q, scales = self.file.vectors[at : min(at + STEP, top)], self.file.scales[at : min(at + STEP, top)]
+                b, m, d = q.shape
+                products = q.reshape(-1, d).astype(np.float32) @ weights  # (b * M, L)
+                products *= scales.reshape(-1, 1)
+                part[at - lo : at - lo + b] = products.reshape(b, m, -1).max(axis=1)
+            parts.append(part)
         if hi > n:
             x = self.tail_vectors[max(lo - n, 0) : hi - n]
             b, m, d = x.shape
