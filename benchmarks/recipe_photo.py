@@ -330,6 +330,9 @@ def build(args: argparse.Namespace, config: PhotoConfig) -> dict[str, Any]:
         x[keep], y[keep], label_vectors, init, config, lambda e, n, loss: log(f"epoch {e}/{n}: loss {loss}")
     )
 
+    if args.results:  # the head itself, for analysis (M*d x C float32)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.results.with_suffix(".head.npy"), head)
     # calibration: Platt on the calibration scenes' raw scores against their labels
     from sdltag.nn.calibration import fit_calibration
 
@@ -392,10 +395,10 @@ def evaluate_photos(
     }
     # ZSL: only the keywords that are not seen labels of the model
     novel = [k for k in keywords if k not in set(labels)]
-    novel_truth = {f: truth[f] & set(novel) for f in files if truth[f] & set(novel)}
+    novel_truth = {f: truth[f] & set(novel) for f in truth if truth[f] & set(novel)}  # labels.csv order: ties
     if novel_truth:
         idx = [keywords.index(k) for k in novel]
-        nf = sorted(novel_truth)
+        nf = list(novel_truth)
         rows_idx = [files.index(f) for f in nf]
         scores = sdl_rank_scores(features[rows_idx], head, vectors[idx], rows)
         out["zsl"] = {"keywords": len(novel), "photos": len(nf), **photo_metrics(nf, scores, novel, novel_truth)}
