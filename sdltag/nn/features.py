@@ -22,6 +22,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ class FeatureCache:
         base = {"backbone": backbone_name, "weights": weights_hash(backbone), "input": spec.to_json()}
         self.identity = json.dumps(base, sort_keys=True)  # view 0 is never augmented
         self.augmented_identity = json.dumps({**base, "augment": augment.to_dict()}, sort_keys=True)
-        self._session = None
+        self._session: Any = None  # onnxruntime.InferenceSession, made on first use
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     def key(self, content: str, view: int) -> str:
@@ -215,13 +216,13 @@ class FeatureCache:
             idx = indices.tolist()
             if idx:
                 keys = [contents[i] or "" for i in idx]
-                outputs = [self._run(batch) for batch in self._views(pixels, keys, views)]  # V x (B, C)
+                outputs = [self._run(images) for images in self._views(pixels, keys, views)]  # V x (B, C)
                 for row, i in enumerate(idx):
-                    values = [np.asarray(out[row], dtype=np.float32) for out in outputs]
+                    computed = [np.asarray(out[row], dtype=np.float32) for out in outputs]
                     if contents[i]:
-                        for view, value in enumerate(values):
+                        for view, value in enumerate(computed):
                             self._write(self.key(contents[i], view), value)
-                    put(i, values)
+                    put(i, computed)
             done += len(batch)
             if progress:
                 progress(done, n)

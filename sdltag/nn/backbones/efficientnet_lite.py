@@ -131,9 +131,9 @@ def input_spec(name: str = "efficientnet_lite0") -> InputSpec:
 def _round_filters(channels: int, width: float, divisor: int = 8) -> int:
     if width == 1.0:
         return channels
-    channels = channels * width
-    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
-    if rounded < 0.9 * channels:
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
         rounded += divisor
     return int(rounded)
 
@@ -363,7 +363,7 @@ def imagenet_class_names() -> list[str]:
         raise SdltagError(
             f"the ImageNet class names are not installed. Run `pip install {CLASS_NAMES_PACKAGE}`."
         ) from None
-    path = Path(module.__file__).parent / "imagenet1k_clean_names.json"
+    path = Path(str(module.__file__)).parent / "imagenet1k_clean_names.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     if isinstance(data, dict):
         names = [data[k] for k in sorted(data, key=int)]
