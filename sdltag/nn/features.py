@@ -164,6 +164,9 @@ class FeatureCache:
         backbone = _Pooled(self.backbone).cpu().float().eval()
         export_onnx(backbone, self.spec, path)
         options = ort.SessionOptions()
+        # Threads that sleep between operators instead of spinning: 1.3x the images/s on a busy 2-core CPU
+        # (10.6 -> 13.8, medians of 5 interleaved batches of 32), where spinning threads compete for the cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads:
             options.intra_op_num_threads = self.threads
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
