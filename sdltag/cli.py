@@ -31,7 +31,8 @@ def _argument_metavar(self: typer.core.TyperArgument, ctx: object, *, usage: boo
     return var
 
 
-typer.core.TyperArgument.make_metavar = _argument_metavar  # type: ignore[method-assign,assignment]
+# mypy refuses assigning to a method; replacing this one of Typer's is the point.
+typer.core.TyperArgument.make_metavar = _argument_metavar  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="sdltag",

@@ -163,14 +163,15 @@ class ContactSheetWriter:
         self.max_megapixels = max_megapixels
         self.warn = warn or (lambda message: None)
         self.items: list[_Item] = []
-        self.thumbs: list[bytes | Future | None] = []
+        # a thumbnail: JPEG bytes, being made, its file name in the staging folder, or None (none could be made)
+        self.thumbs: list[bytes | Future[bytes | None] | str | None] = []
         self.problems: list[tuple[str, str, str]] = []  # (display, href, reason)
         self.labels: dict[tuple[str, str], int] = {}  # (label as shown, kind) -> index
         self.label_index: dict[tuple[str, str], int] = {}  # (label as given, kind) -> index
         self.thumb_bytes = 0
         self.folder: Path | None = None  # the final thumbnail folder, once the thumbnails spill to disk
         self.staging: Path | None = None
-        self._finalizer = None
+        self._finalizer: weakref.finalize | None = None
         self.writes: list[Future] = []  # thumbnails being written to the staging folder
         self.front = 0  # thumbnails before this index are resolved (bytes, a file name or None)
         self.written_to_disk = 0  # thumbnails already in the staging folder (items [0, written_to_disk))
@@ -236,7 +237,7 @@ class ContactSheetWriter:
         self.problems.append((display_path(path), file_url(path), clean_label(reason)))
 
     # -- thumbnails ------------------------------------------------------------------------------
-    def _resolve(self, i: int) -> bytes | None:
+    def _resolve(self, i: int) -> bytes | str | None:
         thumb = self.thumbs[i]
         if isinstance(thumb, Future):
             thumb = thumb.result()
@@ -268,7 +269,7 @@ class ContactSheetWriter:
         assert self.staging is not None
         name = f"{i:06d}.jpg"
         self.writes.append(self.pool.submit((self.staging / name).write_bytes, thumb))
-        self.thumbs[i] = name  # type: ignore[call-overload]
+        self.thumbs[i] = name
         if len(self.writes) >= MAX_PENDING:
             self._check_writes(wait=False)
 
@@ -280,6 +281,7 @@ class ContactSheetWriter:
                 try:
                     future.result()
                 except OSError as exc:
+                    assert self.output is not None  # thumbnails are written to disk only beside an output file
                     raise SdltagError(
                         f"{thumbs_folder_for(self.output)}: cannot write the contact sheet's thumbnails "
                         f"({exc.strerror or exc}); free some space or choose another --output folder."

@@ -158,9 +158,9 @@ def read_labels_file(path: Path) -> list[LabelEntry]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
+        line_number = data[: exc.start].count(b"\n") + 1
         raise SdltagError(
-            f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}). "
+            f"{path}:{line_number}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}). "
             "Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
         ) from None
     entries: list[LabelEntry] = []

@@ -9,6 +9,7 @@ override both.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import secrets
@@ -181,11 +182,9 @@ def _keep_owner_and_mode(fd: int, original: os.stat_result | None) -> None:
 
 
 def _text(raw: IO[bytes], mode: str, encoding: str | None) -> IO:
-    import io
-
     if "b" in mode:
         return raw
-    return io.TextIOWrapper(raw, encoding=encoding or "utf-8", newline="")  # type: ignore[arg-type]
+    return io.TextIOWrapper(raw, encoding=encoding or "utf-8", newline="")
 
 
 @contextmanager
@@ -195,8 +194,8 @@ def _direct(handle: IO[bytes], mode: str, encoding: str | None, close: bool) -> 
         yield stream
         stream.flush()
     finally:
-        if stream is not handle:
-            stream.detach()  # type: ignore[attr-defined]
+        if isinstance(stream, io.TextIOWrapper):
+            stream.detach()
         if close:
             handle.close()
 

@@ -62,7 +62,7 @@ def _decoded(model: ModelFolder, images: Path, count: int, seed: int, warn: Call
         warn(f"{where}: {reason}")
     paths = list(found.files)
     random.Random(seed).shuffle(paths)
-    arrays = []
+    arrays: list[np.ndarray] = []
     for path in paths:
         if len(arrays) >= count:
             break

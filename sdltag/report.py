@@ -82,20 +82,29 @@ def _style():
 # Numbers
 
 
+def _per_image(report: EvalReport) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The report's (N, L) scores and targets and its (L,) unseen mask; refuses an evaluation without them."""
+    if report.scores is None or report.targets is None or report.unseen_mask is None:
+        raise SdltagError("this evaluation carries no per-image scores to draw a report from.")
+    return report.scores, report.targets, report.unseen_mask
+
+
 def per_label_ap(report: EvalReport) -> list[tuple[str, bool, float, int]]:
     """(label, unseen, AP %, positives) for every ranked label over the GZSL images; AP is NaN without a positive."""
     scores, targets = _gzsl(report)
+    unseen_mask = _per_image(report)[2]
     rows = []
     for j, name in enumerate(report.label_names):
         positives = int(targets[:, j].sum())
         ap = average_precision(scores[:, j], targets[:, j]) * 100 if positives else float("nan")
-        rows.append((name, bool(report.unseen_mask[j]), ap, positives))
+        rows.append((name, bool(unseen_mask[j]), ap, positives))
     return rows
 
 
 def _gzsl(report: EvalReport) -> tuple[np.ndarray, np.ndarray]:
-    keep = report.targets.any(axis=1)
-    return report.scores[keep], report.targets[keep]
+    scores, targets, _ = _per_image(report)
+    keep = targets.any(axis=1)
+    return scores[keep], targets[keep]
 
 
 def pr_curve(scores: np.ndarray, targets: np.ndarray, max_points: int = 2000) -> tuple[np.ndarray, np.ndarray]:
@@ -131,14 +140,15 @@ def reliability(confidences: np.ndarray, targets: np.ndarray, bins: int = RELIAB
 
 def worst_ranked(report: EvalReport, n: int = WORST_IMAGES) -> list[dict]:
     """The ``n`` images whose true labels the model ranks lowest (by their best true label's rank, then the mean)."""
+    scores, targets, unseen_mask = _per_image(report)
     rows = []
     names = report.label_names
-    for i in np.flatnonzero(report.targets.any(axis=1)):
-        order = np.argsort(-report.scores[i], kind="stable")  # equal scores: label order, as the metrics
+    for image in np.flatnonzero(targets.any(axis=1)):
+        order = np.argsort(-scores[image], kind="stable")  # equal scores: label order, as the metrics
         rank = np.empty(len(order), dtype=np.int64)
         rank[order] = np.arange(1, len(order) + 1)
-        truth = np.flatnonzero(report.targets[i])
-        rows.append((int(rank[truth].min()), float(rank[truth].mean()), int(i), order, rank, truth))
+        truth = np.flatnonzero(targets[image])
+        rows.append((int(rank[truth].min()), float(rank[truth].mean()), int(image), order, rank, truth))
     rows.sort(key=lambda r: (-r[0], -r[1], r[2]))
     shown = []
     for best, mean, i, order, rank, truth in rows[:n]:
@@ -148,11 +158,9 @@ def worst_ranked(report: EvalReport, n: int = WORST_IMAGES) -> list[dict]:
                 "path": report.paths[i],
                 "best_rank": best,
                 "mean_rank": mean,
-                "truth": sorted(
-                    ((names[j], int(rank[j]), bool(report.unseen_mask[j])) for j in truth), key=lambda t: t[1]
-                ),
+                "truth": sorted(((names[j], int(rank[j]), bool(unseen_mask[j])) for j in truth), key=lambda t: t[1]),
                 "top": [
-                    (names[j], float(confidences[j]), bool(report.targets[i, j]), bool(report.unseen_mask[j]))
+                    (names[j], float(confidences[j]), bool(targets[i, j]), bool(unseen_mask[j]))
                     for j in order[:TOP_TAGS]
                 ],
             }
@@ -161,11 +169,12 @@ def worst_ranked(report: EvalReport, n: int = WORST_IMAGES) -> list[dict]:
 
 
 def _confidences(report: EvalReport, i: int) -> np.ndarray:
+    scores, _, unseen_mask = _per_image(report)
     if not report.calibration:
-        return report.scores[i]
+        return scores[i]
     from sdltag.scoring import calibrate
 
-    return calibrate(report.scores[i : i + 1], report.unseen_mask, report.calibration)[0]
+    return calibrate(scores[i : i + 1], unseen_mask, report.calibration)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +309,7 @@ def _kind(unseen: bool) -> str:
 
 def render_report(report: EvalReport, *, thumbnails: bool = True, max_megapixels: float = 100.0) -> str:
     """The report page (needs the per-image fields ``evaluate`` fills: paths, scores, targets)."""
-    if report.scores is None or report.targets is None or report.unseen_mask is None:
-        raise SdltagError("this evaluation carries no per-image scores to draw a report from.")
+    scores, targets, unseen_mask = _per_image(report)
     esc = html.escape
     parts: list[str] = []
     evaluated = report.images_listed - report.images_failed
@@ -366,12 +374,12 @@ def render_report(report: EvalReport, *, thumbnails: bool = True, max_megapixels
 
     curves = {}
     gzsl_scores, gzsl_targets = _gzsl(report)
-    if report.unseen_mask.any():
-        unseen = report.unseen_mask
-        keep = report.targets[:, unseen].any(axis=1)
+    if unseen_mask.any():
+        unseen = unseen_mask
+        keep = targets[:, unseen].any(axis=1)
         if keep.any():
             curves[f"ZSL ({int(keep.sum())} images, {int(unseen.sum())} labels)"] = pr_curve(
-                report.scores[keep][:, unseen], report.targets[keep][:, unseen]
+                scores[keep][:, unseen], targets[keep][:, unseen]
             )
     if gzsl_targets.any():
         curves[f"GZSL ({len(gzsl_scores)} images, {len(report.label_names)} labels)"] = pr_curve(
@@ -390,13 +398,13 @@ def render_report(report: EvalReport, *, thumbnails: bool = True, max_megapixels
     if report.calibration:
         from sdltag.scoring import calibrate
 
-        confidences = calibrate(report.scores, report.unseen_mask, report.calibration)
+        confidences = calibrate(scores, unseen_mask, report.calibration)
         groups = {}
-        for name, mask in (("seen", ~report.unseen_mask), ("unseen", report.unseen_mask)):
+        for name, mask in (("seen", ~unseen_mask), ("unseen", unseen_mask)):
             if mask.any():
                 ece = report.ece.get(name)
                 label = name + (f" (ECE {ece:.4f})" if ece is not None else "")
-                groups[label] = reliability(confidences[:, mask], report.targets[:, mask])
+                groups[label] = reliability(confidences[:, mask], targets[:, mask])
         parts.append(
             "<h2>Calibration</h2>"
             f'<img class="chart" alt="reliability diagram" src="{reliability_chart(groups)}">'

@@ -8,6 +8,8 @@ against the manifest before a session starts (``ModelFolder.verify_onnx``, cache
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 
 from sdltag.errors import SdltagError
@@ -50,13 +52,15 @@ def int8_dot_product() -> str | None:
     Without them (x86 with AVX2 only) onnxruntime's u8 x s8 kernels add pairs of products
     in 16 bits, which can saturate, so ``--precision auto`` keeps the float graph there.
     """
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:  # numpy 1.x
+    features: dict[str, bool] | None = None
+    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):  # numpy 2, numpy 1.x
         try:
-            from numpy.core._multiarray_umath import __cpu_features__ as features
-        except ImportError:
-            return None
+            features = importlib.import_module(module).__cpu_features__
+            break
+        except (ImportError, AttributeError):
+            continue
+    if features is None:
+        return None
     for key, name in _INT8_DOT_FEATURES:
         if features.get(key):
             return name

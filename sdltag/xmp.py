@@ -31,6 +31,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from xml.parsers import expat
 
 from sdltag.errors import SdltagError
@@ -249,12 +250,13 @@ def _parse_text(path: Path, text: str) -> _Document:
     pending: list[tuple[str, str]] = []
     declarations: dict[int, list[tuple[str, str]]] = {}
     prefixes: dict[int, str] = {}
-    found: dict[str, object] = {}
+    found: dict[str, ET.Element] = {}
+    span: dict[str, int] = {}  # byte offsets of the root element's start and end
 
     def start_namespace(prefix: str | None, uri: str | None) -> None:
         pending.append((prefix or "", uri or ""))
 
-    def add(element: ET.Element) -> None:
+    def add(element: ET.Element[Any]) -> None:
         if stack:
             stack[-1].append(element)
 
@@ -273,7 +275,7 @@ def _parse_text(path: Path, text: str) -> _Document:
         if not stack:
             if "root" in found:
                 raise _Refused("has more than one root element")
-            found["root"], found["start"] = element, parser.CurrentByteIndex
+            found["root"], span["start"] = element, parser.CurrentByteIndex
         add(element)
         stack.append(element)
 
@@ -282,7 +284,7 @@ def _parse_text(path: Path, text: str) -> _Document:
         if not stack:
             at = parser.CurrentByteIndex
             # an end tag is reported where it starts; an empty-element tag where it has ended
-            found["end"] = data.index(b">", at) + 1 if data.startswith(b"</", at) else at
+            span["end"] = data.index(b">", at) + 1 if data.startswith(b"</", at) else at
 
     def characters(chunk: str) -> None:
         if not stack:
@@ -325,7 +327,7 @@ def _parse_text(path: Path, text: str) -> _Document:
     root = found.get("root")
     if not isinstance(root, ET.Element):
         raise XmpError(path, "has no XML element; left untouched, fix or remove it")
-    begin, finish = int(found["start"]), int(found["end"])  # type: ignore[call-overload]
+    begin, finish = span["start"], span["end"]
     return _Document(
         root=root,
         prolog=data[:begin].decode("utf-8"),
@@ -374,7 +376,7 @@ def _li_value(li: ET.Element) -> str | None:
 
 def _property_items(descriptions: Iterable[ET.Element], prop: str) -> list[tuple[ET.Element, ET.Element]]:
     """(container, li) for every keyword item of ``prop`` (an rdf:Bag/Seq/Alt), in file order."""
-    items = []
+    items: list[tuple[ET.Element, ET.Element]] = []
     for description in descriptions:
         for element in description.findall(prop):
             for container in element:
@@ -600,18 +602,18 @@ def _update_property(
     have = {v.casefold() for v in _values(descriptions, prop)}
     missing = _dedupe(v for v in values if v.casefold() not in have)
     if missing:
-        container = next(
+        first: ET.Element | None = next(
             (c for d in descriptions for e in d.findall(prop) for c in e if c.tag in CONTAINERS),
             None,
         )
-        if container is None:
+        if first is None:
             _declare(document, target, prop)
             element = ET.Element(prop)
             _append(document, target, element)
-            container = ET.Element(container_tag)
-            _append(document, element, container)
+            first = ET.Element(container_tag)
+            _append(document, element, first)
         for value in missing:
-            _append(document, container, _li(value))
+            _append(document, first, _li(value))
     parents = document.parents
     for container in emptied:
         if any(child.tag == LI for child in container) or id(container) not in parents:

@@ -87,7 +87,7 @@ def _known_models(model_dirs: list[Path]) -> dict[str, str]:
             continue
         name = model.manifest.name or model.path.name
         names.setdefault(model.model_id, name)
-        if model.has_int8:
+        if model.manifest.onnx_int8:
             names.setdefault(str(model.manifest.onnx_int8["sha256"]), f"{name} (int8)")
     return names
 
@@ -208,7 +208,7 @@ def _model_ids(model: str, present: dict[str, int]) -> list[str]:
 
         loaded = load_model_folder(folder)
         ids = [loaded.model_id]
-        if loaded.has_int8:
+        if loaded.manifest.onnx_int8:
             ids.append(str(loaded.manifest.onnx_int8["sha256"]))
         return ids
     key = model.strip().lower()

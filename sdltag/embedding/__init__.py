@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from sdltag.embedding.locate import DEFAULT_NAME
 from sdltag.modelfolder import EmbedderSpec
+
+if TYPE_CHECKING:
+    from sdltag.embedding.embedder import CachedTextEmbedder
 
 __all__ = ["DEFAULT_NAME", "TextEmbedder", "get_text_embedder", "clear_embedder_memo"]
 
@@ -25,14 +28,17 @@ __all__ = ["DEFAULT_NAME", "TextEmbedder", "get_text_embedder", "clear_embedder_
 class TextEmbedder(Protocol):
     """Anything that turns label texts into unit vectors in a named embedding space."""
 
-    spec: EmbedderSpec
+    @property
+    def spec(self) -> EmbedderSpec:
+        """The embedding space the vectors are in."""
+        ...
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """(n, d) float32, L2-normalised rows, in the order of ``texts``; uses the cache."""
         ...
 
 
-_MEMO: dict[tuple[str, str, str], TextEmbedder] = {}
+_MEMO: dict[tuple[str, str, str], CachedTextEmbedder] = {}
 
 
 def get_text_embedder(
@@ -61,14 +67,12 @@ def get_text_embedder(
         embedder = CachedTextEmbedder(files, cache, backend=backend)
         _MEMO[key] = embedder
     elif warn is not None:
-        embedder.cache.warn = warn  # type: ignore[attr-defined]
+        embedder.cache.warn = warn
     return embedder
 
 
 def clear_embedder_memo() -> None:
     """Forget shared embedders (after clearing a cache, or between tests)."""
     for embedder in _MEMO.values():
-        cache = getattr(embedder, "cache", None)
-        if cache is not None:
-            cache.close()
+        embedder.cache.close()
     _MEMO.clear()

@@ -30,12 +30,15 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from sdltag.errors import SdltagError
 from sdltag.paths import cache_dir as resolve_cache_dir
 from sdltag.sqlite_retry import retry_while_busy
+
+_T = TypeVar("_T")
 
 DB_FILE = "labels.sqlite3"
 FAST_PATH_DIR = "text-models"
@@ -265,7 +268,7 @@ class LabelVectorCache:
             "(labels will be embedded again)"
         )
 
-    def _run(self, work: Callable[[sqlite3.Connection], object]) -> object:
+    def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``work`` on the connection; a corruption found mid-run sets the file aside and retries once."""
         with self._lock:
             conn = self._connect()
@@ -305,7 +308,7 @@ class LabelVectorCache:
                         found[text] = vector
             return found
 
-        return self._run(work)  # type: ignore[return-value]
+        return self._run(work)
 
     def put_many(self, embedder_id: str, items: Iterable[tuple[str, np.ndarray]]) -> int:
         """Store vectors in one transaction (an existing entry is replaced). Returns how many."""
@@ -331,7 +334,7 @@ class LabelVectorCache:
                 raise
             return len(rows)
 
-        return int(self._run(work))  # type: ignore[arg-type]
+        return self._run(work)
 
     # -- weight hashes --------------------------------------------------------------------------
 
@@ -343,7 +346,7 @@ class LabelVectorCache:
             ).fetchone()
             return str(row[0]) if row else None
 
-        return self._run(work)  # type: ignore[return-value]
+        return self._run(work)
 
     def put_file_hash(self, path: Path, size: int, mtime_ns: int, sha256: str) -> None:
         def work(conn: sqlite3.Connection) -> None:
@@ -367,7 +370,7 @@ class LabelVectorCache:
             rows = self._run(
                 lambda conn: conn.execute("SELECT embedder, COUNT(*) FROM vectors GROUP BY embedder").fetchall()
             )
-            per_embedder = {str(e): int(n) for e, n in rows}  # type: ignore[union-attr]
+            per_embedder = {str(e): int(n) for e, n in rows}
         size = 0
         if self.directory.is_dir():
             for root, _dirs, files in os.walk(self.directory):
@@ -426,6 +429,6 @@ def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
     return any(word in text for word in ("malformed", "not a database", "corrupt", "disk image", "integrity"))
 
 
-def _is_access_problem(exc: sqlite3.OperationalError) -> bool:
+def _is_access_problem(exc: sqlite3.Error) -> bool:
     text = str(exc).lower()
     return any(word in text for word in ("readonly", "read-only", "unable to open", "permission", "access"))

@@ -141,9 +141,10 @@ class OnnxTextEncoder:
         # Written into a private folder under the final names (the graph records its data file's
         # name), then moved into place: the data first, the graph last, each rename atomic, so a
         # graph is never seen without its data.
-        staging = self.folder / f".optimise.{os.getpid()}.{threading.get_ident()}"
+        private = self.folder / f".optimise.{os.getpid()}.{threading.get_ident()}"
+        staging: Path | None = private
         try:
-            staging.mkdir(exist_ok=True)
+            private.mkdir(exist_ok=True)
         except OSError:
             staging = None  # a read-only cache: every run optimises again
         if staging is not None:

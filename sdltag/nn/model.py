@@ -66,7 +66,9 @@ class SDLModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = create_backbone(config.backbone, **config.backbone_config)
-        self.head = SDLHead(self.backbone.num_features, config.rows, config.dim, config.head_layout)
+        num_features = self.backbone.num_features
+        assert isinstance(num_features, int)  # create_backbone checks it
+        self.head = SDLHead(num_features, config.rows, config.dim, config.head_layout)
 
     def forward(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W), normalised as the manifest says -> principal vectors (B, M, d)."""

@@ -67,4 +67,5 @@ class ResNet(nn.Module):
 @register_backbone("resnet50", "ResNet-50 (2048-d features), for photo-scale training on a GPU")
 def resnet50(width: int = 64, layers: tuple[int, ...] | list[int] = (3, 4, 6, 3)) -> nn.Module:
     """ResNet-50 (2048-d features), for photo-scale training on a GPU."""
-    return ResNet(layers=tuple(layers), width=width)
+    first, second, third, fourth = layers
+    return ResNet(layers=(first, second, third, fourth), width=width)

@@ -48,6 +48,8 @@ class InPlaceABN(nn.Module):
         self.num_features, self.activation, self.slope, self.momentum = num_features, activation, slope, momentum
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
+        self.running_mean: Tensor
+        self.running_var: Tensor
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
@@ -84,6 +86,13 @@ def conv_abn(
     )
 
 
+def _norm_of(conv: nn.Sequential) -> InPlaceABN:
+    """The InPlaceABN of a ``conv_abn`` pair."""
+    norm = conv[1]
+    assert isinstance(norm, InPlaceABN)
+    return norm
+
+
 class SpaceToDepth(nn.Module):
     """(B, C, H, W) -> (B, 16C, H/4, W/4), channel order as the official stem."""
 
@@ -106,6 +115,7 @@ class AntiAliasDownsample(nn.Module):
         filt = a[:, None] * a[None, :]
         filt = filt / filt.sum()  # (3, 3), sums to 1
         # Not part of the state dict: the official checkpoint does not store it.
+        self.filt: Tensor
         self.register_buffer("filt", filt[None, None].repeat(channels, 1, 1, 1), persistent=False)  # (C, 1, 3, 3)
         self.channels = channels
 
@@ -215,9 +225,9 @@ class TResNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu")
         for module in self.modules():
             if isinstance(module, BasicBlock):
-                nn.init.zeros_(module.conv2[1].weight)
+                nn.init.zeros_(_norm_of(module.conv2).weight)
             elif isinstance(module, Bottleneck):
-                nn.init.zeros_(module.conv3[1].weight)
+                nn.init.zeros_(_norm_of(module.conv3).weight)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv1(self.space_to_depth(x))  # (B, 64w, H/4, W/4)
@@ -229,4 +239,5 @@ def tresnet_m(width_factor: float = 1.0, layers: tuple[int, ...] | list[int] = (
     """TResNet-M (2048-d features), the official SDL backbone; imports its checkpoint."""
     if len(layers) != 4:
         raise ValueError(f"tresnet_m needs 4 stage depths, got {list(layers)}")
-    return TResNet(layers=tuple(layers), width_factor=width_factor)  # type: ignore[arg-type]
+    first, second, third, fourth = layers
+    return TResNet(layers=(first, second, third, fourth), width_factor=width_factor)
