@@ -122,7 +122,7 @@ def _resolve(module: str, name: str) -> Any:
     try:  # numpy >= 2 keeps the implementation in numpy._core; old pickles name numpy.core
         from numpy._core import multiarray, numeric
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]  # the same modules, numpy 1.x names
     found = getattr(numeric if module.endswith(".numeric") else multiarray, name)
     return _checked_reconstruct(found) if name == "_reconstruct" else found
 

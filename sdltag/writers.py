@@ -288,6 +288,7 @@ def stdout_stream() -> IO[str]:
 
     stream = sys.stdout
     try:
+        # TextIO has no reconfigure; sys.stdout is a TextIOWrapper unless something replaced it
         stream.reconfigure(encoding="utf-8", errors="surrogateescape")  # type: ignore[union-attr]
     except (AttributeError, ValueError, io.UnsupportedOperation):
         pass

@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import ParamSpec, TypeVar
 
 import typer
 
 from sdltag.errors import SdltagError
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def complete_model_dir(incomplete: str) -> list[str]:
@@ -84,11 +85,11 @@ def info(message: str) -> None:
     print(f"sdltag: {message}", file=sys.stderr, flush=True)
 
 
-def cli_errors(func: F) -> F:
+def cli_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn ``SdltagError`` into one stderr line and its exit code; Ctrl-C into exit 130."""
 
     @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return func(*args, **kwargs)
         except SdltagError as exc:
@@ -102,4 +103,4 @@ def cli_errors(func: F) -> F:
             _discard_stdout()
             raise typer.Exit(BROKEN_PIPE_EXIT) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
