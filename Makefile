@@ -28,6 +28,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sdltag tests benchmarks
 	$(VENV)/bin/ruff format --check sdltag tests benchmarks
+	$(VENV)/bin/mypy sdltag
 
 # Benchmarks (measure this machine; results go to benchmarks/results/).
 bench: $(STAMP)
