@@ -540,11 +540,11 @@ class ImageIndex:
 
     @property
     def schema_version(self) -> int:
-        return max(self._do(self._applied, dict), default=0)
+        return max(self._do(self._applied, lambda: {}), default=0)
 
     def migrations(self) -> list[tuple[int, str]]:
         """The applied steps, oldest first."""
-        return sorted(self._do(self._applied, dict).items())
+        return sorted(self._do(self._applied, lambda: {}).items())
 
     # -- failures -----------------------------------------------------------------------------
 
@@ -719,12 +719,14 @@ class ImageIndex:
                 )
             return found
 
-        found = self._do(work, dict) if keys else {}
+        found = self._do(work, lambda: {}) if keys else {}
         out: list[np.ndarray | None] = []
         for key, (_, size, mtime_ns) in zip(keys, files, strict=True):
             row = found.get(key)
-            match = row is not None and row[0] == int(size) and row[1] == int(mtime_ns)
-            out.append(_decode_vectors(row[2], row[3], row[4]) if match else None)
+            if row is not None and row[0] == int(size) and row[1] == int(mtime_ns):
+                out.append(_decode_vectors(row[2], row[3], row[4]))
+            else:
+                out.append(None)
         return out
 
     def known_hashes(self, model_id: str) -> set[str]:
@@ -1068,7 +1070,7 @@ def _looks_unwritable(exc: sqlite3.DatabaseError) -> bool:
     return any(word in text for word in words)
 
 
-def _needs_roll_back(path: Path, exc: sqlite3.OperationalError) -> bool:
+def _needs_roll_back(path: Path, exc: sqlite3.Error) -> bool:
     """A read-only open refused because a killed writer left a journal that must be rolled back first."""
     text = str(exc).lower()
     side = any(os.path.exists(f"{path}{suffix}") for suffix in ("-journal", "-wal"))
