@@ -46,10 +46,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 import numpy as np
 
+T = TypeVar("T")
 MAGIC = b"SDLTMTX\x01"
 VERSION = 2  # 2: int8 rows with a scale each (1 held float16)
 HEADER_SIZE = 4096
@@ -202,12 +203,12 @@ def read_state(conn: sqlite3.Connection, model_id: str) -> State | None:
     return None if row is None else State(int(row[0]), int(row[1]), int(row[2]))
 
 
-def _snapshot(index, work: Callable[[sqlite3.Connection], object]) -> object:
+def _snapshot(index, work: Callable[[sqlite3.Connection], T]) -> T | None:
     """``work(conn)`` inside one read transaction of ``index`` (its pending writes committed first)."""
     if index.writable:
         index.commit()
 
-    def run(conn: sqlite3.Connection) -> object:
+    def run(conn: sqlite3.Connection) -> T:
         if conn.in_transaction:
             conn.commit()
         conn.execute("BEGIN")
@@ -333,7 +334,7 @@ def _append(index, model_id: str, current: MatrixFile) -> bool:
     return True
 
 
-def _write_rows(fd: int, capacity: int, rows: int, dim: int, at: int, ids: np.ndarray, vectors: np.ndarray) -> None:
+def _write_rows(fd: int, capacity: int, rows: int, dim: int, at: int, ids: np.ndarray, vectors: Any) -> None:
     """Matrices ``at``, ``at + 1``, ... : float32 ones are quantized, (int8, scales) pairs written as they are."""
     rowids_at, scales_at, vectors_at, _ = _layout(capacity, rows, dim)
     q, scales = vectors if isinstance(vectors, tuple) else _quantize(vectors)
@@ -342,7 +343,7 @@ def _write_rows(fd: int, capacity: int, rows: int, dim: int, at: int, ids: np.nd
     os.pwrite(fd, np.ascontiguousarray(q, dtype=np.int8).tobytes(), vectors_at + at * rows * dim)
 
 
-def _chunks_of(current: MatrixFile, ids: np.ndarray, vectors: np.ndarray) -> Iterator[tuple[np.ndarray, object]]:
+def _chunks_of(current: MatrixFile, ids: np.ndarray, vectors: np.ndarray) -> Iterator[tuple[np.ndarray, Any]]:
     for lo in range(0, len(current), 65536):
         yield current.rowids[lo : lo + 65536], (current.vectors[lo : lo + 65536], current.scales[lo : lo + 65536])
     if len(ids):
@@ -391,7 +392,7 @@ def _write_new(
     path: Path,
     model_id: str,
     state: State,
-    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    chunks: Iterable[tuple[np.ndarray, Any]],  # (rowids, float32 matrices or (int8 rows, scales))
     expected: int,
     rows: int,
     dim: int,
@@ -651,7 +652,7 @@ def rank(index, model, label_space, folders: list[Path], top: int, *, raw_scores
         else:
             exact = np.zeros(0, dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: (-float(exact[i]), os.fsencode(found[ids[i]][0])))
-        hits = []
+        hits: list[SearchHit] = []
         for i in order:
             if threshold is not None and exact[i] < threshold:
                 return hits  # the rest of the candidates score lower, and those not taken lower still
