@@ -132,3 +132,27 @@ def test_scenes_skip_symbols_and_cartoons_and_regenerate_identically(tmp_path):
         assert (first / name).read_bytes() == (second / name).read_bytes()
     with open(first / "labels.csv", encoding="utf-8") as handle:
         assert next(csv.reader(handle)) == ["file", "names", "categories"]
+
+
+def test_committed_photo_model_matches_its_vocabulary_and_tags_a_demo_photo():
+    import onnxruntime as ort
+
+    from sdltag.images import load_image
+    from sdltag.modelfolder import load_model_folder
+    from sdltag.nn.backbones import efficientnet_lite as lite
+    from sdltag.scoring import sdl_scores
+
+    root = Path(__file__).resolve().parents[1]
+    folder = load_model_folder(root / "models" / "photo-lite0")
+    manifest = folder.manifest
+    assert manifest.backbone == "efficientnet_lite0" and manifest.input == lite.input_spec("efficientnet_lite0")
+    assert manifest.seen_labels == [label for label, _, _ in read_vocabulary()]
+    assert manifest.calibration and manifest.calibration["method"] == "platt"
+    weights = manifest.provenance["backbone_weights"]
+    assert weights["sha256"] == lite.VARIANTS["efficientnet_lite0"].sha256
+    session = ort.InferenceSession(str(folder.onnx_path), providers=["CPUExecutionProvider"])
+    image = load_image(root / "examples" / "photos" / "tuxpaint-european-bear.jpg", manifest.input)
+    vectors = session.run(None, {"images": image[None]})[0]
+    scores = sdl_scores(vectors, np.load(folder.path / "label_embeddings.npy"))[0]
+    top = [manifest.seen_labels[i] for i in np.argsort(-scores)[:3]]
+    assert "bear" in top or "brown bear" in top
