@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from sdltag.index import ImageIndex, bytes_hash, file_hash
 from sdltag.modelfolder import InputSpec, ModelFolder
 from sdltag.scoring import calibrate, sdl_scores, top_k
 from sdltag.writers import Tag, TagResult
+
+if TYPE_CHECKING:
+    from sdltag.label_space import LabelSet
 
 SCORE_CHUNK = 256  # images scored per matrix product when their vectors come from the index
 LOOKUP_CHUNK = 256  # files looked up in the index per query
@@ -69,9 +73,9 @@ class LabelSpace:
         return cls(list(model.all_labels), model.label_vectors, mask)
 
     @classmethod
-    def from_label_set(cls, label_set: object) -> LabelSpace:
+    def from_label_set(cls, label_set: LabelSet) -> LabelSpace:
         """Adapt ``sdltag.label_space.LabelSet`` (names, vectors, unseen_mask)."""
-        return cls(list(label_set.names), label_set.vectors, label_set.unseen_mask)  # type: ignore[attr-defined]
+        return cls(list(label_set.names), label_set.vectors, label_set.unseen_mask)
 
 
 @dataclass
@@ -232,6 +236,14 @@ def _prepare(
     return _Prepared(content_hash, preprocess(image, spec), thumbnail_jpeg(image, thumbnail_size))
 
 
+class ImageModelLike(Protocol):
+    """What ``tag_files``'s ``image_model`` factory returns (``sdltag.runtime.ImageModel``)."""
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) model inputs -> (B, M, d) principal vectors."""
+        ...
+
+
 @dataclass
 class _Slot:
     """One input's place in the output order."""
@@ -253,7 +265,7 @@ class _Run:
         options: TagOptions,
         index: ImageIndex | None,
         index_writable: bool,
-        image_model: Callable[[], object],
+        image_model: Callable[[], ImageModelLike],
         on_result: Callable[[TagResult], None],
         on_problem: Callable[[Problem], None],
         on_progress: Callable[[int], None] | None,
@@ -296,7 +308,7 @@ class _Run:
         slot.done = True
 
     def record(self, path: Path, st: os.stat_result, content_hash: str | None, vectors: np.ndarray) -> None:
-        if self.index_writable and content_hash is not None:
+        if self.index is not None and self.index_writable and content_hash is not None:
             self.index.put(path, st.st_size, st.st_mtime_ns, content_hash, self.model_id, vectors)
 
     def _warm_up(self) -> None:
@@ -344,25 +356,30 @@ class _Run:
         except ImageError as exc:
             self.fail(slot, exc.reason)
             return
-        if prepared.array is None:
-            vectors = self.index.vectors_for_hash(prepared.content_hash, self.model_id) if self.index else None
+        array = prepared.array
+        if array is None:
+            # the index had this content (so the hash is known): its stored vectors, unless gone meanwhile
+            vectors = (
+                self.index.vectors_for_hash(prepared.content_hash, self.model_id)
+                if self.index and prepared.content_hash is not None
+                else None
+            )
             if vectors is not None:
                 self.record(slot.path, st, prepared.content_hash, vectors)
                 self.summary.by_hash += 1
                 self.ready.append((slot, vectors))
                 return
             try:  # the hash vanished from the index meanwhile: decode here
-                prepared = _Prepared(
-                    prepared.content_hash, load_image(slot.path, self.spec, self.options.max_megapixels)
-                )
+                array = load_image(slot.path, self.spec, self.options.max_megapixels)
             except ImageError as exc:
                 self.fail(slot, exc.reason)
                 return
         slot.thumbnail = prepared.thumbnail
-        self.batch.append((slot, prepared.array, st, prepared.content_hash))
+        self.batch.append((slot, array, st, prepared.content_hash))
         if not self.warmed:
             # The first decoded image: load the image model on the pool while the batch fills, so its
             # start-up overlaps decoding (a run with nothing to decode never loads it).
+            assert self.pool is not None  # made by execute, which alone drains
             self.pool.submit(self._warm_up)
             self.warmed = True
         if len(self.batch) >= self.options.batch_size:
@@ -419,7 +436,7 @@ class _Run:
             self.flush()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            if self.index_writable:
+            if self.index is not None and self.index_writable:
                 self.index.commit()
             self.summary.seconds = time.perf_counter() - start
         return self.summary
@@ -430,7 +447,7 @@ def tag_files(
     *,
     model: ModelFolder,
     labels: LabelSpace | Future,
-    image_model: Callable[[], object],
+    image_model: Callable[[], ImageModelLike],
     on_result: Callable[[TagResult], None],
     on_problem: Callable[[Problem], None],
     options: TagOptions | None = None,
