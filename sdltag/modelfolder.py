@@ -237,6 +237,18 @@ def _calibration(data: Any) -> dict[str, Any] | None:
     return data
 
 
+def _sidecar(data: Any) -> dict[str, Any] | None:
+    """``{"threshold": 0..1, "max_keywords": 1..100, ...}`` (the model's advice for sidecar keywords) or None."""
+    if data is None:
+        return None
+    data = _dict(data, "sidecar")
+    threshold = _float(data.get("threshold"), "sidecar.threshold")
+    if not 0.0 <= threshold <= 1.0:
+        raise ManifestFieldError("sidecar.threshold", f"must be from 0 to 1, not {_shown(threshold)}")
+    _int(data.get("max_keywords"), "sidecar.max_keywords", 1, 100)
+    return data
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """How an image becomes the model's input tensor."""
@@ -326,6 +338,9 @@ class Manifest:
     onnx: dict[str, Any] = field(default_factory=dict)
     # The optional 8-bit graph: file, sha256, bytes and how it was made (``sdltag quantize --attach``).
     onnx_int8: dict[str, Any] | None = None
+    # The model's advice for keywords written to sidecars (XMP, captions): a calibrated-score cut-off
+    # and a count, chosen on validation photos by whoever trained it (see ``sdltag.sidecars``).
+    sidecar: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     # Top-level entries this version does not know (a later version's provenance, say), kept as read.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -350,6 +365,8 @@ class Manifest:
         }
         if self.onnx_int8:
             data["onnx_int8"] = self.onnx_int8
+        if self.sidecar:
+            data["sidecar"] = self.sidecar
         return data
 
     @classmethod
@@ -391,6 +408,7 @@ class Manifest:
             "provenance",
             "model_card",
             "onnx_int8",
+            "sidecar",
         }
         return cls(
             name=_str(data.get("name", ""), "name"),
@@ -408,6 +426,7 @@ class Manifest:
             model_card=dict(_dict(data.get("model_card"), "model_card", optional=True)),
             onnx=_graph_entry(data.get("onnx"), "onnx", optional_hash=True),
             onnx_int8=_graph_entry(int8, "onnx_int8", optional_hash=False) if int8 else None,
+            sidecar=_sidecar(data.get("sidecar")),
             format_version=version,
             extra={k: v for k, v in data.items() if k not in known},
         )
@@ -763,11 +782,13 @@ def attach_int8(model: ModelFolder, int8_file: Path, details: dict[str, Any], ca
     return load_model_folder(folder)
 
 
-DEFAULT_MODEL = "emoji"
+DEFAULT_MODEL = "photo-lite0"
 
 
 def default_model_dir() -> Path:
-    """The model used when ``--model`` is not given: the bundled ``models/emoji``.
+    """The model used when ``--model`` is not given: the bundled ``models/photo-lite0``.
+
+    It is the photo model; ``models/emoji`` stays as the emoji benchmark's model.
 
     ``SDLTAG_MODEL`` overrides it. The bundled models ship as the ``sdltag_models``
     package (the repository's top-level ``models/`` folder), so this works for a
@@ -788,6 +809,6 @@ def default_model_dir() -> Path:
         if (candidate / MANIFEST).is_file():
             return candidate
     raise SdltagError(
-        "no model given and the bundled model (models/emoji) is not installed. "
+        "no model given and the bundled model (models/photo-lite0) is not installed. "
         "Pass --model MODEL_DIR (a folder written by `sdltag train` or `sdltag export`)."
     )

@@ -54,8 +54,8 @@ def test_bad_option_is_a_usage_error() -> None:
 
 
 def _bundled_model_or_fail() -> Path:
-    model = ROOT / "models" / "emoji" / "manifest.json"
-    assert model.is_file(), "the bundled default model models/emoji is missing"
+    model = ROOT / "models" / "photo-lite0" / "manifest.json"
+    assert model.is_file(), "the bundled default model models/photo-lite0 is missing"
     return model.parent
 
 
@@ -97,12 +97,13 @@ def test_default_model_is_found_from_a_built_wheel(tmp_path: Path) -> None:
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        assert "sdltag_models/emoji/model.onnx" in names and "sdltag_models/emoji/manifest.json" in names
+        for model in ("photo-lite0", "emoji"):  # the default and the emoji benchmark's model
+            assert f"sdltag_models/{model}/model.onnx" in names and f"sdltag_models/{model}/manifest.json" in names
         assert "sdltag_models/emoji/model.int8.onnx" in names  # its 8-bit graph ships too
         archive.extractall(site)
     code = (
         "from sdltag.modelfolder import default_model_dir, load_model_folder; "
-        "model = load_model_folder(default_model_dir()); model.with_precision('int8').verify_onnx(); "
+        "model = load_model_folder(default_model_dir()); model.verify_onnx(); "
         "print(model.path)"
     )
     env = {k: v for k, v in os.environ.items() if k != "SDLTAG_MODEL"}
@@ -110,3 +111,4 @@ def test_default_model_is_found_from_a_built_wheel(tmp_path: Path) -> None:
     # -I would drop PYTHONPATH; run from the wheel's folder so the source tree is not importable
     out = subprocess.run([sys.executable, "-c", code], cwd=site, env=env, capture_output=True, text=True, check=True)
     assert Path(out.stdout.strip()).resolve().is_relative_to(site.resolve()), out.stdout
+    assert Path(out.stdout.strip()).name == "photo-lite0"

@@ -66,7 +66,8 @@ def test_installed_command_tags_indexes_retags_and_searches(tmp_path: Path, text
     env = {**os.environ, "SDLTAG_HOME": str(tmp_path / "home"), "LANG": "C", "LC_ALL": "C"}
     common = ["--model", str(model.path), "--cache-dir", str(cache)]
 
-    first = _run(["tag", str(library), *common, "--label", "red car", "-k", "7", "--xmp"], env)
+    sidecars = ["--xmp", "--sidecar-threshold", "0", "--sidecar-max", "7"]  # every printed tag into the sidecar
+    first = _run(["tag", str(library), *common, "--label", "red car", "-k", "7", *sidecars], env)
     stderr = first.stderr.decode()
     assert first.returncode == 1, stderr  # the broken file fails, the rest are tagged
     assert "broken.jpg" in stderr and "CPUExecutionProvider" in stderr and "4 tagged" in stderr

@@ -205,7 +205,7 @@ def test_tag_reruns_keep_the_users_keywords_end_to_end(tmp_path: Path, tiny_mode
         Image.new("RGB", (40, 30), (70 * i, 120, 30)).save(folder / f"p{i}.jpg")
         (folder / f"p{i}.jpg.xmp").write_text(_body().replace("<rdf:li>Mine</rdf:li>", items), encoding="utf-8")
     base = ["tag", str(folder), "--model", str(tiny_model.path), "--no-index", "--xmp", "-q"]
-    first = CliRunner().invoke(app, [*base, "-k", "6"], catch_exceptions=False)
+    first = CliRunner().invoke(app, [*base, "-k", "6", "--sidecar-max", "6"], catch_exceptions=False)
     assert first.exit_code == 0, first.stderr
     for i in range(3):
         assert {k.casefold() for k in read_keywords(folder / f"p{i}.jpg.xmp")} == {

@@ -202,10 +202,29 @@ def tag(
     output: Path = typer.Option(
         None, "--output", "-o", help="Write results to this file (atomically; `-` for stdout)."
     ),
-    xmp: bool = typer.Option(False, "--xmp", help="Merge tags into XMP sidecars (dc:subject, sdltag|label)."),
+    xmp: bool = typer.Option(
+        False,
+        "--xmp",
+        help="Merge tags into XMP sidecars (dc:subject, sdltag|label); which tags: see --sidecar-threshold.",
+    ),
     xmp_naming: str = typer.Option("ext", "--xmp-naming", help="Sidecar names: ext (IMG.jpg.xmp) or adobe (IMG.xmp)."),
     txt: bool = typer.Option(
         False, "--txt", help="Merge tags into IMG.txt caption files (comma-separated, as caption-training tools read)."
+    ),
+    sidecar_threshold: float = typer.Option(
+        None,
+        "--sidecar-threshold",
+        min=0.0,
+        help="Write only tags scoring at least this to XMP sidecars and caption files (default: the model's "
+        "advice, e.g. 0.1 for the bundled photo-lite0; 0.5 for other calibrated models; none without "
+        "calibration). The printed output keeps --top-k tags at any score.",
+    ),
+    sidecar_max: int = typer.Option(
+        None,
+        "--sidecar-max",
+        min=1,
+        help="At most this many keywords per photo in sidecars (default: the model's advice, e.g. 3 for "
+        "photo-lite0; else 5).",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print results only: write no index, sidecar or file."),
     index_path: Path = typer.Option(None, "--index", help="Index file (default: in the user data folder)."),
@@ -267,6 +286,17 @@ def tag(
     from sdltag.runtime import resolve_precision
 
     model, graph = resolve_precision(model, precision, device)  # the index keeps each graph's vectors apart
+    from sdltag.sidecars import sidecar_policy
+
+    policy = sidecar_policy(
+        model.manifest.sidecar,
+        calibrated=model.manifest.calibration is not None,
+        raw_scores=raw_scores,
+        threshold=sidecar_threshold,
+        max_keywords=sidecar_max,
+    )
+    if (xmp or txt) and not quiet:
+        info(policy.describe())
     factory = _ImageModelFactory(model, device, threads, quiet, graph)
 
     inputs: list[Path] = []
@@ -352,12 +382,13 @@ def tag(
         def on_result(result) -> None:
             nonlocal xmp_failures, xmp_changed
             writer.write(result)
-            _caption(captions.get(result.path), result, dry_run, txt_counts)
+            keywords = policy.keywords(result.tags)
+            _caption(captions.get(result.path), keywords, dry_run, txt_counts)
             sidecar = sidecars.get(result.path)
             if sidecar is None:
                 return
             try:
-                if write_keywords(sidecar, [t.label for t in result.tags], dry_run=dry_run):
+                if write_keywords(sidecar, keywords, dry_run=dry_run):
                     xmp_changed += 1
                     if dry_run:
                         info(f"--dry-run: would update {sidecar}")
@@ -432,14 +463,14 @@ def _caption_files(files: list[Path]) -> dict[Path, Path]:
     return captions
 
 
-def _caption(caption: Path | None, result, dry_run: bool, counts: dict[str, int]) -> None:
-    """Merge one result's tags into its caption file; a problem is one error line and counted."""
+def _caption(caption: Path | None, keywords: list[str], dry_run: bool, counts: dict[str, int]) -> None:
+    """Merge one result's sidecar keywords into its caption file; a problem is one error line and counted."""
     if caption is None:
         return
     from sdltag.captions import CaptionError, write_caption
 
     try:
-        if write_caption(caption, [t.label for t in result.tags], dry_run=dry_run):
+        if write_caption(caption, keywords, dry_run=dry_run):
             counts["changed"] += 1
             if dry_run:
                 info(f"--dry-run: would update {caption}")

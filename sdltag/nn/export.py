@@ -60,8 +60,12 @@ def export_model(
     provenance: dict[str, Any] | None = None,
     model_card: dict[str, Any] | None = None,
     model_card_md: str | None = None,
+    sidecar: dict[str, Any] | None = None,
 ) -> ModelFolder:
-    """Write ``model`` as a model folder at ``out_dir`` (atomically) and return it loaded."""
+    """Write ``model`` as a model folder at ``out_dir`` (atomically) and return it loaded.
+
+    ``sidecar``: the model's advice for sidecar keywords (``{"threshold", "max_keywords"}``).
+    """
     config: ModelConfig = model.config
     manifest = Manifest(
         name=name or Path(out_dir).name,
@@ -83,6 +87,7 @@ def export_model(
         },
         model_card=model_card or {},
         onnx={"input": INPUT_NAME, "output": OUTPUT_NAME, "opset": ONNX_OPSET},
+        sidecar=sidecar,
     )
     with tempfile.TemporaryDirectory(prefix="sdltag-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
