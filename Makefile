@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sdltag tag examples/images --labels examples/extra.txt --no-index
+	$(VENV)/bin/sdltag tag examples/photos --labels examples/photos-extra.txt --no-index -k 5
 
 test: $(STAMP)
 	$(PY) -m pytest -q
