@@ -69,7 +69,8 @@ def temp_name(name: str, pid: int | None = None) -> str:
     return f".{name}{TEMP_MARK}{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still run (a leftover file of a live process is not debris)."""
     if pid <= 0:
         return False
     try:
@@ -133,7 +134,7 @@ def remove_stale_temps(path: Path, now: float | None = None, *, listed_once: boo
         if not stat.S_ISREG(st.st_mode):
             continue
         age = now - st.st_mtime
-        if not ((age > STALE_DEAD_SECONDS and not _pid_alive(int(match.group("pid")))) or age > STALE_ANY_SECONDS):
+        if not ((age > STALE_DEAD_SECONDS and not pid_alive(int(match.group("pid")))) or age > STALE_ANY_SECONDS):
             continue
         try:
             os.unlink(candidate)

@@ -36,6 +36,7 @@ import numpy as np
 
 from sdltag.errors import SdltagError
 from sdltag.paths import cache_dir as resolve_cache_dir
+from sdltag.paths import pid_alive
 from sdltag.sqlite_retry import retry_while_busy
 
 _T = TypeVar("_T")
@@ -104,18 +105,6 @@ DEBRIS_NO_PID_SECONDS = 3600.0  # staging without a pid in its name: an export t
 DEBRIS_ANY_SECONDS = 24 * 3600.0  # any staging this old is debris (its pid may have been reused)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists under another user (or cannot tell): keep its folder
-    return True
-
-
 def _is_debris(entry: os.DirEntry, pattern: re.Pattern, allowed: Callable[[str], bool], now: float) -> bool:
     """``entry`` is a real folder named by ``pattern``, holding only files ``allowed`` names, whose
     process has ended (or which is too old to belong to a running one)."""
@@ -137,7 +126,7 @@ def _is_debris(entry: os.DirEntry, pattern: re.Pattern, allowed: Callable[[str],
         return True
     if pid is None:
         return age > DEBRIS_NO_PID_SECONDS
-    return age > DEBRIS_DEAD_SECONDS and int(pid) != os.getpid() and not _pid_alive(int(pid))
+    return age > DEBRIS_DEAD_SECONDS and int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
 def remove_debris(directory: Path, now: float | None = None) -> list[Path]:
