@@ -193,6 +193,8 @@ def test_an_abandoned_sheet_leaves_no_staging_folder(tmp_path: Path) -> None:
     for _ in range(3):
         sheet.write(TagResult(path, [], thumbnail=thumbnail_jpeg(Image.open(path))))
     staging = sheet.staging
+    for pending in sheet.writes:  # thumbnails are written on a pool: wait for them before counting
+        pending.result()
     assert staging is not None and len(list(staging.iterdir())) == 4
     del sheet  # a run interrupted before close()
     gc.collect()
