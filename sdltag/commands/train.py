@@ -6,11 +6,14 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from sdltag.commands._common import cli_errors, error, info
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 LOG_EVERY_S = 60.0  # when stderr is not a terminal (a log file), one progress line this often
 
@@ -35,6 +38,9 @@ class RichReporter:
         self.total = 0
         self.first_step = 0
         self.last_log = self.started
+        self._feature_split: str | None = None  # the split the feature bar shows
+        self._feature_bar: Progress | None = None
+        self._feature_task: TaskID | None = None
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -120,10 +126,11 @@ class RichReporter:
         if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            if getattr(self, "_feature_split", None) != split:
+            bar, task = self._feature_bar, self._feature_task
+            if bar is None or task is None or self._feature_split != split:
                 self._end_features()
                 self._feature_split = split
-                self._feature_bar = Progress(
+                bar = self._feature_bar = Progress(
                     TextColumn(f"features ({split})"),
                     BarColumn(),
                     MofNCompleteColumn(),
@@ -131,9 +138,9 @@ class RichReporter:
                     TimeRemainingColumn(),
                     console=self.console,
                 )
-                self._feature_bar.start()
-                self._feature_task = self._feature_bar.add_task(split, total=total, completed=done)
-            self._feature_bar.update(self._feature_task, completed=done, total=total)
+                bar.start()
+                task = self._feature_task = bar.add_task(split, total=total, completed=done)
+            bar.update(task, completed=done, total=total)
             if done >= total:
                 self._end_features()
         elif done >= total or time.perf_counter() - self.last_log >= LOG_EVERY_S:
@@ -141,9 +148,8 @@ class RichReporter:
             self._line(f"sdltag: features ({split}): {done}/{total} images")
 
     def _end_features(self) -> None:
-        bar = getattr(self, "_feature_bar", None)
-        if bar is not None:
-            bar.stop()
+        if self._feature_bar is not None:
+            self._feature_bar.stop()
             self._feature_bar = None
 
     def finish(self) -> None:

@@ -317,12 +317,12 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         mean = totals[:channels] / n
         centered = xf - mean.view(shape)
         var = all_reduce((centered * centered).sum(dim=(0, 2, 3))) / n  # biased, as batch norm normalises
+        tracked = self.num_batches_tracked
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            assert tracked is not None  # batch norm keeps the count whenever it tracks running statistics
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
-                momentum = (
-                    self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)  # type: ignore[arg-type]
-                )
+                tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(tracked)
                 unbiased = var.detach() * n / (n - 1).clamp(min=1)
                 self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
                 self.running_var.mul_(1 - momentum).add_(momentum * unbiased)

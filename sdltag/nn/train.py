@@ -60,7 +60,8 @@ VAL_BATCH = 256
 class Embedder(Protocol):
     """What training needs from a text embedder (``sdltag.embedding.get_text_embedder``)."""
 
-    spec: EmbedderSpec
+    @property
+    def spec(self) -> EmbedderSpec: ...
 
     def embed(self, texts: list[str]) -> np.ndarray: ...
 
@@ -144,6 +145,24 @@ class RuntimeOptions:
     compile: bool = False  # torch.compile the training forward/backward (~1 min compile)
     dist_backend: str = "auto"  # under torchrun: gloo (CPU) or nccl (GPU); auto picks by device
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_S  # seconds any collective may wait for the other processes
+
+
+class TrainProgress(Protocol):
+    """What ``train`` reports progress to: a ``TrainReporter`` or any object with its methods (the CLI's display)."""
+
+    def message(self, text: str) -> None: ...
+
+    def warn(self, text: str) -> None: ...
+
+    def start(self, total_steps: int, done_steps: int, steps_per_epoch: int) -> None: ...
+
+    def step(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> None: ...
+
+    def epoch_end(self, epoch: int, train_loss: float, metrics: dict[str, Any] | None, best: bool) -> None: ...
+
+    def features(self, split: str, done: int, total: int) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 class TrainReporter:
@@ -381,7 +400,7 @@ def _metrics_json(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"augment": generator.get_state(), "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"augment": generator.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -443,7 +462,7 @@ def train(
     options: RuntimeOptions | None = None,
     *,
     embedder: Embedder | None = None,
-    reporter: TrainReporter | None = None,
+    reporter: TrainProgress | None = None,
 ) -> TrainResult:
     """Train an SDL model as ``config`` says and export it to ``config.out``; see the module docstring.
 
@@ -471,7 +490,7 @@ def _train(
     config: TrainConfig,
     options: RuntimeOptions,
     embedder: Embedder | None,
-    reporter: TrainReporter,
+    reporter: TrainProgress,
     ctx: distributed.DistContext,
 ) -> TrainResult:
     check_output_folder(config.out)  # a folder that is not ours is refused now, not after every epoch
@@ -597,21 +616,24 @@ def _train(
         reporter.message(
             f"images need {train_bytes / 2**20:.0f} MB > --cache-mb {options.cache_mb}: decoding each epoch"
         )
-    train_store = ImageStore(
+    train_images = ImageStore(
         [i.path for i in data.train_items],
         spec,
         cache=train_bytes <= budget,
         workers=options.workers,
         warn=reporter.warn,
     )
-    val_store = ImageStore(
+    val_images = ImageStore(
         [i.path for i in data.val_items],
         spec,
         cache=train_bytes + val_bytes <= budget,
         workers=options.workers,
         warn=reporter.warn,
     )
-    usable = torch.nonzero(train_store.ok).flatten()  # (N_ok,) indices of decodable training images
+    # the pixels; with a frozen backbone, replaced below by the backbone's features
+    train_store: ImageStore | FeatureStore = train_images
+    val_store: ImageStore | FeatureStore = val_images
+    usable = torch.nonzero(train_images.ok).flatten()  # (N_ok,) indices of decodable training images
     if len(usable) < 2:
         raise SdltagError(f"{config.data}: fewer than 2 training images could be decoded. Check the files.")
     train_targets = torch.from_numpy(_targets(data.train_items, data.seen_labels)).to(device)  # (N, Ls)
@@ -623,7 +645,8 @@ def _train(
         model.load_state_dict(init_state["model"], strict=True)
     if pretrained_state is not None:
         source = pretrained_source(config.backbone)
-        source.load_state_strict(model.backbone, pretrained_state, weights_record["file"] if weights_record else "")
+        assert weights_record is not None  # read with the weights
+        source.load_state_strict(model.backbone, pretrained_state, weights_record["file"])
         reporter.message(f"starting from the ImageNet weights of {config.backbone} ({weights_record['source']})")
     if resume_state is not None:
         weights_record = resume_state.get("provenance", {}).get("backbone_weights")
@@ -634,11 +657,11 @@ def _train(
             model.load_state_dict(resume_state["model"], strict=True)
         model.backbone.requires_grad_(False)
         train_store, val_store, usable = _feature_stores(
-            config, model, spec, train_store, val_store, run_dir, device, options, reporter, ctx
+            config, model, spec, train_images, val_images, run_dir, device, options, reporter, ctx
         )
     model.to(device)
     if options.channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit memory_format
     if config.optimizer == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
     else:
@@ -673,8 +696,8 @@ def _train(
             int(resume_state["step_in_epoch"]),
         )
         _restore_rng(generator, resume_state["rng"], ctx, config.seed, step)
-        loss_sum, loss_count = (float(v) for v in resume_state.get("epoch_loss", (0.0, 0)))
-        loss_count = int(loss_count)
+        saved_sum, saved_count = resume_state.get("epoch_loss", (0.0, 0))
+        loss_sum, loss_count = float(saved_sum), int(float(saved_count))
         best = dict(resume_state.get("best", best))
         history = list(resume_state.get("history", []))
 
@@ -718,7 +741,7 @@ def _train(
             save_checkpoint(path, payload)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    size = (spec.height, spec.width)
+    input_size = (spec.height, spec.width)
     # The compiled module shares its parameters with ``model``; checkpoints and validation use ``model``.
     step_model: Callable[..., Any] = model
     head_model: Callable[..., Any] = model.head
@@ -769,7 +792,7 @@ def _train(
                         pooled = pixels.to(device)[torch.arange(len(indices), device=device), views]  # (B, C)
                         vectors = head_model(pooled[:, :, None, None])  # (B, M, d)
                     elif count >= 2:
-                        x = augment_batch(pixels.to(device, non_blocking=True), size, augment, generator)
+                        x = augment_batch(pixels.to(device, non_blocking=True), input_size, augment, generator)
                         x = normalise(x, spec)  # (B, 3, H, W)
                         if options.channels_last:
                             x = x.contiguous(memory_format=torch.channels_last)
@@ -803,7 +826,7 @@ def _train(
                     now = time.perf_counter()
                     rate = count / max(now - tick, 1e-9)
                     tick = now
-                    reporter.step(step, epoch, loss_value, scheduler.get_last_lr()[0], rate)
+                    reporter.step(step, epoch, loss_value, float(scheduler.get_last_lr()[0]), rate)
                     if sigint.raised and not ctx.enabled:  # under torchrun the processes agree at the next step
                         raise KeyboardInterrupt
                 metrics = None
@@ -881,7 +904,7 @@ def _feature_stores(
     run_dir: Path,
     device: torch.device,
     options: RuntimeOptions,
-    reporter: TrainReporter,
+    reporter: TrainProgress,
     ctx: distributed.DistContext | None = None,
 ) -> tuple[FeatureStore, FeatureStore, torch.Tensor]:
     """--freeze-backbone: the pooled features of every image, read from the run folder's cache or computed.
@@ -965,7 +988,7 @@ def _finish(
     metrics = _metrics_json(zsl_gzsl_metrics(scores, targets, unseen_mask)) if len(data.val_items) else {}
     calibration, report = fit_calibration(scores, targets, unseen_mask)
     model = model.cpu().float().eval()
-    model.to(memory_format=torch.contiguous_format)
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # torch's stubs omit memory_format
     card = _model_card(config, data, spec, embedder, metrics, report, best_epoch, calibrated_on, history)
     folder = export_model(
         model,
