@@ -71,4 +71,4 @@ examples: $(STAMP)
 	$(PY) -m benchmarks.make_examples --data $(EMOJI_DATA) --out examples/images
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
