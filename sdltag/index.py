@@ -583,7 +583,7 @@ class ImageIndex:
         delay = 0.01
         while True:
             try:
-                return work(self.conn)  # type: ignore[arg-type]
+                return work(self.conn)  # type: ignore[arg-type]  # None only for the steps that connect
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc) or self._impatient:
                     raise
@@ -641,7 +641,8 @@ class ImageIndex:
 
     def _quick_check(self) -> str:
         try:
-            rows = self.conn.execute("PRAGMA quick_check(5)").fetchall()  # type: ignore[union-attr]
+            assert self.conn is not None  # run after a query on the open connection failed
+            rows = self.conn.execute("PRAGMA quick_check(5)").fetchall()
         except sqlite3.DatabaseError as exc:
             return str(exc)
         found = [str(r[0]) for r in rows]

@@ -84,7 +84,7 @@ def launched() -> bool:
 def _env_int(name: str) -> int:
     value = os.environ.get(name)
     try:
-        return int(value)  # type: ignore[arg-type]
+        return int(value)  # type: ignore[arg-type]  # an unset variable (None) is the TypeError below
     except (TypeError, ValueError):
         raise SdltagError(
             f"{name}={value!r}: not a number. Launch with `torchrun --nproc_per_node N -m sdltag train ...`, "
@@ -346,7 +346,7 @@ def revert_batchnorm(model: nn.Module) -> None:
     """Undo ``convert_batchnorm`` (before exporting)."""
     for module in model.modules():
         if type(module) is GlobalBatchNorm2d:
-            module.__class__ = nn.BatchNorm2d  # type: ignore[assignment]
+            module.__class__ = nn.BatchNorm2d  # type: ignore[assignment]  # mypy refuses any change of class
 
 
 def wrap(module: nn.Module, context: DistContext) -> nn.Module:

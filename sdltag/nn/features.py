@@ -198,8 +198,9 @@ class FeatureCache:
                 missing.append(i)  # unreadable: the decoder reports it
                 continue
             values = [self._read(self.key(content, v)) for v in range(views)]
-            if all(v is not None for v in values):
-                found[i] = values  # type: ignore[assignment]
+            present = [v for v in values if v is not None]
+            if len(present) == views:
+                found[i] = present
             else:
                 missing.append(i)
         done = len(found)

@@ -256,13 +256,13 @@ def prepare_data(config: TrainConfig, warn: Callable[[str], None]) -> PreparedDa
     )
     unseen, unseen_texts = _read_unseen(config.unseen, warn)
     unseen_keys = {label_key(label) for label in unseen}
+    val_dataset: LabeledDataset | None = None
     if config.val:
-        val_dataset: LabeledDataset | None = read_labeled_dir(
+        val_dataset = read_labeled_dir(
             config.val, config.format, warn, exclude=config.exclude, machine_keywords=config.machine_keywords
         )
-        train_items, val_items = list(dataset.items), list(val_dataset.items)  # type: ignore[union-attr]
+        train_items, val_items = list(dataset.items), list(val_dataset.items)
     else:
-        val_dataset = None
         order = np.random.default_rng(config.seed).permutation(len(dataset.items))
         n_val = round(config.val_split * len(order)) if len(order) > 1 else 0
         if config.val_split > 0:
