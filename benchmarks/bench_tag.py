@@ -115,6 +115,34 @@ def draft_decode_baseline(paths: list[Path], target: tuple[int, int], threads: i
     return len(paths) / (time.perf_counter() - start)
 
 
+def inference_baseline(model_dir: Path, threads: int, batch: int = 32, seconds: float = 8.0) -> float:
+    """Images/s of the model's graph alone (onnxruntime on ``threads`` threads, batches of random input).
+
+    The graph ``sdltag tag`` runs by default (``--precision auto``). With the decode-only rate this
+    gives the CPU limit of decode plus inference: both use all cores, so their CPU times per image
+    add, and no pipeline can beat ``1 / (1/decode + 1/infer)``.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    from sdltag.modelfolder import load_model_folder
+    from sdltag.runtime import resolve_precision
+
+    model, _graph = resolve_precision(load_model_folder(model_dir), "auto", "cpu")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model.onnx_path), options, providers=["CPUExecutionProvider"])
+    spec = model.manifest.input
+    name = session.get_inputs()[0].name
+    x = np.random.default_rng(0).normal(size=(batch, 3, spec.height, spec.width)).astype(np.float32)
+    session.run(None, {name: x})  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.run(None, {name: x})
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
 def naive_pipeline(paths: list[Path], model_dir: Path) -> float:
     """Images/s of full decode + bicubic resize + eager torch forward at batch 1 + scoring."""
     import torch
@@ -298,9 +326,12 @@ def main() -> None:
             _, decode_rate, loop_rate, whole_rate, run = sorted(pairs, key=lambda pair: pair[0])[len(pairs) // 2]
             return [round(pair[0], 3) for pair in pairs], decode_rate, loop_rate, whole_rate, run
 
+        infer_before = inference_baseline(model_dir, args.threads)
         ratios, decode_rate, pipeline_rate, tag_rate, first = median_pair(
             common, lambda repeat: "index.db" if repeat == 0 else f"index-repeat{repeat}.db"
         )
+        infer_rate = (infer_before + inference_baseline(model_dir, args.threads)) / 2
+        limit_rate = 1.0 / (1.0 / decode_rate + 1.0 / infer_rate)
         results["throughput"] = {
             "draft_decode_images_per_s": round(decode_rate, 2),
             "draft_decode_ms_per_photo_per_core": round(1000 * args.threads / decode_rate, 1),
@@ -312,6 +343,9 @@ def main() -> None:
             "sdltag_whole_process_images_per_s": round(tag_rate, 2),
             "whole_process_ratio": round(tag_rate / decode_rate, 3),
             "target": ">= 0.85 (ratio)",
+            "inference_images_per_s": round(infer_rate, 2),
+            "decode_plus_inference_limit_images_per_s": round(limit_rate, 2),
+            "ratio_to_decode_plus_inference_limit": round(pipeline_rate / limit_rate, 3),
             "note": "ratio: the tag loop's own rate (its summary line: decode, hash, infer, index, write) against "
             "the decode-only loop measured just before it; the median of --repeats such pairs; "
             "whole_process_ratio also counts start-up and model load",
