@@ -28,12 +28,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 from sdltag.errors import SdltagError
-from sdltag.paths import atomic_write
+from sdltag.paths import UnreadableFile, atomic_write, read_regular_file
 
 MAX_BYTES = 1 << 20  # a caption is a line of words; more is not a caption file
 RECORD_SUFFIX = ".sdltag"
@@ -65,21 +64,17 @@ def record_path(caption: Path) -> Path:
 def _read_text(path: Path, what: str) -> str | None:
     """The UTF-8 text of ``path``; None when missing. Only regular files are opened (a FIFO would block)."""
     try:
-        info = os.stat(path)
-    except FileNotFoundError:
+        data = read_regular_file(path, MAX_BYTES)
+    except UnreadableFile as exc:
+        if exc.kind == "special":
+            raise CaptionError(
+                path, f"the {what} is not a regular file (a folder, FIFO or device); left untouched"
+            ) from None
+        if exc.kind == "large":
+            raise CaptionError(path, f"the {what} is larger than {MAX_BYTES // 1024} KB; left untouched") from None
+        raise CaptionError(path, f"cannot read the {what} ({exc.reason}); left untouched") from None
+    if data is None:
         return None
-    except OSError as exc:
-        raise CaptionError(path, f"cannot read the {what} ({exc.strerror or exc}); left untouched") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise CaptionError(path, f"the {what} is not a regular file (a folder, FIFO or device); left untouched")
-    if info.st_size > MAX_BYTES:
-        raise CaptionError(path, f"the {what} is larger than {MAX_BYTES // 1024} KB; left untouched")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise CaptionError(path, f"cannot read the {what} ({exc.strerror or exc}); left untouched") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -69,6 +69,63 @@ def temp_name(name: str, pid: int | None = None) -> str:
     return f".{name}{TEMP_MARK}{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
 
 
+class UnreadableFile(Exception):
+    """Why ``read_regular_file`` refused a file: ``kind`` is ``os`` (an OS error, ``reason`` its text),
+    ``special`` (not a regular file; ``opened`` says whether it was caught only after opening) or
+    ``large`` (over the cap; ``size`` is None when it grew past it while being read)."""
+
+    def __init__(self, kind: str, reason: str = "", *, opened: bool = False, size: int | None = None) -> None:
+        super().__init__(kind, reason)
+        self.kind, self.reason, self.opened, self.size = kind, reason, opened, size
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes | None:
+    """The bytes of ``path``, None when it does not exist; raises ``UnreadableFile`` otherwise.
+
+    Only regular files are read: a FIFO, device or folder is refused before it is opened (opening
+    a FIFO blocks until a writer comes), and the descriptor is opened non-blocking and checked
+    again, for a file swapped in between. More than ``max_bytes`` is refused, also when the file
+    grows while it is read.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UnreadableFile("os", str(exc.strerror or exc)) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UnreadableFile("special")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UnreadableFile("os", str(exc.strerror or exc)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableFile("special", opened=True)
+        if info.st_size > max_bytes:
+            raise UnreadableFile("large", size=info.st_size)
+        chunks = []
+        total = 0
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except OSError as exc:
+                raise UnreadableFile("os", str(exc.strerror or exc)) from None
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > max_bytes:
+                raise UnreadableFile("large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` may still run (a leftover file of a live process is not debris)."""
     if pid <= 0:

@@ -24,9 +24,7 @@ cannot decode, entity declarations, nesting deeper than ``MAX_DEPTH``, larger th
 from __future__ import annotations
 
 import codecs
-import os
 import re
-import stat
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,7 +33,7 @@ from typing import Any
 from xml.parsers import expat
 
 from sdltag.errors import SdltagError
-from sdltag.paths import atomic_write
+from sdltag.paths import UnreadableFile, atomic_write, read_regular_file
 
 X_NS = "adobe:ns:meta/"
 RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
@@ -116,44 +114,18 @@ def _read_regular(path: Path) -> bytes | None:
     swapped in between.
     """
     try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise XmpError(path, f"cannot read sidecar ({exc.strerror or exc}); left untouched") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise XmpError(path, "is not a regular file (a folder, FIFO or device); left untouched, remove or rename it")
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise XmpError(path, f"cannot read sidecar ({exc.strerror or exc}); left untouched") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise XmpError(path, "is not a regular file (a FIFO or device); left untouched, remove or rename it")
-        if info.st_size > MAX_BYTES:
+        return read_regular_file(path, MAX_BYTES)
+    except UnreadableFile as exc:
+        if exc.kind == "os":
+            raise XmpError(path, f"cannot read sidecar ({exc.reason}); left untouched") from None
+        if exc.kind == "special":
+            what = "a FIFO or device" if exc.opened else "a folder, FIFO or device"
+            raise XmpError(path, f"is not a regular file ({what}); left untouched, remove or rename it") from None
+        if exc.size is not None:
             raise XmpError(
-                path, f"is {info.st_size / 2**20:.0f} MB, more than a sidecar sdltag reads ({MAX_BYTES // 2**20} MB)"
-            )
-        chunks = []
-        total = 0
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 20)
-            except OSError as exc:
-                raise XmpError(path, f"cannot read sidecar ({exc.strerror or exc}); left untouched") from None
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > MAX_BYTES:
-                raise XmpError(path, f"is more than a sidecar sdltag reads ({MAX_BYTES // 2**20} MB)")
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+                path, f"is {exc.size / 2**20:.0f} MB, more than a sidecar sdltag reads ({MAX_BYTES // 2**20} MB)"
+            ) from None
+        raise XmpError(path, f"is more than a sidecar sdltag reads ({MAX_BYTES // 2**20} MB)") from None
 
 
 def _decode(path: Path, data: bytes) -> tuple[str, str, bytes]:
