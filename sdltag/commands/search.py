@@ -132,7 +132,6 @@ def search(
     from sdltag.commands.tag import load_model
     from sdltag.index import ImageIndex
     from sdltag.paths import default_index_path
-    from sdltag.writers import stdout_stream, write_search_hits
 
     if fmt is None:
         fmt = "table" if sys.stdout.isatty() else "jsonl"
@@ -156,10 +155,7 @@ def search(
         hits = rank_indexed(index, model, label_space, folders, top, raw_scores=raw_scores, threshold=threshold)
         if not hits and precision == "auto" and model.has_int8:
             # tagged with the other graph of the same model (e.g. --precision float, or on another CPU)
-            try:
-                other = model.with_precision("float" if model.precision == "int8" else "int8")
-            except SdltagError:
-                other = None
+            other = _other_graph(model)
             if other is not None:
                 hits = rank_indexed(index, other, label_space, folders, top, raw_scores=raw_scores, threshold=threshold)
     if not hits:
@@ -169,27 +165,19 @@ def search(
         else:
             info(f"no images indexed with this model under {where}; run `sdltag tag` on them first")
         raise typer.Exit(1)
-    if fmt == "html":
-        from sdltag.contact_sheet import write_search_sheet
-
-        write_search_sheet(hits, stdout_stream(), title=f"sdltag search {query}")
-        return
-    write_search_hits(hits, fmt, stdout_stream())
+    _write_hits(hits, fmt, f"sdltag search {query}")
 
 
 def _search_like(index_file: Path, model, image: Path, folders: list[Path], top: int, threshold, fmt: str) -> None:
     """``search --like IMAGE``: the indexed images most like ``image`` (``sdltag.similar``), best first."""
     from sdltag.index import ImageIndex
     from sdltag.similar import query_matrix, rank_like
-    from sdltag.writers import SearchHit, stdout_stream, write_search_hits
+    from sdltag.writers import SearchHit
 
     with ImageIndex.open_readonly(index_file) as index:
         if not index.count(model.model_id) and model.has_int8:
             # the library was tagged with this model's other graph: compare like with like
-            try:
-                other = model.with_precision("float" if model.precision == "int8" else "int8")
-            except SdltagError:
-                other = None
+            other = _other_graph(model)
             if other is not None and index.count(other.model_id):
                 model = other
         query, source = query_matrix(index, model, image)
@@ -204,10 +192,25 @@ def _search_like(index_file: Path, model, image: Path, folders: list[Path], top:
         raise typer.Exit(1)
     name = image.name
     hits = [SearchHit(rank, hit, score, name, "like") for rank, (hit, score) in enumerate(pairs, start=1)]
+    _write_hits(hits, fmt, f"sdltag search --like {name}")
+
+
+def _other_graph(model):
+    """The model's other graph (float <-> 8-bit), or None when it has none to offer."""
+    try:
+        return model.with_precision("float" if model.precision == "int8" else "int8")
+    except SdltagError:
+        return None
+
+
+def _write_hits(hits, fmt: str, title: str) -> None:
+    """The hits on stdout in ``fmt``; ``html`` is a contact sheet titled ``title``."""
+    from sdltag.writers import stdout_stream, write_search_hits
+
     if fmt == "html":
         from sdltag.contact_sheet import write_search_sheet
 
-        write_search_sheet(hits, stdout_stream(), title=f"sdltag search --like {name}")
+        write_search_sheet(hits, stdout_stream(), title=title)
         return
     write_search_hits(hits, fmt, stdout_stream())
 
