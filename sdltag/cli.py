@@ -65,6 +65,9 @@ def _root(
     ),
 ) -> None:
     """Tag images with seen and zero-shot labels (SDL)."""
+    from sdltag.log import install_cli_handler
+
+    install_cli_handler()  # library warnings become `sdltag: warning: ...` lines on stderr
 
 
 for _name in COMMAND_MODULES:
