@@ -401,9 +401,9 @@ def tag(
             if sheet_problem is not None:
                 sheet_problem(problem.path, problem.reason)
 
-        progress = _progress(len(files), quiet)
-        with progress or ExitStack():
-            task = progress.add_task("tagging", total=len(files)) if progress else None
+        from sdltag.progress import ProgressBar
+
+        with ProgressBar("tagging", total=len(files), rate_unit="img/s", quiet=quiet or not files) as progress:
             summary = tag_files(
                 files,
                 model=model,
@@ -414,7 +414,7 @@ def tag(
                 options=options,
                 index=index,
                 index_writable=not dry_run,
-                on_progress=(lambda n: progress.advance(task, n)) if progress else None,
+                on_progress=progress.advance if progress.shown else None,
             )
         if not isinstance(label_space, LabelSpace):
             label_space = label_space.result()  # a run that scored nothing still reports a label problem
@@ -499,29 +499,6 @@ def _warn_unknown_blocked(blocked: frozenset[str], label_space) -> None:
     if unknown:
         shown = ", ".join(repr(k) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         warn(f"--block: {shown} {'is' if len(unknown) == 1 else 'are'} not among the labels scored (a typo?)")
-
-
-def _progress(total: int, quiet: bool):
-    """A Rich progress bar on stderr (count, rate, ETA), only when stderr is a terminal."""
-    if quiet or total == 0 or not sys.stderr.isatty():
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:.1f} img/s" if task.speed else "")
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TimeRemainingColumn(),
-        console=Console(file=sys.stderr),
-        transient=True,
-    )
 
 
 def _install_sigterm() -> None:
