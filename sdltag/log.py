@@ -10,8 +10,8 @@ messages have always looked::
 
 The line goes to ``sys.stderr`` as it is *at emit time* (a test runner may swap it), or to a writer
 set with ``redirect`` (a progress bar that must print lines above itself). A program that uses
-sdltag as a library configures ``logging`` as it likes; with no configuration at all Python prints
-warnings and errors bare on stderr.
+sdltag as a library configures ``logging`` as it likes (or gathers the messages with ``collect``);
+with no configuration at all Python prints warnings and errors bare on stderr.
 """
 
 from __future__ import annotations
@@ -70,6 +70,33 @@ def install_cli_handler(quiet: bool = False) -> CliHandler:
 def set_quiet(quiet: bool) -> None:
     """``-q``: info lines are dropped; warnings and errors are always shown."""
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+class _Collector(logging.Handler):
+    def __init__(self, messages: list[str], level: int) -> None:
+        super().__init__(level)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def collect(level: int = logging.WARNING) -> Iterator[list[str]]:
+    """The messages of sdltag's records at ``level`` or above, from any thread, while inside.
+
+    For a program that wants the warnings as data, and for tests::
+
+        with log.collect() as warnings:
+            read_labeled_dir(folder)
+    """
+    messages: list[str] = []
+    handler = _Collector(messages, level)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
 
 
 @contextlib.contextmanager

@@ -99,3 +99,16 @@ def test_the_real_cli_installs_the_handler() -> None:
     result = CliRunner().invoke(app, ["index", "--help"])
     assert result.exit_code == 0
     assert log.cli_handler() is not None
+
+
+def test_collect_gathers_warnings_from_any_thread_and_stops_after() -> None:
+    import threading
+
+    with log.collect() as messages:
+        logging.getLogger("sdltag.index").info("not a warning")
+        logging.getLogger("sdltag.index").warning("first")
+        worker = threading.Thread(target=lambda: logging.getLogger("sdltag.images").error("second"))
+        worker.start()
+        worker.join()
+    logging.getLogger("sdltag").warning("outside")
+    assert messages == ["first", "second"]
