@@ -1,6 +1,6 @@
 """Keywords in XMP sidecars: read them (training data) and merge sdltag's tags into them.
 
-What photo tools read (see PHOTO-TOOLS.md): ``dc:subject`` (an ``rdf:Bag`` of flat
+What photo tools read (see docs/PHOTO-TOOLS.md): ``dc:subject`` (an ``rdf:Bag`` of flat
 keywords), ``lr:hierarchicalSubject`` (``root|leaf``, Lightroom, darktable) and
 ``digiKam:TagsList`` (``root/leaf``). sdltag writes all three with its entries under
 one root (``sdltag`` by default) and merges with what is there (case-insensitive union).
