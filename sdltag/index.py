@@ -37,11 +37,11 @@ This module knows sqlite3 and numpy only.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sqlite3
 import stat
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +55,7 @@ from sdltag.modelfolder import hash_file
 from sdltag.sqlite_retry import is_busy
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 HASH_NAME = "xxh3-128"
 BUSY_TIMEOUT_S = 30.0  # how long a run waits for another program's lock before going on without the index
@@ -166,11 +167,6 @@ def _key(path: Path | str) -> bytes:
 
 def _decode_vectors(blob: bytes, rows: int, dim: int) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4").reshape(rows, dim).astype(np.float32)  # (M, d)
-
-
-def stderr_warn(message: str) -> None:
-    """Default warning sink: one line on stderr (library callers may pass their own ``warn``)."""
-    print(f"sdltag: warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -293,8 +289,8 @@ class ImageIndex:
 
     Every method survives the failures listed in the module docstring: a lock held too
     long, a full disk or a read-only file make it read-only (or unused) for the rest of the
-    run with one warning; damage sets the file aside and starts a new one. ``writable`` and
-    ``usable`` say where it stands; ``problems`` holds the warnings given.
+    run with one warning (logged to ``sdltag.index``); damage sets the file aside and starts a new one.
+    ``writable`` and ``usable`` say where it stands; ``problems`` holds the warnings given.
     """
 
     def __init__(
@@ -304,7 +300,6 @@ class ImageIndex:
         commit_every: int = 64,
         commit_seconds: float = 5.0,
         *,
-        warn: Callable[[str], None] | None = None,
         readonly: bool = False,
     ) -> None:
         self.conn = conn
@@ -312,7 +307,6 @@ class ImageIndex:
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds
         self.readonly = readonly
-        self.warn = warn or stderr_warn
         self.problems: list[str] = []
         self._pending = 0
         self._last_commit = time.monotonic()
@@ -335,7 +329,7 @@ class ImageIndex:
     # -- opening ------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, warn: Callable[[str], None] | None = None, commit_every: int = 64) -> ImageIndex:
+    def open(cls, path: Path, *, commit_every: int = 64) -> ImageIndex:
         """Open (creating and migrating as needed) the index at ``path``.
 
         An existing file that is not an sdltag index raises ``NotAnIndexError`` (exit 2) and
@@ -353,14 +347,14 @@ class ImageIndex:
         verdict, reason = inspect_file(path)
         if verdict == "foreign":
             raise _not_an_index(path, reason)
-        index = cls(None, path, commit_every=commit_every, warn=warn)
+        index = cls(None, path, commit_every=commit_every)
         if verdict == "damaged":
             index._replace_damaged(reason, fatal=True)
         index._start()
         return index
 
     @classmethod
-    def open_readonly(cls, path: Path, *, warn: Callable[[str], None] | None = None) -> ImageIndex:
+    def open_readonly(cls, path: Path) -> ImageIndex:
         """Open an existing index for reading only (``search``, ``--dry-run``): nothing is created,
         migrated or moved. A journal left by a killed run is rolled back first (a short read-write
         open), so the committed rows are read. Damage or a lock held too long leave an index that
@@ -371,7 +365,7 @@ class ImageIndex:
             raise SdltagError(f"{path}: no index there. Run `sdltag tag FOLDER` first, or pass --index FILE.")
         if verdict == "foreign":
             raise _not_an_index(path, reason)
-        index = cls(None, path, warn=warn, readonly=True)
+        index = cls(None, path, readonly=True)
         if verdict == "empty":
             return index  # created and killed before its first commit: nothing to read
         if verdict == "damaged":
@@ -550,7 +544,7 @@ class ImageIndex:
 
     def _say(self, message: str) -> None:
         self.problems.append(message)
-        self.warn(message)
+        logger.warning(message)
 
     def _give_up(self, message: str) -> None:
         """Stop using the index for this run (every look-up misses, nothing is written)."""
@@ -592,7 +586,9 @@ class ImageIndex:
                     raise
                 if waited >= LOCK_SLICE_S and not self._said_waiting:
                     self._said_waiting = True
-                    self.warn(f"the index {self.path} is locked by another program; waiting up to {BUSY_TIMEOUT_S:g} s")
+                    logger.warning(
+                        f"the index {self.path} is locked by another program; waiting up to {BUSY_TIMEOUT_S:g} s"
+                    )
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.25)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sdltag import log
 from sdltag.errors import SdltagError
 from sdltag.index import MIGRATIONS, SCHEMA_VERSION, ImageIndex, bytes_hash, file_hash
 
@@ -107,8 +108,7 @@ def test_corrupt_index_is_set_aside_and_rebuilt(tmp_path: Path) -> None:
     path = default_index_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not a sqlite database at all" * 100)
-    warnings: list[str] = []
-    with ImageIndex.open(path, warn=warnings.append) as index:
+    with log.collect() as warnings, ImageIndex.open(path) as index:
         index.put(tmp_path / "a.jpg", 1, 1, "h", "m", _matrix(0))
         assert index.count() == 1
     assert len(warnings) == 1 and "damaged" in warnings[0]

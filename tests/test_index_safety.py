@@ -26,6 +26,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import sdltag.index as index_module
+from sdltag import log
 from sdltag.cli import app
 from sdltag.index import APPLICATION_ID, ImageIndex, NotAnIndexError
 
@@ -69,6 +70,13 @@ def shared_dir() -> Iterator[Path]:
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o755)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def warnings() -> Iterator[list[str]]:
+    """The warnings sdltag logs during the test."""
+    with log.collect() as messages:
+        yield messages
 
 
 def _as_unprivileged(work: Callable[[], dict]) -> dict:
@@ -262,15 +270,16 @@ def test_an_empty_file_becomes_an_index(tmp_path: Path) -> None:
 # -- locks held by other programs ----------------------------------------------------------------------------
 
 
-def test_exclusive_lock_at_open_waits_then_goes_on_without_the_index(tmp_path: Path, fast_locks) -> None:
+def test_exclusive_lock_at_open_waits_then_goes_on_without_the_index(
+    tmp_path: Path, fast_locks, warnings: list[str]
+) -> None:
     path = tmp_path / "i.db"
     with ImageIndex.open(path) as index:
         index.put(tmp_path / "a.jpg", 1, 1, "h", "m", _matrix(0))
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
-    warnings: list[str] = []
     try:
-        with ImageIndex.open(path, warn=warnings.append) as index:
+        with ImageIndex.open(path) as index:
             assert not index.usable and not index.writable
             assert index.lookup(tmp_path / "a.jpg", 1, 1, "m") is None
             index.put(tmp_path / "b.jpg", 1, 1, "h2", "m", _matrix(1))
@@ -283,10 +292,11 @@ def test_exclusive_lock_at_open_waits_then_goes_on_without_the_index(tmp_path: P
         assert index.count() == 1
 
 
-def test_lock_taken_during_a_run_stops_the_writes_with_one_warning(tmp_path: Path, fast_locks) -> None:
+def test_lock_taken_during_a_run_stops_the_writes_with_one_warning(
+    tmp_path: Path, fast_locks, warnings: list[str]
+) -> None:
     path = tmp_path / "i.db"
-    warnings: list[str] = []
-    index = ImageIndex.open(path, warn=warnings.append, commit_every=2)
+    index = ImageIndex.open(path, commit_every=2)
     for i in range(4):
         index.put(tmp_path / f"{i}.jpg", 1, 1, f"h{i}", "m", _matrix(i))  # committed: 2 batches
     holder = sqlite3.connect(path, isolation_level=None)
@@ -308,7 +318,9 @@ def test_lock_taken_during_a_run_stops_the_writes_with_one_warning(tmp_path: Pat
         assert index.count() == 4 and _integrity(path) == "ok"
 
 
-def test_a_long_read_by_another_program_stops_the_writes_not_the_reads(tmp_path: Path, fast_locks) -> None:
+def test_a_long_read_by_another_program_stops_the_writes_not_the_reads(
+    tmp_path: Path, fast_locks, warnings: list[str]
+) -> None:
     """A database browser holding a read transaction: commits cannot finish, look-ups still work."""
     path = tmp_path / "i.db"
     with ImageIndex.open(path) as index:
@@ -316,9 +328,8 @@ def test_a_long_read_by_another_program_stops_the_writes_not_the_reads(tmp_path:
     reader = sqlite3.connect(path, isolation_level=None)
     reader.execute("BEGIN")
     reader.execute("SELECT COUNT(*) FROM images").fetchone()  # holds its read lock until the end
-    warnings: list[str] = []
     try:
-        with ImageIndex.open(path, warn=warnings.append) as index:
+        with ImageIndex.open(path) as index:
             index.put(tmp_path / "b.jpg", 1, 1, "h2", "m", _matrix(1))
             index.commit()
             assert not index.writable and index.usable
@@ -366,13 +377,14 @@ def _limit_pages(monkeypatch: pytest.MonkeyPatch, extra_pages: int = 1) -> None:
     monkeypatch.setattr(ImageIndex, "_connect", limited)
 
 
-def test_disk_full_makes_the_index_read_only_for_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_makes_the_index_read_only_for_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warnings: list[str]
+) -> None:
     path = tmp_path / "i.db"
     with ImageIndex.open(path) as index:
         index.put(tmp_path / "a.jpg", 1, 1, "h", "m", _matrix(0))
     _limit_pages(monkeypatch)
-    warnings: list[str] = []
-    with ImageIndex.open(path, warn=warnings.append, commit_every=4) as index:
+    with ImageIndex.open(path, commit_every=4) as index:
         for i in range(200):
             index.put(tmp_path / f"{i}.jpg", 1, 1, f"h{i}", "m", _matrix(i, rows=7, dim=64))
         assert not index.writable
@@ -396,7 +408,7 @@ def test_cli_tag_on_a_full_disk_still_writes_its_results(
     assert result.stderr.count("database or disk is full") == 1 and "Traceback" not in result.stderr
 
 
-def test_real_full_disk_on_a_small_tmpfs(tmp_path: Path) -> None:
+def test_real_full_disk_on_a_small_tmpfs(tmp_path: Path, warnings: list[str]) -> None:
     """ENOSPC from the kernel, where this machine lets the test mount a 256 KiB tmpfs."""
     mount = tmp_path / "small"
     mount.mkdir()
@@ -407,8 +419,7 @@ def test_real_full_disk_on_a_small_tmpfs(tmp_path: Path) -> None:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
     try:
         path = mount / "i.db"
-        warnings: list[str] = []
-        with ImageIndex.open(path, warn=warnings.append, commit_every=8) as index:
+        with ImageIndex.open(path, commit_every=8) as index:
             for i in range(400):  # ~400 KB of vectors: more than fits
                 index.put(mount / f"{i}.jpg", 1, 1, f"h{i}", "m", _matrix(i, rows=4, dim=64))
             assert not index.writable
@@ -434,9 +445,8 @@ def test_read_only_index_is_used_for_reading(shared_dir: Path, what: str) -> Non
             index.put(folder / "a.jpg", 1, 1, "h", "m", _matrix(0))
         before = path.read_bytes()
         os.chmod(path if what == "file" else folder, 0o555)
-        warnings: list[str] = []
         try:
-            with ImageIndex.open(path, warn=warnings.append, commit_every=2) as index:
+            with log.collect() as warnings, ImageIndex.open(path, commit_every=2) as index:
                 found = index.lookup(folder / "a.jpg", 1, 1, "m") is not None
                 for i in range(5):
                     index.put(folder / f"{i}.jpg", 1, 1, f"h{i}", "m", _matrix(i))
@@ -464,7 +474,7 @@ def _damage_page_holding(path: Path, needle: bytes) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_damaged_page_is_found_set_aside_and_rebuilt(tmp_path: Path) -> None:
+def test_damaged_page_is_found_set_aside_and_rebuilt(tmp_path: Path, warnings: list[str]) -> None:
     path = tmp_path / "i.db"
     with ImageIndex.open(path) as index:
         for i in range(300):
@@ -474,8 +484,7 @@ def test_damaged_page_is_found_set_aside_and_rebuilt(tmp_path: Path) -> None:
     data[middle : middle + 3 * 4096] = np.random.default_rng(1).integers(0, 256, 3 * 4096, dtype=np.uint8).tobytes()
     path.write_bytes(bytes(data))
     damaged = bytes(data)
-    warnings: list[str] = []
-    with ImageIndex.open(path, warn=warnings.append) as index:  # the header is fine: opens
+    with ImageIndex.open(path) as index:  # the header is fine: opens
         rows = list(index.under([], "m"))  # the scan reaches the damage
         assert len(rows) < 300
         index.put(Path("/lib/new.jpg"), 1, 1, "new", "m", _matrix(0))  # into the new index
@@ -578,8 +587,7 @@ def test_unfinished_write_in_a_read_only_index_is_reported_not_raised(shared_dir
     def work() -> dict:
         seen = {}
         for name, opener in (("open", ImageIndex.open), ("readonly", ImageIndex.open_readonly)):
-            warnings: list[str] = []
-            with opener(path, warn=warnings.append) as index:
+            with log.collect() as warnings, opener(path) as index:
                 seen[name] = [index.usable, index.lookup(files[0], 1, 1, "m") is None, warnings]
         return seen
 

@@ -42,7 +42,7 @@ def _open(index_path: Path | None):
     """The index opened for writing; refused (exit 1) when it cannot be written now."""
     from sdltag.index import ImageIndex
 
-    index = ImageIndex.open(_index_file(index_path), warn=warn)
+    index = ImageIndex.open(_index_file(index_path))
     if not index.writable:
         index.close()
         raise SdltagError(f"{index.path}: the index cannot be changed now (see above); nothing was done.", 1)
@@ -106,7 +106,7 @@ def stats(
     from sdltag.index import ImageIndex, file_size_on_disk
 
     path = _index_file(index_path)
-    with ImageIndex.open_readonly(path, warn=warn) as index:
+    with ImageIndex.open_readonly(path) as index:
         per_model = index.stats()
         photos = index.distinct_paths()
         schema = index.schema_version
@@ -158,7 +158,7 @@ def prune(
 
     scope = [Path(f) for f in folders] if folders else None
     if dry_run:
-        with ImageIndex.open_readonly(_index_file(index_path), warn=warn) as index:
+        with ImageIndex.open_readonly(_index_file(index_path)) as index:
             gone, _, unsure = index.prune(scope, dry_run=True)
     else:
         with _open(index_path) as index:
@@ -188,7 +188,7 @@ def clear(
     from sdltag.index import ImageIndex
 
     path = _index_file(index_path)
-    with ImageIndex.open_readonly(path, warn=warn) as index:
+    with ImageIndex.open_readonly(path) as index:
         present = {s.model_id: s.photos for s in index.stats()}
     ids = _model_ids(model, present)
     count = sum(present.get(m, 0) for m in ids)
@@ -249,7 +249,7 @@ def move(
     if os.path.abspath(old) == os.path.abspath(new):
         raise SdltagError(f"{old}: OLD and NEW are the same place; nothing to move.")
     path = _index_file(index_path)
-    opener = (lambda: ImageIndex.open_readonly(path, warn=warn)) if dry_run else (lambda: _open(index_path))
+    opener = (lambda: ImageIndex.open_readonly(path)) if dry_run else (lambda: _open(index_path))
     with opener() as index:
         plan = index.plan_move(Path(old), Path(new), always_hash=always_hash)
         moved = len(plan.moves) if dry_run else index.move(plan)

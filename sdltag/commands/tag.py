@@ -157,13 +157,13 @@ def _open_index(no_index: bool, index_path: Path | None, dry_run: bool):
         if not path.exists():
             return None
         try:
-            return ImageIndex.open_readonly(path, warn=warn)
+            return ImageIndex.open_readonly(path)
         except NotAnIndexError:
             raise
         except SdltagError as exc:
             warn(f"{exc} (--dry-run: tagging without the index)")
             return None
-    return ImageIndex.open(path, warn=warn)
+    return ImageIndex.open(path)
 
 
 @cli_errors
