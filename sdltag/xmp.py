@@ -206,6 +206,82 @@ def _clark(name: str) -> tuple[str, str | None]:
     return f"{{{parts[0]}}}{parts[1]}", (parts[2] if len(parts) > 2 else "")
 
 
+class _TreeBuilder:
+    """expat's callbacks building one ElementTree, with what a rewrite needs (prefixes, declarations, span)."""
+
+    def __init__(self, parser: Any, data: bytes) -> None:
+        self.parser, self.data = parser, data
+        self.stack: list[ET.Element] = []
+        self.pending: list[tuple[str, str]] = []
+        self.declarations: dict[int, list[tuple[str, str]]] = {}
+        self.prefixes: dict[int, str] = {}
+        self.root: ET.Element | None = None
+        self.begin = self.finish = 0  # byte offsets of the root element's start and end
+        parser.StartNamespaceDeclHandler = self.start_namespace
+        parser.StartElementHandler = self.start
+        parser.EndElementHandler = self.end
+        parser.CharacterDataHandler = self.characters
+        parser.CommentHandler = self.comment
+        parser.ProcessingInstructionHandler = self.instruction
+        parser.EntityDeclHandler = self.entity
+        parser.UnparsedEntityDeclHandler = self.entity
+        parser.SkippedEntityHandler = self.entity  # a reference to an entity of an external DTD would be lost
+
+    def start_namespace(self, prefix: str | None, uri: str | None) -> None:
+        self.pending.append((prefix or "", uri or ""))
+
+    def add(self, element: ET.Element[Any]) -> None:
+        if self.stack:
+            self.stack[-1].append(element)
+
+    def start(self, name: str, attributes: list[str]) -> None:
+        if len(self.stack) >= MAX_DEPTH:
+            raise _Refused(f"nests elements more than {MAX_DEPTH} deep")
+        tag, prefix = _clark(name)
+        element = ET.Element(tag)
+        for i in range(0, len(attributes), 2):
+            element.set(_clark(attributes[i])[0], attributes[i + 1])
+        if self.pending:
+            self.declarations[id(element)] = list(self.pending)
+            self.pending.clear()
+        if prefix is not None:
+            self.prefixes[id(element)] = prefix
+        if not self.stack:
+            if self.root is not None:
+                raise _Refused("has more than one root element")
+            self.root, self.begin = element, self.parser.CurrentByteIndex
+        self.add(element)
+        self.stack.append(element)
+
+    def end(self, _name: str) -> None:
+        self.stack.pop()
+        if not self.stack:
+            at = self.parser.CurrentByteIndex
+            # an end tag is reported where it starts; an empty-element tag where it has ended
+            self.finish = self.data.index(b">", at) + 1 if self.data.startswith(b"</", at) else at
+
+    def characters(self, chunk: str) -> None:
+        if not self.stack:
+            return
+        parent = self.stack[-1]
+        if len(parent):
+            last = parent[-1]
+            last.tail = (last.tail or "") + chunk
+        else:
+            parent.text = (parent.text or "") + chunk
+
+    def comment(self, body: str) -> None:
+        if self.stack:
+            self.add(ET.Comment(body))
+
+    def instruction(self, target: str, body: str) -> None:
+        if self.stack:
+            self.add(ET.ProcessingInstruction(target, body or None))
+
+    def entity(self, *_args: object) -> None:
+        raise _Refused("declares or refers to XML entities, which sdltag does not expand")
+
+
 def _parse_text(path: Path, text: str) -> _Document:
     """Parse with expat into an ElementTree, without recursion and without entity declarations."""
     try:
@@ -218,76 +294,7 @@ def _parse_text(path: Path, text: str) -> _Document:
     parser.buffer_text = True
     parser.specified_attributes = True  # a DTD's default attributes are not written out on a rewrite
     parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-    stack: list[ET.Element] = []
-    pending: list[tuple[str, str]] = []
-    declarations: dict[int, list[tuple[str, str]]] = {}
-    prefixes: dict[int, str] = {}
-    found: dict[str, ET.Element] = {}
-    span: dict[str, int] = {}  # byte offsets of the root element's start and end
-
-    def start_namespace(prefix: str | None, uri: str | None) -> None:
-        pending.append((prefix or "", uri or ""))
-
-    def add(element: ET.Element[Any]) -> None:
-        if stack:
-            stack[-1].append(element)
-
-    def start(name: str, attributes: list[str]) -> None:
-        if len(stack) >= MAX_DEPTH:
-            raise _Refused(f"nests elements more than {MAX_DEPTH} deep")
-        tag, prefix = _clark(name)
-        element = ET.Element(tag)
-        for i in range(0, len(attributes), 2):
-            element.set(_clark(attributes[i])[0], attributes[i + 1])
-        if pending:
-            declarations[id(element)] = list(pending)
-            pending.clear()
-        if prefix is not None:
-            prefixes[id(element)] = prefix
-        if not stack:
-            if "root" in found:
-                raise _Refused("has more than one root element")
-            found["root"], span["start"] = element, parser.CurrentByteIndex
-        add(element)
-        stack.append(element)
-
-    def end(_name: str) -> None:
-        stack.pop()
-        if not stack:
-            at = parser.CurrentByteIndex
-            # an end tag is reported where it starts; an empty-element tag where it has ended
-            span["end"] = data.index(b">", at) + 1 if data.startswith(b"</", at) else at
-
-    def characters(chunk: str) -> None:
-        if not stack:
-            return
-        parent = stack[-1]
-        if len(parent):
-            last = parent[-1]
-            last.tail = (last.tail or "") + chunk
-        else:
-            parent.text = (parent.text or "") + chunk
-
-    def comment(body: str) -> None:
-        if stack:
-            add(ET.Comment(body))
-
-    def instruction(target: str, body: str) -> None:
-        if stack:
-            add(ET.ProcessingInstruction(target, body or None))
-
-    def entity(*_args: object) -> None:
-        raise _Refused("declares or refers to XML entities, which sdltag does not expand")
-
-    parser.StartNamespaceDeclHandler = start_namespace
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = characters
-    parser.CommentHandler = comment
-    parser.ProcessingInstructionHandler = instruction
-    parser.EntityDeclHandler = entity
-    parser.UnparsedEntityDeclHandler = entity
-    parser.SkippedEntityHandler = entity  # a reference to an entity of an external DTD would be lost
+    tree = _TreeBuilder(parser, data)
     try:
         parser.Parse(data, True)
     except _Refused as exc:
@@ -296,16 +303,14 @@ def _parse_text(path: Path, text: str) -> _Document:
         raise XmpError(path, f"not valid XML ({exc}); left untouched, fix or remove it") from None
     except (RecursionError, MemoryError, ValueError) as exc:
         raise XmpError(path, f"cannot be parsed ({type(exc).__name__}); left untouched, fix or remove it") from None
-    root = found.get("root")
-    if not isinstance(root, ET.Element):
+    if not isinstance(tree.root, ET.Element):
         raise XmpError(path, "has no XML element; left untouched, fix or remove it")
-    begin, finish = span["start"], span["end"]
     return _Document(
-        root=root,
-        prolog=data[:begin].decode("utf-8"),
-        epilog=data[finish:].decode("utf-8"),
-        declarations=declarations,
-        prefixes=prefixes,
+        root=tree.root,
+        prolog=data[: tree.begin].decode("utf-8"),
+        epilog=data[tree.finish :].decode("utf-8"),
+        declarations=tree.declarations,
+        prefixes=tree.prefixes,
     )
 
 
@@ -383,29 +388,39 @@ def _as_lists(document: _Document, descriptions: list[ET.Element], path: Path, s
     for prop, kind in _LISTS:
         for description in descriptions:
             for element in description.findall(prop):
-                children = [child for child in element if isinstance(child.tag, str)]
-                if any(child.tag in CONTAINERS for child in children):
-                    continue
-                if children:
-                    if strict:
-                        local = prop.rpartition("}")[2]
-                        raise XmpError(path, f"its {local} is not a list of keywords; left untouched, fix or remove it")
-                    continue
-                value = (element.text or "").strip()
-                element.text = None
-                _append(document, element, ET.Element(f"{{{RDF_NS}}}{kind}"))
-                if value:
-                    _append(document, element[-1], _li(value))
+                _element_as_list(document, element, kind, path, strict)
             if prop in description.attrib:
-                value = description.attrib.pop(prop).strip()
-                container = next((c for e in description.findall(prop) for c in e if c.tag in CONTAINERS), None)
-                if container is None:
-                    element = ET.Element(prop)
-                    _append(document, description, element)
-                    container = ET.Element(f"{{{RDF_NS}}}{kind}")
-                    _append(document, element, container)
-                if value:
-                    _append(document, container, _li(value))
+                _attribute_as_list(document, description, prop, kind)
+
+
+def _element_as_list(document: _Document, element: ET.Element, kind: str, path: Path, strict: bool) -> None:
+    """``<dc:subject>Sea</dc:subject>`` -> ``<dc:subject><rdf:Bag><rdf:li>Sea</rdf:li></rdf:Bag></dc:subject>``."""
+    children = [child for child in element if isinstance(child.tag, str)]
+    if any(child.tag in CONTAINERS for child in children):
+        return
+    if children:
+        if strict:
+            local = str(element.tag).rpartition("}")[2]
+            raise XmpError(path, f"its {local} is not a list of keywords; left untouched, fix or remove it")
+        return
+    value = (element.text or "").strip()
+    element.text = None
+    _append(document, element, ET.Element(f"{{{RDF_NS}}}{kind}"))
+    if value:
+        _append(document, element[-1], _li(value))
+
+
+def _attribute_as_list(document: _Document, description: ET.Element, prop: str, kind: str) -> None:
+    """``dc:subject="Sea"`` -> one more item of the property's list (made when there is none)."""
+    value = description.attrib.pop(prop).strip()
+    container = next((c for e in description.findall(prop) for c in e if c.tag in CONTAINERS), None)
+    if container is None:
+        element = ET.Element(prop)
+        _append(document, description, element)
+        container = ET.Element(f"{{{RDF_NS}}}{kind}")
+        _append(document, element, container)
+    if value:
+        _append(document, container, _li(value))
 
 
 def _li(value: str) -> ET.Element:
@@ -718,32 +733,34 @@ def _serialize(document: _Document) -> str:
         element, scope = todo.pop()
         if isinstance(scope, str):
             out.append(scope)
-            if element.tail and element is not document.root:
-                out.append(_escape_text(element.tail))
-            continue
-        if element.tag is ET.Comment:
+        elif element.tag is ET.Comment:
             out.append(f"<!--{element.text or ''}-->")
         elif element.tag is ET.ProcessingInstruction:
             out.append(f"<?{element.text or ''}?>")
         else:
-            declarations = list(document.declarations.get(id(element), ()))
-            scope, name, attributes = _qualified(element, document, scope.bound(declarations), declarations)
-            parts = [name]
-            for prefix, bound in declarations:
-                parts.append(f'xmlns:{prefix}="{_escape_attribute(bound)}"' if prefix else f'xmlns="{bound}"')
-            parts.extend(f'{key}="{_escape_attribute(value)}"' for key, value in attributes)
-            if not len(element) and not element.text:
-                out.append(f"<{' '.join(parts)}/>")
-            else:
-                out.append(f"<{' '.join(parts)}>")
+            inner, name, opening = _start_tag(element, document, scope)
+            if len(element) or element.text:
+                out.append(f"{opening}>")
                 if element.text:
                     out.append(_escape_text(element.text))
                 todo.append((element, f"</{name}>"))
-                todo.extend((child, scope) for child in reversed(element))
+                todo.extend((child, inner) for child in reversed(element))
                 continue
+            out.append(f"{opening}/>")
         if element.tail and element is not document.root:
             out.append(_escape_text(element.tail))
     return "".join(out)
+
+
+def _start_tag(element: ET.Element, document: _Document, scope: _Scope) -> tuple[_Scope, str, str]:
+    """(scope inside ``element``, its name, its start tag without the closing ``>``)."""
+    declarations = list(document.declarations.get(id(element), ()))
+    inner, name, attributes = _qualified(element, document, scope.bound(declarations), declarations)
+    parts = [name]
+    for prefix, bound in declarations:
+        parts.append(f'xmlns:{prefix}="{_escape_attribute(bound)}"' if prefix else f'xmlns="{bound}"')
+    parts.extend(f'{key}="{_escape_attribute(value)}"' for key, value in attributes)
+    return inner, name, f"<{' '.join(parts)}"
 
 
 def _new_document() -> _Document:

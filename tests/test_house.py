@@ -49,13 +49,26 @@ def parse(path: Path) -> ast.Module:
 
 
 def nesting(node: ast.AST, depth: int = 0) -> int:
-    """The deepest control-flow nesting inside ``node``; nested functions and classes count on their own."""
+    """The deepest control-flow nesting inside ``node``; nested functions and classes count on their own.
+
+    An ``elif`` is a branch of its ``if``, not a block inside it (a flat chain of cases is not deep nesting)."""
     deepest = depth
     for child in ast.iter_child_nodes(node):
         if isinstance(child, SCOPES):
             continue
-        deepest = max(deepest, nesting(child, depth + 1 if isinstance(child, NESTING_BLOCKS) else depth))
+        step = isinstance(child, NESTING_BLOCKS) and not is_elif(node, child)
+        deepest = max(deepest, nesting(child, depth + step))
     return deepest
+
+
+def is_elif(parent: ast.AST, child: ast.AST) -> bool:
+    """``child`` is written ``elif`` (an ``else:`` holding only an ``if`` is indented further)."""
+    return (
+        isinstance(parent, ast.If)
+        and isinstance(child, ast.If)
+        and parent.orelse == [child]
+        and child.col_offset == parent.col_offset
+    )
 
 
 def function_sizes(source: str) -> Iterator[tuple[ast.FunctionDef | ast.AsyncFunctionDef, int, int, bool]]:
@@ -83,12 +96,19 @@ def test_size_checker_measures_lines_nesting_and_the_long_comment() -> None:
     excused = "# long: one table of cases, read top to bottom\n@decorator\n" + long_body
     bare_mark = "# long:\n" + long_body
     nested = "def outer():\n    if a:\n        def inner():\n            if b:\n                pass\n"
-    sizes = {src: list(function_sizes(src)) for src in (deep, long_body, excused, bare_mark, nested)}
+    chain = "def chain(x):\n    if x == 1:\n        pass\n" + "".join(
+        f"    elif x == {i}:\n        pass\n" for i in range(9)
+    )
+    nested_else = "def f(x):\n    if x:\n        pass\n    else:\n        if x:\n            pass\n"
+    sources = (deep, long_body, excused, bare_mark, nested, chain, nested_else)
+    sizes = {src: list(function_sizes(src)) for src in sources}
     assert [(n, d, e) for _, n, d, e in sizes[deep]] == [(7, 5, False)]
     assert [(n, d, e) for _, n, d, e in sizes[long_body]] == [(MAX_FUNCTION_LINES + 1, 0, False)]
     assert [e for *_, e in sizes[excused]] == [True]
     assert [e for *_, e in sizes[bare_mark]] == [False]  # a reason is required
     assert sorted((f.name, d) for f, _, d, _ in sizes[nested]) == [("inner", 1), ("outer", 1)]
+    assert [d for _, _, d, _ in sizes[chain]] == [1]
+    assert [d for _, _, d, _ in sizes[nested_else]] == [2]
 
 
 def test_no_function_is_too_long_or_too_deeply_nested() -> None:
