@@ -311,9 +311,28 @@ def render_report(report: EvalReport, *, thumbnails: bool = True, max_megapixels
     """The report page (needs the per-image fields ``evaluate`` fills: paths, scores, targets)."""
     scores, targets, unseen_mask = _per_image(report)
     esc = html.escape
-    parts: list[str] = []
+    parts = [
+        *_summary_section(report),
+        *_metrics_section(report),
+        *_ap_section(report),
+        *_pr_section(report, scores, targets, unseen_mask),
+        *_calibration_section(report, scores, targets, unseen_mask),
+        *_worst_section(report, thumbnails, max_megapixels),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{esc(_csp())}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>sdltag eval: {esc(display_path(os.path.basename(os.fspath(report.model))))}</title>\n"
+        f"<style>{STYLE}</style>\n</head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n"
+    )
+
+
+def _summary_section(report: EvalReport) -> list[str]:
+    """The title and what was evaluated."""
+    esc = html.escape
     evaluated = report.images_listed - report.images_failed
-    parts.append(
+    return [
         f"<h1>sdltag eval: {esc(display_path(report.model))}</h1>"
         f'<div class="meta">data {esc(display_path(report.data))} ({esc(report.data_format)} layout); '
         f"{evaluated} images evaluated, {report.images_failed} could not be decoded; "
@@ -324,14 +343,18 @@ def render_report(report: EvalReport, *, thumbnails: bool = True, max_megapixels
             else ""
         )
         + f"; made by sdltag on {time.strftime('%Y-%m-%d %H:%M', time.localtime())}</div>"
-    )
+    ]
 
+
+def _metrics_section(report: EvalReport) -> list[str]:
+    """The paper's table, its rules and the calibration error."""
+    esc = html.escape
     rule = (
         "labels without a positive image are skipped from the mean"
         if report.empty_rule == "skip"
         else "labels without a positive image count as 0 (the official SDL code's rule)"
     )
-    parts.append(
+    return [
         "<h2>The paper's metrics</h2>"
         + _metrics_table(report)
         + f'<p class="meta">Percentages. An image counts when it has a label among the ranked ones (ZSL: the '
@@ -344,34 +367,41 @@ def render_report(report: EvalReport, *, thumbnails: bool = True, max_megapixels
             else ""
         )
         + "</p>"
-    )
+    ]
 
+
+def _ap_section(report: EvalReport) -> list[str]:
+    """Per-label AP: best and worst, the sorted chart and every label's row."""
+    esc = html.escape
     rows = per_label_ap(report)
     ranked = sorted((r for r in rows if not np.isnan(r[2])), key=lambda r: (-r[2], r[0]))
     empty = [r for r in rows if np.isnan(r[2])]
-    parts.append("<h2>Average precision per label (GZSL images)</h2>")
-    if ranked:
-        best, worst = ranked[0], ranked[-1]
-        parts.append(
-            f"<p>Best: <b>{esc(best[0])}</b> ({_kind(best[1])}, AP {best[2]:.1f}); worst: <b>{esc(worst[0])}</b> "
-            f"({_kind(worst[1])}, AP {worst[2]:.1f}); {len(ranked)} labels with a positive image"
-            + (f", {len(empty)} without (no AP)" if empty else "")
-            + ".</p>"
-            f'<img class="chart" alt="per-label AP, sorted" src="{ap_chart(rows)}">'
-        )
-        table = "".join(
-            f"<tr><td>{esc(name)}</td><td>{_kind(unseen)}</td><td>{ap:.2f}</td><td>{positives}</td></tr>"
-            for name, unseen, ap, positives in ranked
-        ) + "".join(
-            f"<tr><td>{esc(name)}</td><td>{_kind(unseen)}</td><td>-</td><td>0</td></tr>" for name, unseen, _, _ in empty
-        )
-        parts.append(
-            f"<details><summary>every label ({len(rows)})</summary><table><thead><tr><th>label</th><th>kind</th>"
-            f"<th>AP</th><th>positive images</th></tr></thead><tbody>{table}</tbody></table></details>"
-        )
-    else:
-        parts.append("<p>No label has a positive image among the evaluated ones.</p>")
+    parts = ["<h2>Average precision per label (GZSL images)</h2>"]
+    if not ranked:
+        return parts + ["<p>No label has a positive image among the evaluated ones.</p>"]
+    best, worst = ranked[0], ranked[-1]
+    parts.append(
+        f"<p>Best: <b>{esc(best[0])}</b> ({_kind(best[1])}, AP {best[2]:.1f}); worst: <b>{esc(worst[0])}</b> "
+        f"({_kind(worst[1])}, AP {worst[2]:.1f}); {len(ranked)} labels with a positive image"
+        + (f", {len(empty)} without (no AP)" if empty else "")
+        + ".</p>"
+        f'<img class="chart" alt="per-label AP, sorted" src="{ap_chart(rows)}">'
+    )
+    table = "".join(
+        f"<tr><td>{esc(name)}</td><td>{_kind(unseen)}</td><td>{ap:.2f}</td><td>{positives}</td></tr>"
+        for name, unseen, ap, positives in ranked
+    ) + "".join(
+        f"<tr><td>{esc(name)}</td><td>{_kind(unseen)}</td><td>-</td><td>0</td></tr>" for name, unseen, _, _ in empty
+    )
+    parts.append(
+        f"<details><summary>every label ({len(rows)})</summary><table><thead><tr><th>label</th><th>kind</th>"
+        f"<th>AP</th><th>positive images</th></tr></thead><tbody>{table}</tbody></table></details>"
+    )
+    return parts
 
+
+def _pr_section(report: EvalReport, scores: np.ndarray, targets: np.ndarray, unseen_mask: np.ndarray) -> list[str]:
+    """Precision-recall curves of the ZSL and GZSL protocols."""
     curves = {}
     gzsl_scores, gzsl_targets = _gzsl(report)
     if unseen_mask.any():
@@ -385,37 +415,44 @@ def render_report(report: EvalReport, *, thumbnails: bool = True, max_megapixels
         curves[f"GZSL ({len(gzsl_scores)} images, {len(report.label_names)} labels)"] = pr_curve(
             gzsl_scores, gzsl_targets
         )
-    parts.append("<h2>Precision and recall</h2>")
-    if curves:
-        parts.append(
-            f'<img class="chart" alt="precision-recall curves" src="{pr_chart(curves)}">'
-            '<p class="meta">Micro-averaged over every (image, label) pair of the protocol, as a threshold on the '
-            "raw SDL score goes down.</p>"
-        )
-    else:
-        parts.append("<p>No positive pair to draw a curve from.</p>")
+    if not curves:
+        return ["<h2>Precision and recall</h2>", "<p>No positive pair to draw a curve from.</p>"]
+    return [
+        "<h2>Precision and recall</h2>",
+        f'<img class="chart" alt="precision-recall curves" src="{pr_chart(curves)}">'
+        '<p class="meta">Micro-averaged over every (image, label) pair of the protocol, as a threshold on the '
+        "raw SDL score goes down.</p>",
+    ]
 
-    if report.calibration:
-        from sdltag.scoring import calibrate
 
-        confidences = calibrate(scores, unseen_mask, report.calibration)
-        groups = {}
-        for name, mask in (("seen", ~unseen_mask), ("unseen", unseen_mask)):
-            if mask.any():
-                ece = report.ece.get(name)
-                label = name + (f" (ECE {ece:.4f})" if ece is not None else "")
-                groups[label] = reliability(confidences[:, mask], targets[:, mask])
-        parts.append(
-            "<h2>Calibration</h2>"
-            f'<img class="chart" alt="reliability diagram" src="{reliability_chart(groups)}">'
-            '<p class="meta">Each point is one of 15 confidence bins (its size: how many pairs): on the diagonal, '
-            "a confidence of 0.7 means 70% of such pairs have the label.</p>"
-        )
+def _calibration_section(
+    report: EvalReport, scores: np.ndarray, targets: np.ndarray, unseen_mask: np.ndarray
+) -> list[str]:
+    """The reliability diagram of a calibrated model (nothing for an uncalibrated one)."""
+    if not report.calibration:
+        return []
+    from sdltag.scoring import calibrate
 
-    parts.append("<h2>Worst-ranked images</h2>")
-    worst_rows = worst_ranked(report)
+    confidences = calibrate(scores, unseen_mask, report.calibration)
+    groups = {}
+    for name, mask in (("seen", ~unseen_mask), ("unseen", unseen_mask)):
+        if mask.any():
+            ece = report.ece.get(name)
+            label = name + (f" (ECE {ece:.4f})" if ece is not None else "")
+            groups[label] = reliability(confidences[:, mask], targets[:, mask])
+    return [
+        "<h2>Calibration</h2>"
+        f'<img class="chart" alt="reliability diagram" src="{reliability_chart(groups)}">'
+        '<p class="meta">Each point is one of 15 confidence bins (its size: how many pairs): on the diagonal, '
+        "a confidence of 0.7 means 70% of such pairs have the label.</p>"
+    ]
+
+
+def _worst_section(report: EvalReport, thumbnails: bool, max_megapixels: float) -> list[str]:
+    """Cards of the images whose true labels rank lowest."""
+    esc = html.escape
     cards = []
-    for row in worst_rows:
+    for row in worst_ranked(report):
         path = row["path"]
         thumb = file_thumbnail(Path(path), max_megapixels=max_megapixels) if thumbnails else None
         image = f'<img alt="" src="data:image/jpeg;base64,{base64.b64encode(thumb).decode("ascii")}">' if thumb else ""
@@ -431,21 +468,13 @@ def render_report(report: EvalReport, *, thumbnails: bool = True, max_megapixels
             f"<div>ground truth:</div><ul>{truth}</ul><div>top {TOP_TAGS} tags"
             f"{' (calibrated)' if report.calibration else ' (raw scores)'}:</div><ul>{top}</ul></figure>"
         )
-    if cards:
-        parts.append(
-            '<p class="meta">The images whose true labels rank lowest among all labels (by the best-ranked one).</p>'
-            f'<div class="worst">{"".join(cards)}</div>'
-        )
-    else:
-        parts.append("<p>No image with a ground-truth label.</p>")
-
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f'<meta http-equiv="Content-Security-Policy" content="{esc(_csp())}">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>sdltag eval: {esc(display_path(os.path.basename(os.fspath(report.model))))}</title>\n"
-        f"<style>{STYLE}</style>\n</head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n"
-    )
+    if not cards:
+        return ["<h2>Worst-ranked images</h2>", "<p>No image with a ground-truth label.</p>"]
+    return [
+        "<h2>Worst-ranked images</h2>",
+        '<p class="meta">The images whose true labels rank lowest among all labels (by the best-ranked one).</p>'
+        f'<div class="worst">{"".join(cards)}</div>',
+    ]
 
 
 def write_report(report: EvalReport, output: Path, **options) -> None:
