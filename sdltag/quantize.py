@@ -27,7 +27,7 @@ import numpy as np
 
 from sdltag.errors import SdltagError
 from sdltag.images import ImageError, discover, load_image
-from sdltag.modelfolder import ModelFolder, attach_int8, check_output_folder, write_model_folder
+from sdltag.modelfolder import MODEL_CARD_FILE, ModelFolder, attach_int8, check_output_folder, write_model_folder
 from sdltag.runtime import ImageModel
 from sdltag.scoring import sdl_scores
 
@@ -109,8 +109,6 @@ def quantize_model_folder(
     ``--precision auto`` picks it on CPUs with 8-bit dot-product instructions.
     """
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if out is not None:
         out = check_output_folder(out)  # refuse a folder that is not ours before the slow work
@@ -125,36 +123,9 @@ def quantize_model_folder(
     check = arrays[count:] if held_out else arrays
     input_name = str(model.manifest.onnx.get("input") or "images")
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 16)))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {input_name: batch}
-
     with tempfile.TemporaryDirectory(prefix="sdltag-quantize-") as tmp:
-        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "model.int8.onnx"
-        try:
-            quant_pre_process(str(model.onnx_path), str(prepared), skip_symbolic_shape=True)
-            quantize_static(
-                str(prepared),
-                str(quantized),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                extra_options={"CalibTensorRangeSymmetric": False},
-            )
-        except Exception as exc:  # noqa: BLE001 - onnx/onnxruntime raise many types
-            raise SdltagError(f"{model.onnx_path}: onnxruntime could not quantise this graph ({exc}).") from None
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
-        int8_vectors = np.concatenate(
-            [session.run(None, {input_name: part})[0] for part in np.array_split(check, max(1, len(check) // 32))]
-        )
+        quantized = _quantize_graph(model, calibration, input_name, Path(tmp))
+        int8_vectors = _run_int8(quantized, check, input_name)
         float_vectors = ImageModel(model, device="cpu").run(check)
         result = fidelity(float_vectors, int8_vectors, model.label_vectors, held_out)
         source_id = model.model_id
@@ -174,15 +145,62 @@ def quantize_model_folder(
         )
         if out is None:
             return attach_int8(model, quantized, details, section), result
-        manifest = copy.deepcopy(model.manifest)
-        manifest.name = name or out.name
-        manifest.provenance = {**manifest.provenance, "quantization": details}
-        manifest.onnx = {k: v for k, v in manifest.onnx.items() if k not in ("sha256", "bytes")}
-        card = (
-            (model.path / "MODEL_CARD.md").read_text(encoding="utf-8")
-            if (model.path / "MODEL_CARD.md").is_file()
-            else ""
-        )
-        card += "\n\n## 8-bit copy\n\n" + section
-        folder = write_model_folder(out, quantized, manifest, model.label_vectors, card)
+        folder = _write_copy(model, out, name, quantized, details, section)
     return folder, result
+
+
+def _quantize_graph(model: ModelFolder, calibration: np.ndarray, input_name: str, tmp: Path) -> Path:
+    """onnxruntime's static quantisation of the model's graph, calibrated on ``calibration``: the new graph's path."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 16)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {input_name: batch}
+
+    prepared, quantized = tmp / "prepared.onnx", tmp / "model.int8.onnx"
+    try:
+        quant_pre_process(str(model.onnx_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            extra_options={"CalibTensorRangeSymmetric": False},
+        )
+    except Exception as exc:  # noqa: BLE001 - onnx/onnxruntime raise many types
+        raise SdltagError(f"{model.onnx_path}: onnxruntime could not quantise this graph ({exc}).") from None
+    return quantized
+
+
+def _run_int8(quantized: Path, images: np.ndarray, input_name: str) -> np.ndarray:
+    """The 8-bit graph's principal vectors of ``images`` (N, 3, H, W) -> (N, M, d), on the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
+    return np.concatenate(
+        [session.run(None, {input_name: part})[0] for part in np.array_split(images, max(1, len(images) // 32))]
+    )
+
+
+def _write_copy(
+    model: ModelFolder, out: Path, name: str, quantized: Path, details: dict[str, Any], section: str
+) -> ModelFolder:
+    """A separate 8-bit model folder at ``out``: the source's manifest and card, with the quantisation recorded."""
+    manifest = copy.deepcopy(model.manifest)
+    manifest.name = name or out.name
+    manifest.provenance = {**manifest.provenance, "quantization": details}
+    manifest.onnx = {k: v for k, v in manifest.onnx.items() if k not in ("sha256", "bytes")}
+    card_path = model.path / MODEL_CARD_FILE
+    card = card_path.read_text(encoding="utf-8") if card_path.is_file() else ""
+    card += "\n\n## 8-bit copy\n\n" + section
+    return write_model_folder(out, quantized, manifest, model.label_vectors, card)
