@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sdltag import log
 from sdltag.embedding.cache import DB_FILE, LabelVectorCache
 
 EMBEDDER = "demo@sha256:0123456789abcdef"
@@ -216,25 +217,26 @@ def test_corrupt_cache_is_set_aside_with_one_warning_and_rebuilt(tmp_path: Path,
         path.write_bytes(b"this is not a database at all\n" * 100)
     else:
         path.write_bytes(b"\0" * 100 + data[100:])
-    warnings: list[str] = []
-    cache = LabelVectorCache(folder, warn=warnings.append)
-    found = cache.get_many(EMBEDDER, ["t0", "t1"])
+    with log.collect() as warnings:
+        cache = LabelVectorCache(folder)
+        found = cache.get_many(EMBEDDER, ["t0", "t1"])
     assert found == {} or all(np.allclose(found[t], _vector(t, 384)) for t in found)
     assert len(warnings) == 1 and "corrupt" in warnings[0] and str(path) in warnings[0]
     aside = sorted(folder.glob(f"{DB_FILE}.corrupt-*"))
     assert len(aside) == 1 and aside[0].name in warnings[0]
     # The rebuilt cache works and keeps what is written to it.
-    cache.put_many(EMBEDDER, [("new", _vector("new"))])
-    assert set(LabelVectorCache(folder).get_many(EMBEDDER, ["new"])) == {"new"}
-    assert len(warnings) == 1
+    with log.collect() as later:
+        cache.put_many(EMBEDDER, [("new", _vector("new"))])
+        assert set(LabelVectorCache(folder).get_many(EMBEDDER, ["new"])) == {"new"}
+    assert later == []
 
 
 def test_unwritable_cache_folder_falls_back_to_memory(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    warnings: list[str] = []
-    cache = LabelVectorCache(blocker / "cache", warn=warnings.append)
-    cache.put_many(EMBEDDER, [("cat", _vector("cat"))])
+    with log.collect() as warnings:
+        cache = LabelVectorCache(blocker / "cache")
+        cache.put_many(EMBEDDER, [("cat", _vector("cat"))])
     assert set(cache.get_many(EMBEDDER, ["cat"])) == {"cat"}
     assert len(warnings) == 1 and "in memory" in warnings[0]
 

@@ -97,7 +97,7 @@ def cache(
     from sdltag.embedding import clear_embedder_memo
     from sdltag.embedding.cache import LabelVectorCache
 
-    store = LabelVectorCache(cache_dir, warn=warn)
+    store = LabelVectorCache(cache_dir)
     if clear:
         removed = store.clear()
         clear_embedder_memo()

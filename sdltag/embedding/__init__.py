@@ -60,14 +60,14 @@ def get_text_embedder(
     from sdltag.embedding.locate import locate_text_model
 
     files = locate_text_model(name_or_path)
-    cache = LabelVectorCache(cache_dir, warn=warn)
+    cache = LabelVectorCache(cache_dir)
     key = (str(files.folder), str(cache.directory.absolute()), backend)
     embedder = _MEMO.get(key)
     if embedder is None:
         embedder = CachedTextEmbedder(files, cache, backend=backend)
         _MEMO[key] = embedder
-    elif warn is not None:
-        embedder.cache.warn = warn
+    if warn is not None:
+        embedder.warn = warn
     return embedder
 
 

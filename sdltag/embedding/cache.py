@@ -20,6 +20,7 @@ names and contents, whose process has ended).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ from sdltag.paths import pid_alive
 from sdltag.sqlite_retry import retry_while_busy
 
 _T = TypeVar("_T")
+logger = logging.getLogger(__name__)
 
 DB_FILE = "labels.sqlite3"
 FAST_PATH_DIR = "text-models"
@@ -66,11 +68,6 @@ CREATE TABLE IF NOT EXISTS weight_hashes (
     sha256 TEXT NOT NULL
 );
 """
-
-
-def stderr_warn(message: str) -> None:
-    """Default warning sink for library code: one line on stderr (never stdout, which holds results)."""
-    print(f"sdltag: warning: {message}", file=sys.stderr, flush=True)
 
 
 def stderr_info(message: str) -> None:
@@ -167,10 +164,9 @@ def remove_debris(directory: Path, now: float | None = None) -> list[Path]:
 class LabelVectorCache:
     """Vectors by (embedder id, text). Opened on first use; safe to share between processes."""
 
-    def __init__(self, directory: Path | None = None, warn: Callable[[str], None] | None = None) -> None:
+    def __init__(self, directory: Path | None = None) -> None:
         self.directory = resolve_cache_dir(directory)
         self.path = self.directory / DB_FILE
-        self.warn = warn or stderr_warn
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.RLock()  # one connection, shared by the threads of one process
         self.persistent = True
@@ -231,7 +227,7 @@ class LabelVectorCache:
         return conn
 
     def _in_memory(self, reason: str) -> sqlite3.Connection:
-        self.warn(f"{reason}; label vectors are kept in memory for this run only")
+        logger.warning(f"{reason}; label vectors are kept in memory for this run only")
         self.persistent = False
         conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         for statement in _statements(_SCHEMA):
@@ -252,7 +248,7 @@ class LabelVectorCache:
                 os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
             except OSError:
                 pass
-        self.warn(
+        logger.warning(
             f"the label cache {self.path} is corrupt ({reason}); moved it to {aside.name} and started a new one "
             "(labels will be embedded again)"
         )

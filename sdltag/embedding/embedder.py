@@ -12,6 +12,7 @@ Order of work for ``embed(texts)``:
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,9 +48,7 @@ class CachedTextEmbedder:
         self._st_model: Any = None
         self._export_failure_noted = False
 
-    @property
-    def warn(self) -> Callable[[str], None]:
-        return self.cache.warn
+    warn: Callable[[str], None] = logging.getLogger(__name__).warning  # get_text_embedder(warn=...) may replace it
 
     @property
     def spec(self) -> EmbedderSpec:
