@@ -273,6 +273,9 @@ def _tokens(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
+_VEC_FIX = "Pass a word2vec/fastText .vec or GloVe .txt file: one word and its numbers per line."
+
+
 def read_word_vectors(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
     """Stream a word2vec/fastText ``.vec`` (``N D`` header) or GloVe (no header) text file.
 
@@ -280,7 +283,6 @@ def read_word_vectors(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
     when that is wanted), so a multi-gigabyte file costs a single pass and little memory.
     Refuses a file whose vectors are not ``DIM``-d or which has a malformed line.
     """
-    fix = "Pass a word2vec/fastText .vec or GloVe .txt file: one word and its numbers per line."
     found: dict[str, np.ndarray] = {}
     dim: int | None = None
     try:
@@ -289,38 +291,50 @@ def read_word_vectors(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
                 line = line.rstrip("\r\n")
                 if not line.strip():
                     continue
-                if number == 1:
-                    head = line.split()
-                    if len(head) == 2 and all(part.isdigit() for part in head):
-                        dim = int(head[1])
-                        if dim != DIM:
-                            raise SdltagError(f"{path}: holds {dim}-d vectors; the official table is {DIM}-d. {fix}")
-                        continue
+                if number == 1 and (header := _header_dim(line)) is not None:  # word2vec/fastText: "count dim"
+                    dim = _official_dim(path, header)
+                    continue
                 word = line.split(" ", 1)[0]
                 if dim is not None and word not in wanted and word.lower() not in wanted:
                     continue
                 parts = line.rsplit(None, dim if dim is not None else -1)
                 if dim is None:  # GloVe: the first line sets the dimension
-                    dim = len(parts) - 1
-                    if dim != DIM:
-                        raise SdltagError(f"{path}: holds {dim}-d vectors; the official table is {DIM}-d. {fix}")
-                if len(parts) != dim + 1:
-                    raise SdltagError(f"{path}:{number}: expected a word and {dim} numbers. {fix}")
-                word = parts[0]
-                keys = [k for k in dict.fromkeys((word, word.lower())) if k in wanted and k not in found]
-                if not keys:
-                    continue
-                try:
-                    vector = np.asarray(parts[1:], dtype=np.float32)
-                except ValueError:
-                    raise SdltagError(f"{path}:{number}: the vector of {word!r} has a non-number. {fix}") from None
-                for key in keys:
-                    found[key] = vector
+                    dim = _official_dim(path, len(parts) - 1)
+                _keep_vector(found, wanted, parts, dim, f"{path}:{number}")
     except OSError as exc:
         raise SdltagError(f"{path}: cannot read the word-vector file ({exc.strerror or exc}).") from None
     if dim is None:
-        raise SdltagError(f"{path}: no word vectors in this file. {fix}")
+        raise SdltagError(f"{path}: no word vectors in this file. {_VEC_FIX}")
     return found
+
+
+def _header_dim(line: str) -> int | None:
+    """The dimension of a ``.vec`` header line (``N D``); None for any other line."""
+    head = line.split()
+    return int(head[1]) if len(head) == 2 and all(part.isdigit() for part in head) else None
+
+
+def _official_dim(path: Path, dim: int) -> int:
+    """``dim`` when it is the official table's; else the file is refused."""
+    if dim != DIM:
+        raise SdltagError(f"{path}: holds {dim}-d vectors; the official table is {DIM}-d. {_VEC_FIX}")
+    return dim
+
+
+def _keep_vector(found: dict[str, np.ndarray], wanted: set[str], parts: list[str], dim: int, where: str) -> None:
+    """Store the vector of one split line (``word n1 ... nD``) under its wanted forms not found yet."""
+    if len(parts) != dim + 1:
+        raise SdltagError(f"{where}: expected a word and {dim} numbers. {_VEC_FIX}")
+    word = parts[0]
+    keys = [k for k in dict.fromkeys((word, word.lower())) if k in wanted and k not in found]
+    if not keys:
+        return
+    try:
+        vector = np.asarray(parts[1:], dtype=np.float32)
+    except ValueError:
+        raise SdltagError(f"{where}: the vector of {word!r} has a non-number. {_VEC_FIX}") from None
+    for key in keys:
+        found[key] = vector
 
 
 def _lookup(vectors: dict[str, np.ndarray], text: str) -> tuple[np.ndarray | None, str | None]:
@@ -469,29 +483,17 @@ def import_official(
         wordvecs_source=str(wordvecs),
         unseen_source=str(unseen_path),
     )
-    extension: Extension | None = None
-    extension_record: dict[str, Any] | None = None
     if (word_vectors is None) != (add_labels is None):
         raise SdltagError(
             "--word-vectors and --add-labels go together: pass both (the labels to add and the file "
             "with their vectors) or neither."
         )
+    extension = None
     if word_vectors is not None and add_labels is not None:
         vec_path, labels_path = Path(word_vectors).expanduser(), Path(add_labels).expanduser()
         entries = build_vocabulary([labels_path])
         extension = extend_table(table, vec_path, [(e.label, e.text) for e in entries])
         table = extension.table
-        extension_record = {
-            "word_vectors": _file_record(vec_path),
-            "labels_file": _file_record(labels_path),
-            "added_labels": len(extension.added),
-            "already_in_table": extension.already_known,
-            "same_space_check": {
-                "shared": extension.shared,
-                "agreeing": extension.agreeing,
-                "cosine": SAME_SPACE_COSINE,
-            },
-        }
     state, extra = load_official_checkpoint(checkpoint)
     model = build_official_model(state, str(checkpoint))
     provenance: dict[str, Any] = {
@@ -505,8 +507,8 @@ def import_official(
     }
     if unseen_path is not None:
         provenance["unseen"] = _file_record(unseen_path)
-    if extension_record is not None:
-        provenance["extension"] = extension_record
+    if extension is not None:
+        provenance["extension"] = _extension_record(extension, vec_path, labels_path)
     if isinstance(extra.get("num_classes"), int):
         provenance["checkpoint_num_classes"] = extra["num_classes"]
     return export_model(
@@ -519,12 +521,30 @@ def import_official(
         label_vectors=table.vectors,
         name=name or "zs-sdl-nus-wide-tresnet-m",
         provenance=provenance,
-        model_card={
-            "paper": PAPER,
-            "repository": REPOSITORY,
-            "license": LICENSE,
-            "dataset": "NUS-WIDE",
-            "labels": "fixed 300-d word-vector table; other labels cannot be scored",
-        },
+        model_card=dict(MODEL_CARD_FIELDS),
         model_card_md=_model_card(table, checkpoint, extension),
     )
+
+
+MODEL_CARD_FIELDS = {
+    "paper": PAPER,
+    "repository": REPOSITORY,
+    "license": LICENSE,
+    "dataset": "NUS-WIDE",
+    "labels": "fixed 300-d word-vector table; other labels cannot be scored",
+}
+
+
+def _extension_record(extension: Extension, vec_path: Path, labels_path: Path) -> dict[str, Any]:
+    """The provenance of labels added from a word-vector file."""
+    return {
+        "word_vectors": _file_record(vec_path),
+        "labels_file": _file_record(labels_path),
+        "added_labels": len(extension.added),
+        "already_in_table": extension.already_known,
+        "same_space_check": {
+            "shared": extension.shared,
+            "agreeing": extension.agreeing,
+            "cosine": SAME_SPACE_COSINE,
+        },
+    }
