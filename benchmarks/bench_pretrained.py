@@ -98,7 +98,7 @@ def speed(train_dir: Path, work: Path, count: int) -> dict:
     from sdltag.nn.loss import sdl_loss
     from sdltag.nn.model import SDLHead
 
-    items = read_labeled_dir(str(train_dir), "auto", lambda m: None).items[:count]
+    items = read_labeled_dir(str(train_dir), "auto").items[:count]
     spec = lite.input_spec("efficientnet_lite0")
     net = lite.efficientnet_lite("efficientnet_lite0", pretrained=True).eval()
     folder = work / "speed-features"

@@ -11,8 +11,8 @@
   Lightroom, darktable and digiKam write them.
 
 Labels are normalised exactly as in ``--labels`` files (``sdltag.labels.normalize_label``).
-Images without a label and manifest rows naming a missing file are reported through
-``warn`` and skipped; readability of the image itself is checked when it is decoded.
+Images without a label and manifest rows naming a missing file are reported (one warning
+each, logged to ``sdltag.datasets``) and skipped; readability of the image itself is checked when it is decoded.
 Image files are those ``sdltag tag`` reads (``sdltag.images.IMAGE_EXTENSIONS``).
 """
 
@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 FORMATS = ("manifest", "sidecar", "folders", "xmp")
 MANIFEST_NAMES = ("labels.csv", "labels.jsonl")
-Warn = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,18 +88,18 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def walk_images(root: Path, warn: Warn | None = None) -> list[Path]:
+def walk_images(root: Path, report: bool = True) -> list[Path]:
     """Every image file under ``root``, sorted: the walk ``sdltag tag`` makes (``sdltag.images.walk``).
 
     Recursive at any depth, hidden files and folders and ``._*`` skipped, each real folder
     entered once (links to folders followed, loops walked once); a folder that cannot be
-    read goes to ``warn``.
+    read is one warning (unless not ``report``).
     """
     problems: list[tuple[str, str]] = []
     found = walk(os.fspath(root), problems=problems)
-    if warn is not None:
+    if report:
         for path, reason in problems:
-            warn(f"{path}: {reason}, skipped")
+            logger.warning(f"{path}: {reason}, skipped")
     return sorted(Path(path) for path in found)
 
 
@@ -120,7 +121,7 @@ def detect_format(root: Path) -> str:
     """Guess the layout of ``root``: manifest, then sidecar text, then XMP, then sub-folders."""
     if any((root / name).is_file() for name in MANIFEST_NAMES):
         return "manifest"
-    images = walk_images(root)
+    images = walk_images(root, report=False)
     if any(_sidecar_text(path) is not None for path in images):
         return "sidecar"
     if any(_sidecar_xmp(path) is not None for path in images):
@@ -133,7 +134,7 @@ def detect_format(root: Path) -> str:
     )
 
 
-def _read_manifest(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
+def _read_manifest(root: Path, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
     rows: list[tuple[Path, list[str]]] = []
     csv_path, jsonl_path = root / "labels.csv", root / "labels.jsonl"
     if csv_path.is_file():
@@ -149,7 +150,7 @@ def _read_manifest(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> l
                     row = {(k or "").strip(): v for k, v in row.items()}
                     path_text = (row.get("path") or "").strip()
                     if not path_text:
-                        warn(f"{csv_path}:{line_no}: no path, row skipped")
+                        logger.warning(f"{csv_path}:{line_no}: no path, row skipped")
                         continue
                     rows.append((Path(path_text), (row.get("labels") or "").split(";")))
         except UnicodeDecodeError as exc:
@@ -166,16 +167,16 @@ def _read_manifest(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> l
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                warn(f"{jsonl_path}:{line_no}: not valid JSON ({exc.msg}), line skipped")
+                logger.warning(f"{jsonl_path}:{line_no}: not valid JSON ({exc.msg}), line skipped")
                 continue
             if not isinstance(record, dict) or not isinstance(record.get("path"), str):
-                warn(f'{jsonl_path}:{line_no}: needs an object with a string "path", line skipped')
+                logger.warning(f'{jsonl_path}:{line_no}: needs an object with a string "path", line skipped')
                 continue
             labels = record.get("labels", [])
             if isinstance(labels, str):
                 labels = labels.split(";")
             if not isinstance(labels, list):
-                warn(f'{jsonl_path}:{line_no}: "labels" must be a list of strings, line skipped')
+                logger.warning(f'{jsonl_path}:{line_no}: "labels" must be a list of strings, line skipped')
                 continue
             rows.append((Path(record["path"]), [str(v) for v in labels]))
     else:
@@ -188,7 +189,7 @@ def _read_manifest(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> l
             resolved[path].extend(labels)
             continue
         if not path.is_file():
-            warn(f"{path}: listed in {source.name} but not found, skipped")
+            logger.warning(f"{path}: listed in {source.name} but not found, skipped")
             skipped.append((path, "not found"))
             continue
         resolved[path] = list(labels)
@@ -199,9 +200,9 @@ def _split_sidecar(text: str) -> list[str]:
     return [part for line in text.splitlines() for part in line.split(",")]
 
 
-def _read_sidecar(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
+def _read_sidecar(root: Path, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
     rows: list[tuple[Path, list[str]]] = []
-    for image in walk_images(root, warn):
+    for image in walk_images(root):
         sidecar = _sidecar_text(image)
         if sidecar is None:
             rows.append((image, []))
@@ -209,19 +210,19 @@ def _read_sidecar(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> li
         try:
             text = sidecar.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
-            warn(f"{sidecar}: cannot read ({exc}), image skipped")
+            logger.warning(f"{sidecar}: cannot read ({exc}), image skipped")
             skipped.append((image, "unreadable sidecar"))
             continue
         rows.append((image, _split_sidecar(text)))
     return rows
 
 
-def _read_folders(root: Path, warn: Warn, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
+def _read_folders(root: Path, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
     rows: list[tuple[Path, list[str]]] = []
-    for image in walk_images(root, warn):
+    for image in walk_images(root):
         rel = image.relative_to(root)
         if len(rel.parts) < 2:
-            warn(f"{image}: not inside a label folder, skipped")
+            logger.warning(f"{image}: not inside a label folder, skipped")
             skipped.append((image, "no label folder"))
             continue
         rows.append((image, [rel.parts[0]]))
@@ -261,12 +262,12 @@ def xmp_labels(keywords: KeywordSet, machine_keywords: bool = False) -> list[str
 
 
 def _read_xmp(
-    root: Path, warn: Warn, skipped: list[tuple[Path, str]], machine_keywords: bool = False
+    root: Path, skipped: list[tuple[Path, str]], machine_keywords: bool = False
 ) -> list[tuple[Path, list[str]]]:
     from sdltag.xmp import read_keyword_set
 
     rows: list[tuple[Path, list[str]]] = []
-    for image in walk_images(root, warn):
+    for image in walk_images(root):
         sidecar = _sidecar_xmp(image)
         if sidecar is None:
             rows.append((image, []))
@@ -274,11 +275,11 @@ def _read_xmp(
         try:
             keywords = read_keyword_set(sidecar)
         except SdltagError as exc:  # XmpError names the file already
-            warn(f"{exc}; image skipped")
+            logger.warning(f"{exc}; image skipped")
             skipped.append((image, "unreadable XMP"))
             continue
         except (OSError, ValueError, SyntaxError) as exc:  # ElementTree's ParseError is a SyntaxError
-            warn(f"{sidecar}: cannot read XMP ({exc}), image skipped")
+            logger.warning(f"{sidecar}: cannot read XMP ({exc}), image skipped")
             skipped.append((image, "unreadable XMP"))
             continue
         rows.append((image, xmp_labels(keywords, machine_keywords)))
@@ -300,7 +301,7 @@ _READERS = {"manifest": _read_manifest, "sidecar": _read_sidecar, "folders": _re
 def read_labeled_dir(
     root: Path | str,
     format: str = "auto",
-    warn: Warn | None = None,
+    *,
     exclude: Iterable[str] = (),
     machine_keywords: bool = False,
 ) -> LabeledDataset:
@@ -308,12 +309,11 @@ def read_labeled_dir(
 
     ``exclude`` globs (``--exclude``, matched as ``sdltag.excludes`` says, relative to ``root``)
     leave the files they match out. XMP keywords that programs wrote (``xmp_labels``) are
-    left out unless ``machine_keywords``. Problems with single files go to ``warn`` (one line
-    each) and the file is skipped; a label that is not valid text (a folder name that is not
+    left out unless ``machine_keywords``. A problem with a single file is one warning (logged to
+    ``sdltag.datasets``) and the file is skipped; a label that is not valid text (a folder name that is not
     UTF-8) is left out with one line; a folder that yields no labelled image raises ``SdltagError``.
     """
     root = Path(root).expanduser()
-    warn = warn or (lambda message: None)
     if not root.is_dir():
         raise SdltagError(f"{root}: not a folder. Pass the folder holding the labelled images.")
     if format == "auto":
@@ -326,9 +326,7 @@ def read_labeled_dir(
     from sdltag.excludes import Excluder
 
     excluder = Excluder(exclude)
-    rows = (
-        _read_xmp(root, warn, skipped, machine_keywords) if format == "xmp" else _READERS[format](root, warn, skipped)
-    )
+    rows = _read_xmp(root, skipped, machine_keywords) if format == "xmp" else _READERS[format](root, skipped)
     for path, raw in rows:
         if excluder and excluder.excluded(os.fspath(path), os.fspath(root)):
             continue
@@ -338,12 +336,12 @@ def read_labeled_dir(
             labels = tuple(label for label in labels if not _not_text(label))
             shown = ", ".join(repr(os.fsencode(label))[1:] for label in bad)
             what = "skipped" if not labels else "that label left out"
-            warn(f"{path}: label {shown} is not valid UTF-8 (rename the folder or file), {what}")
+            logger.warning(f"{path}: label {shown} is not valid UTF-8 (rename the folder or file), {what}")
             if not labels:
                 skipped.append((path, "label not UTF-8"))
                 continue
         if not labels:
-            warn(f"{path}: no label, skipped")
+            logger.warning(f"{path}: no label, skipped")
             skipped.append((path, "no label"))
             continue
         items.append(LabeledImage(path=path, labels=labels))

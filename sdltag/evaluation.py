@@ -124,7 +124,7 @@ def evaluate(
     warn = warn or (lambda message: None)
     if batch_size < 1:
         raise SdltagError(f"--batch-size {batch_size}: must be at least 1.")
-    dataset = read_labeled_dir(data_dir, data_format, warn, exclude=exclude)
+    dataset = read_labeled_dir(data_dir, data_format, exclude=exclude)
     entries = build_vocabulary([unseen_file], [], warn) if unseen_file else []
     label_set = resolve_labels(model, entries, include_seen=True, embedder=embedder, cache_dir=cache_dir, warn=warn)
     if entries:

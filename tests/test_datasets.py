@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdltag import log
 from sdltag.datasets import detect_format, read_labeled_dir
 from sdltag.errors import SdltagError
 
@@ -42,8 +43,8 @@ def test_manifest_csv(tmp_path: Path) -> None:
         "path,labels\na.png,  red  panda ;Dog;dog\nsub/b.png,cat\nc.png,\nmissing.png,cat\nsub/b.png,sofa\n",
         encoding="utf-8",
     )
-    warnings: list[str] = []
-    dataset = read_labeled_dir(tmp_path, warn=warnings.append)
+    with log.collect() as warnings:
+        dataset = read_labeled_dir(tmp_path)
     assert dataset.format == "manifest"
     # Whitespace collapsed as in labels files; case-insensitive duplicates collapsed (first spelling kept).
     assert _labels(dataset) == {"a.png": ("red panda", "Dog"), "sub/b.png": ("cat", "sofa")}
@@ -70,8 +71,8 @@ def test_manifest_jsonl_with_a_bad_line(tmp_path: Path) -> None:
         json.dumps({"labels": ["x"]}),
     ]
     (tmp_path / "labels.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    warnings: list[str] = []
-    dataset = read_labeled_dir(tmp_path, warn=warnings.append)
+    with log.collect() as warnings:
+        dataset = read_labeled_dir(tmp_path)
     assert _labels(dataset) == {"a.png": ("cat", "sofa"), "b.png": ("dog", "ball")}
     assert any(":2:" in w and "JSON" in w for w in warnings)
     assert any(":4:" in w for w in warnings)
@@ -85,8 +86,8 @@ def test_sidecar_text_both_namings(tmp_path: Path) -> None:
     (tmp_path / "a.jpg.txt").write_text("beach, sunset\nsea\n", encoding="utf-8")
     (tmp_path / "b.txt").write_text("dog", encoding="utf-8")
     (tmp_path / "nested" / "c.png.txt").write_text("\n\n cat ,, \n", encoding="utf-8")
-    warnings: list[str] = []
-    dataset = read_labeled_dir(tmp_path, warn=warnings.append)
+    with log.collect() as warnings:
+        dataset = read_labeled_dir(tmp_path)
     assert dataset.format == "sidecar"
     assert _labels(dataset) == {"a.jpg": ("beach", "sunset", "sea"), "b.png": ("dog",), "nested/c.png": ("cat",)}
     assert warnings == [f"{tmp_path / 'unlabelled.png'}: no label, skipped"]
@@ -98,8 +99,8 @@ def test_one_folder_per_label(tmp_path: Path) -> None:
     _image(tmp_path / "hot  air balloon" / "3.png")
     _image(tmp_path / "loose.png")
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
-    warnings: list[str] = []
-    dataset = read_labeled_dir(tmp_path, format="folders", warn=warnings.append)
+    with log.collect() as warnings:
+        dataset = read_labeled_dir(tmp_path, format="folders")
     assert _labels(dataset) == {
         "dog/1.png": ("dog",),
         "dog/deeper/2.png": ("dog",),
@@ -124,8 +125,8 @@ def test_xmp_sidecars_both_namings(tmp_path: Path) -> None:
     (tmp_path / "IMG_1.xmp").write_text(LIGHTROOM_XMP.format(items=items), encoding="utf-8")  # Lightroom naming
     write_keywords(tmp_path / "IMG_2.png.xmp", ["forest", "fog"])  # darktable naming, written by sdltag
     (tmp_path / "IMG_3.xmp").write_text("<x:xmpmeta", encoding="utf-8")  # broken
-    warnings: list[str] = []
-    dataset = read_labeled_dir(tmp_path, warn=warnings.append)
+    with log.collect() as warnings:
+        dataset = read_labeled_dir(tmp_path)
     assert dataset.format == "xmp"
     assert _labels(dataset) == {"IMG_1.jpg": ("Mountain", "snow", "lake")}  # sdltag's own keywords are no labels
     assert any("IMG_3" in w for w in warnings)
@@ -195,8 +196,8 @@ def test_links_and_appledouble_files_in_a_labelled_folder(tmp_path: Path) -> Non
     os.symlink(tmp_path, tmp_path / "cat" / "up")  # a link to an ancestor
     os.symlink("loop-b", tmp_path / "cat" / "loop-a")  # a link loop
     os.symlink("loop-a", tmp_path / "cat" / "loop-b")
-    warnings: list[str] = []
-    dataset = read_labeled_dir(tmp_path, warn=warnings.append)
+    with log.collect() as warnings:
+        dataset = read_labeled_dir(tmp_path)
     assert _labels(dataset) == {"cat/1.png": ("tabby",)} and warnings == []
 
 
@@ -260,8 +261,8 @@ def test_xmp_keywords_programs_wrote_are_not_labels(tmp_path: Path) -> None:
     (tmp_path / "IMG_4.jpg.xmp").write_text(
         DARKTABLE_XMP.format(subject="", hierarchical=_items(["darktable|format|jpg"])), encoding="utf-8"
     )
-    warnings: list[str] = []
-    dataset = read_labeled_dir(tmp_path, warn=warnings.append)
+    with log.collect() as warnings:
+        dataset = read_labeled_dir(tmp_path)
     assert dataset.format == "xmp"
     assert _labels(dataset) == {
         "IMG_1.CR2.jpg": ("places", "Paris"),
@@ -286,8 +287,8 @@ def test_labels_that_are_not_utf8_are_reported_per_file(tmp_path: Path) -> None:
     for name in (b"/3.png", b"/4.png"):
         _image(tmp_path / "cat" / "1.png").rename(os.fsdecode(odd + name))
         _image(tmp_path / "cat" / "1.png")
-    warnings: list[str] = []
-    dataset = read_labeled_dir(tmp_path, format="folders", warn=warnings.append)
+    with log.collect() as warnings:
+        dataset = read_labeled_dir(tmp_path, format="folders")
     assert sorted(item.labels[0] for item in dataset.items) == ["cat", "dog"]
     assert len(warnings) == 2 and all("not valid UTF-8" in w and "skipped" in w for w in warnings)
     assert {reason for _, reason in dataset.skipped} == {"label not UTF-8"}

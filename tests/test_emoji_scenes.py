@@ -226,13 +226,14 @@ def test_cli_missing_tags_file(tmp_path, capsys):
 
 def test_output_is_read_by_sdltag_labeled_dir_reader(emoji_set, tmp_path):
     """The generated folder is a manifest-format labeled directory for `sdltag train` / `sdltag eval`."""
+    from sdltag import log
     from sdltag.datasets import read_labeled_dir
 
     folders, tags_json = emoji_set
     out = tmp_path / "scenes"
     es.generate(folders, tags_json, out, 10, seed=4, config=es.SceneConfig(size=32), vocab_min_count=2)
-    warnings: list[str] = []
-    dataset = read_labeled_dir(out, warn=warnings.append)
+    with log.collect() as warnings:
+        dataset = read_labeled_dir(out)
     assert dataset.format == "manifest" and not warnings and not dataset.skipped
     expected = {(out / path).resolve(): set(labels) for path, labels in _rows(out)}
     assert {item.path.resolve(): set(item.labels) for item in dataset.items} == expected

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from sdltag import log
 from sdltag.cli import app
 from sdltag.xmp import MAX_DEPTH, XmpError, read_keywords, write_keywords
 
@@ -229,8 +230,8 @@ def test_training_data_skips_unreadable_sidecars_without_hanging(tmp_path: Path)
     (tmp_path / "good.jpg.xmp").write_text(_body("beach"), encoding="utf-8")
     os.mkfifo(tmp_path / "fifo.jpg.xmp")
     (tmp_path / "deep.jpg.xmp").write_bytes(_deep(1200))
-    warnings: list[str] = []
-    dataset = read_labeled_dir(tmp_path, "xmp", warn=warnings.append)
+    with log.collect() as warnings:
+        dataset = read_labeled_dir(tmp_path, "xmp")
     assert [(item.path.name, list(item.labels)) for item in dataset.items] == [("good.jpg", ["beach"])]
     assert sorted(p.name for p, _reason in dataset.skipped) == ["deep.jpg", "fifo.jpg"]
     assert len(warnings) == 2 and any("deep.jpg.xmp" in w for w in warnings) and any("fifo.jpg" in w for w in warnings)

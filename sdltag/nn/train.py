@@ -252,14 +252,14 @@ def prepare_data(config: TrainConfig, warn: Callable[[str], None]) -> PreparedDa
     from sdltag.labels import label_key
 
     dataset = read_labeled_dir(
-        config.data, config.format, warn, exclude=config.exclude, machine_keywords=config.machine_keywords
+        config.data, config.format, exclude=config.exclude, machine_keywords=config.machine_keywords
     )
     unseen, unseen_texts = _read_unseen(config.unseen, warn)
     unseen_keys = {label_key(label) for label in unseen}
     val_dataset: LabeledDataset | None = None
     if config.val:
         val_dataset = read_labeled_dir(
-            config.val, config.format, warn, exclude=config.exclude, machine_keywords=config.machine_keywords
+            config.val, config.format, exclude=config.exclude, machine_keywords=config.machine_keywords
         )
         train_items, val_items = list(dataset.items), list(val_dataset.items)
     else:
