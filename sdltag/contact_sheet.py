@@ -29,6 +29,7 @@ import hashlib
 import html
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import IO
 
 from sdltag.errors import SdltagError
+
+logger = logging.getLogger(__name__)
 
 THUMB_SIZE = 240  # px, long side: a 200 px card, sharp enough to judge a tag
 THUMB_QUALITY = 72
@@ -152,7 +155,6 @@ class ContactSheetWriter:
         thumb_size: int = THUMB_SIZE,
         max_megapixels: float = 100.0,
         threads: int | None = None,
-        warn=None,
     ) -> None:
         self.stream = stream
         self.output = Path(output) if output is not None else None
@@ -161,7 +163,6 @@ class ContactSheetWriter:
         self.embed_max_bytes = embed_max_bytes
         self.thumb_size = thumb_size
         self.max_megapixels = max_megapixels
-        self.warn = warn or (lambda message: None)
         self.items: list[_Item] = []
         # a thumbnail: JPEG bytes, being made, its file name in the staging folder, or None (none could be made)
         self.thumbs: list[bytes | Future[bytes | None] | str | None] = []
@@ -217,7 +218,7 @@ class ContactSheetWriter:
         if not self.folder_blocked:
             self._spill()
         elif before <= self.embed_max_bytes:
-            self.warn(
+            logger.warning(
                 f"{thumbs_folder_for(self.output)} is not a thumbnail folder sdltag wrote: every thumbnail is "
                 "embedded in the page instead (a larger file); move that folder to have them beside it"
             )
@@ -318,7 +319,7 @@ class ContactSheetWriter:
             self._finalizer.detach()
         self.folder = folder
         if old is not None:
-            _remove_sdltag_folder(old / "x", self.warn)
+            _remove_sdltag_folder(old / "x")
             try:
                 old.rmdir()
             except OSError:
@@ -351,7 +352,7 @@ class ContactSheetWriter:
             stale = thumbs_folder_for(self.output)
             # an earlier, larger sheet's thumbnails: this one embeds its own
             if stale.is_dir() and is_sdltag_folder(stale):
-                _remove_sdltag_folder(stale, self.warn)
+                _remove_sdltag_folder(stale)
         self.stream.write(render_page(self.title, data, self.problems, self._summary()))
         self.stream.flush()
 
@@ -365,7 +366,7 @@ class ContactSheetWriter:
         return ", ".join(parts) + f"; made by sdltag on {time.strftime('%Y-%m-%d %H:%M', time.localtime())}"
 
 
-def _remove_sdltag_folder(folder: Path, warn) -> None:
+def _remove_sdltag_folder(folder: Path) -> None:
     """Remove a thumbnail folder sdltag wrote: only its own files (anything else found meanwhile keeps it)."""
     for entry in os.scandir(folder):
         if entry.is_file(follow_symlinks=False) and (_THUMB_NAME.match(entry.name) or entry.name == MARKER):
@@ -373,7 +374,7 @@ def _remove_sdltag_folder(folder: Path, warn) -> None:
     try:
         folder.rmdir()
     except OSError:
-        warn(f"{folder}: kept (it holds files sdltag did not write)")
+        logger.warning(f"{folder}: kept (it holds files sdltag did not write)")
 
 
 STYLE = """

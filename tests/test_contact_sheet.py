@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from sdltag import contact_sheet
+from sdltag import contact_sheet, log
 from sdltag.cli import app
 from sdltag.contact_sheet import (
     MARKER,
@@ -174,11 +174,12 @@ def test_a_folder_sdltag_did_not_write_is_never_touched(tmp_path: Path) -> None:
     (folder / "notes.txt").write_text("mine")
     warnings: list[str] = []
     for _ in range(2):  # past the limit, where the folder would be used: a run, then a run over its sheet
-        with open(output, "w", encoding="utf-8") as stream:
-            sheet = ContactSheetWriter(stream, output, embed_max_bytes=1, warn=warnings.append)
+        with open(output, "w", encoding="utf-8") as stream, log.collect() as found:
+            sheet = ContactSheetWriter(stream, output, embed_max_bytes=1)
             for _ in range(3):
                 sheet.write(TagResult(path, [], thumbnail=thumbnail_jpeg(Image.open(path))))
             sheet.close()
+        warnings += found
         items = sheet_data(parse(output.read_text(encoding="utf-8")))["items"]
         assert all(item[2].startswith("data:image/jpeg;base64,") for item in items)  # embedded instead
     assert len(warnings) == 2 and "embedded" in warnings[0]

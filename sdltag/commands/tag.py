@@ -370,7 +370,7 @@ def tag(
 
             shown = ", ".join(display_path(p) for p in inputs[:3]) + (", ..." if len(inputs) > 3 else "")
             sheet = {"output": None if stream is None else output, "title": f"sdltag tag {shown}"}
-            sheet.update(max_megapixels=max_megapixels, warn=warn)
+            sheet.update(max_megapixels=max_megapixels)
         if stream is None:
             stream = stdout_stream()
         writer = make_writer(fmt, stream, **sheet)
