@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = next(iter(models.values()))
     if any(m.manifest.input != first.manifest.input for m in models.values()):
         raise SystemExit("the models decode images differently; analyse them separately")
-    ok, images = _decode_all([item.path for item in items], first, args.threads, print)
+    ok, images = _decode_all([item.path for item in items], first, args.threads)
     items = [item for item, good in zip(items, ok, strict=True) if good]
     report: dict = {"test": str(args.test), "images": len(items), "models": {}}
     for name, model in models.items():

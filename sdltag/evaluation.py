@@ -10,11 +10,12 @@ follow ``sdltag.metrics``. No torch.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,7 +24,11 @@ from sdltag.errors import SdltagError
 from sdltag.metrics import RankingMetrics, zsl_gzsl_metrics
 from sdltag.modelfolder import ModelFolder
 
-Warn = Callable[[str], None]
+if TYPE_CHECKING:
+    from sdltag.datasets import LabeledImage
+    from sdltag.label_space import LabelSet
+
+logger = logging.getLogger(__name__)
 KS = (3, 5)
 
 
@@ -73,8 +78,10 @@ class EvalReport:
         }
 
 
-def _decode_all(paths: list[Path], model: ModelFolder, threads: int, warn: Warn) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every image as tagging does; (ok mask, (N, 3, H, W) float32 of the decodable ones)."""
+def _decode_all(paths: list[Path], model: ModelFolder, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image as tagging does; (ok mask, (N, 3, H, W) float32 of the decodable ones).
+
+    An image that cannot be decoded is one warning naming it, and is left out."""
     from sdltag.images import load_image
 
     spec = model.manifest.input
@@ -90,7 +97,7 @@ def _decode_all(paths: list[Path], model: ModelFolder, threads: int, warn: Warn)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for i, result in enumerate(pool.map(one, paths)):
             if isinstance(result, str):
-                warn(f"{result}; skipped" if str(paths[i]) in result else f"{paths[i]}: {result}; skipped")
+                logger.warning(f"{result}; skipped" if str(paths[i]) in result else f"{paths[i]}: {result}; skipped")
                 continue
             ok[i] = True
             images.append(result)
@@ -110,69 +117,24 @@ def evaluate(
     embedder: str | None = None,
     cache_dir: Path | None = None,
     empty: str = "skip",
-    warn: Warn | None = None,
     progress: Callable[[int, int], None] | None = None,
     exclude: Sequence[str] = (),
 ) -> EvalReport:
-    """Score every labelled image of ``data_dir`` with ``model`` and compute ZSL and GZSL metrics."""
-    from sdltag.label_space import resolve_labels
-    from sdltag.labels import build_vocabulary, label_key
-    from sdltag.nn.calibration import expected_calibration_error
-    from sdltag.runtime import ImageModel
-    from sdltag.scoring import calibrate, sdl_scores
+    """Score every labelled image of ``data_dir`` with ``model`` and compute ZSL and GZSL metrics.
 
-    warn = warn or (lambda message: None)
+    Images that cannot be decoded are left out with a warning (``logging``, logger ``sdltag``);
+    ``progress(done, total)`` is called after each chunk of images."""
     if batch_size < 1:
         raise SdltagError(f"--batch-size {batch_size}: must be at least 1.")
     dataset = read_labeled_dir(data_dir, data_format, exclude=exclude)
-    entries = build_vocabulary([unseen_file], [], warn) if unseen_file else []
-    label_set = resolve_labels(model, entries, include_seen=True, embedder=embedder, cache_dir=cache_dir, warn=warn)
-    if entries:
-        seen_keys = {label_key(n) for n in model.manifest.seen_labels}
-        clash = [e.label for e in entries if label_key(e.label) in seen_keys]
-        if clash:
-            raise SdltagError(
-                f"{unseen_file}: {', '.join(clash[:5])} are seen labels of the model (trained on), so they cannot be "
-                "evaluated as unseen. Remove them from the --unseen file."
-            )
-    column = {label_key(name): j for j, name in enumerate(label_set.names)}
-    targets = np.zeros((len(dataset.items), len(label_set.names)), dtype=bool)  # (N, L)
-    ignored: dict[str, None] = {}
-    for i, item in enumerate(dataset.items):
-        for label in item.labels:
-            j = column.get(label_key(label))
-            if j is None:
-                ignored.setdefault(label, None)
-            else:
-                targets[i, j] = True
-
-    runner = ImageModel(model, device=device, threads=threads)
+    label_set = _evaluated_labels(model, unseen_file, embedder, cache_dir)
+    targets, ignored = _ground_truth(dataset.items, label_set.names)  # (N, L)
     paths = [item.path for item in dataset.items]
-    scores = np.zeros((len(paths), len(label_set.names)), dtype=np.float32)  # (N, L)
-    ok = np.zeros(len(paths), dtype=bool)
-    chunk = max(batch_size, 256)  # decode a chunk in threads, then infer it in batches
-    for start in range(0, len(paths), chunk):
-        part = paths[start : start + chunk]
-        part_ok, images = _decode_all(part, model, threads or 2, warn)
-        rows = start + np.flatnonzero(part_ok)
-        for b in range(0, len(images), batch_size):
-            vectors = runner.run(images[b : b + batch_size])  # (B, M, d)
-            scores[rows[b : b + batch_size]] = sdl_scores(vectors, label_set.vectors)
-        ok[start : start + len(part)] = part_ok
-        if progress is not None:
-            progress(min(start + chunk, len(paths)), len(paths))
+    scores, ok = _score_all(model, paths, label_set.vectors, batch_size, device, threads, progress)  # (N, L)
     if not ok.any():
         raise SdltagError(f"{data_dir}: none of the {len(paths)} labelled images could be decoded. Check the files.")
     scores, targets = scores[ok], targets[ok]
-    results = zsl_gzsl_metrics(scores, targets, label_set.unseen_mask, KS, empty)
-    ece: dict[str, float | None] = {}
     calibration = model.manifest.calibration
-    if calibration:
-        confidences = calibrate(scores, label_set.unseen_mask, calibration)
-        for group, mask in (("seen", ~label_set.unseen_mask), ("unseen", label_set.unseen_mask)):
-            ece[group] = (
-                round(expected_calibration_error(confidences[:, mask], targets[:, mask]), 5) if mask.any() else None
-            )
     return EvalReport(
         model=str(model.path),
         data=str(dataset.root),
@@ -181,10 +143,10 @@ def evaluate(
         images_failed=int((~ok).sum()),
         seen_labels=int((~label_set.unseen_mask).sum()),
         unseen_labels=int(label_set.unseen_mask.sum()),
-        ignored_labels=list(ignored),
-        results=results,
+        ignored_labels=ignored,
+        results=zsl_gzsl_metrics(scores, targets, label_set.unseen_mask, KS, empty),
         empty_rule=empty,
-        ece=ece,
+        ece=_calibration_error(scores, targets, label_set.unseen_mask, calibration),
         paths=[path for path, kept in zip(paths, ok, strict=True) if kept],
         label_names=list(label_set.names),
         unseen_mask=np.asarray(label_set.unseen_mask, dtype=bool),
@@ -192,6 +154,88 @@ def evaluate(
         targets=targets,
         calibration=calibration or None,
     )
+
+
+def _evaluated_labels(
+    model: ModelFolder, unseen_file: Path | None, embedder: str | None, cache_dir: Path | None
+) -> LabelSet:
+    """The model's seen and unseen labels plus those of ``unseen_file`` (which may not name a seen label)."""
+    from sdltag.label_space import resolve_labels
+    from sdltag.labels import build_vocabulary, label_key
+
+    entries = build_vocabulary([unseen_file], [], logger.warning) if unseen_file else []
+    label_set = resolve_labels(model, entries, include_seen=True, embedder=embedder, cache_dir=cache_dir)
+    seen_keys = {label_key(n) for n in model.manifest.seen_labels}
+    clash = [e.label for e in entries if label_key(e.label) in seen_keys]
+    if clash:
+        raise SdltagError(
+            f"{unseen_file}: {', '.join(clash[:5])} are seen labels of the model (trained on), so they cannot be "
+            "evaluated as unseen. Remove them from the --unseen file."
+        )
+    return label_set
+
+
+def _ground_truth(items: Sequence[LabeledImage], names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """(N, L) bool targets over the ranked labels, and the folder's labels that are not among them."""
+    from sdltag.labels import label_key
+
+    column = {label_key(name): j for j, name in enumerate(names)}
+    targets = np.zeros((len(items), len(names)), dtype=bool)  # (N, L)
+    ignored: dict[str, None] = {}
+    for i, item in enumerate(items):
+        for label in item.labels:
+            j = column.get(label_key(label))
+            if j is None:
+                ignored.setdefault(label, None)
+            else:
+                targets[i, j] = True
+    return targets, list(ignored)
+
+
+def _score_all(
+    model: ModelFolder,
+    paths: list[Path],
+    label_vectors: np.ndarray,
+    batch_size: int,
+    device: str,
+    threads: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw SDL scores (N, L) of every image, and the mask of the images that could be decoded."""
+    from sdltag.runtime import ImageModel
+    from sdltag.scoring import sdl_scores
+
+    runner = ImageModel(model, device=device, threads=threads)
+    scores = np.zeros((len(paths), len(label_vectors)), dtype=np.float32)  # (N, L)
+    ok = np.zeros(len(paths), dtype=bool)
+    chunk = max(batch_size, 256)  # decode a chunk in threads, then infer it in batches
+    for start in range(0, len(paths), chunk):
+        part = paths[start : start + chunk]
+        part_ok, images = _decode_all(part, model, threads or 2)
+        rows = start + np.flatnonzero(part_ok)
+        for b in range(0, len(images), batch_size):
+            vectors = runner.run(images[b : b + batch_size])  # (B, M, d)
+            scores[rows[b : b + batch_size]] = sdl_scores(vectors, label_vectors)
+        ok[start : start + len(part)] = part_ok
+        if progress is not None:
+            progress(min(start + chunk, len(paths)), len(paths))
+    return scores, ok
+
+
+def _calibration_error(
+    scores: np.ndarray, targets: np.ndarray, unseen_mask: np.ndarray, calibration: dict | None
+) -> dict[str, float | None]:
+    """ECE of the calibrated confidences, seen and unseen labels apart (empty for an uncalibrated model)."""
+    from sdltag.nn.calibration import expected_calibration_error
+    from sdltag.scoring import calibrate
+
+    if not calibration:
+        return {}
+    confidences = calibrate(scores, unseen_mask, calibration)
+    return {
+        group: round(expected_calibration_error(confidences[:, mask], targets[:, mask]), 5) if mask.any() else None
+        for group, mask in (("seen", ~unseen_mask), ("unseen", unseen_mask))
+    }
 
 
 def format_table(report: EvalReport) -> str:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from sdltag import log
 from sdltag.cli import app
 from sdltag.evaluation import evaluate, format_table
 from sdltag.modelfolder import EmbedderSpec, InputSpec, Manifest, load_model_folder, write_model_folder
@@ -82,8 +83,8 @@ def _f1(p: float, r: float) -> float:
 
 def test_eval_known_answers(tmp_path: Path) -> None:
     model = load_model_folder(colour_model(tmp_path / "model"))
-    warnings: list[str] = []
-    report = evaluate(model, colour_data(tmp_path / "data"), warn=warnings.append, threads=1)
+    with log.collect() as warnings:
+        report = evaluate(model, colour_data(tmp_path / "data"), threads=1)
     assert (report.images_listed, report.images_failed) == (7, 1)
     assert any("broken.png" in w for w in warnings)
     assert report.ignored_labels == ["purple"]

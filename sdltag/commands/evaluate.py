@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from sdltag.commands._common import cli_errors, error, info, warn
+from sdltag.commands._common import cli_errors, error, info
 from sdltag.errors import SdltagError
 
 
@@ -111,7 +111,6 @@ def evaluate(
             embedder=embedder,
             cache_dir=cache_dir,
             empty=empty_labels,
-            warn=warn,
             progress=progress,
             exclude=exclude,
         )
