@@ -7,8 +7,9 @@ of a million decoded rows. One file per model, named ``INDEX.<model key>.matrix`
     header (4096 bytes): magic, version, M, d, count, capacity, epoch, generation,
                          removals, max_rowid, sha256(model_id), crc32 of all of it
     rowids   int64   [capacity]            (ascending: the SQLite rowid of each matrix)
-    scales   float32 [capacity, M]         (each principal vector is ``scale * its int8 row``)
+    scales   float32 [capacity, M]         (each principal vector is ``scale * (row + residual / 254)``)
     vectors  int8    [capacity, M, d]      (rows past ``count`` are unused)
+    residual int8    [capacity, M, d]      (what the 8-bit row left out, in 1/254 of its step)
 
 **Never stale.** Every insert, update and delete of a model's rows moves its counters in
 ``matrix_state`` (SQLite triggers, in the change's own transaction; see ``sdltag.index``).
@@ -25,11 +26,13 @@ rewrites the header in place; a reader takes ``count`` from a header whose crc32
 Writers take an exclusive ``flock`` on ``NAME.lock``.
 
 Scoring runs in blocks on several threads (the int8 -> float32 cast and the matrix product
-release the GIL). 8 bits per value (a quarter of SQLite's float32, half of float16, whose
-cast costs three times as much here) put a score within about 1% of a principal vector's
-largest value of the exact one: ``sdltag search`` re-scores its best candidates exactly from
-the float32 rows in SQLite and ranks by that; re-tagging from the index (``retag``) gives
-the 8-bit scores.
+release the GIL). ``sdltag search`` scores the 8-bit rows alone (a score within about 1% of a
+principal vector's largest value of the exact one; the residuals are never read) and re-scores
+its best candidates exactly from the float32 rows in SQLite. Re-tagging (``retag``, ``top_labels``)
+adds the residuals: each value is then within 1/508 of its row's step (``scale``), so a score is
+within ``max scale / 508 * sum |w|`` of the exact one (``sum |w|`` <= sqrt(d) for a unit label
+vector), and an image whose best labels are closer than that to each other is re-scored exactly
+from SQLite.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ import os
 import re
 import sqlite3
 import struct
+import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,15 +55,19 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 
+from sdltag.scoring import calibrate, sdl_scores
+
 T = TypeVar("T")
 MAGIC = b"SDLTMTX\x01"
-VERSION = 2  # 2: int8 rows with a scale each (1 held float16)
+VERSION = 3  # 3: int8 rows and residuals with a scale each (2: without residuals; 1: float16)
 HEADER_SIZE = 4096
 _HEADER = struct.Struct("<8sIIIqqqqqq32s")  # magic, version, rows M, dim d, count, capacity, epoch, gen, removals,
 # max_rowid, sha256(model_id)
 _CRC = struct.Struct("<I")
 # What makes a CSV cell need care: a separator, quote or line break, a lone surrogate, a formula-like start
 _NEEDS_CARE = re.compile(r"""[,"\r\n\ud800-\udfff]|^[=+\-@\t']""")
+# The same anywhere in names joined by NULs (a start is the text's start or just after a NUL)
+_NEEDS_CARE_ANYWHERE = re.compile(r"""[,"\r\n\ud800-\udfff]|(?:^|(?<=\0))[=+\-@\t']""")
 BLOCK = 1024  # images per block a thread scores
 STEP = 256  # images cast and multiplied at once: 7 x 384 float32 = 2.7 MB, in cache (twice as fast as 1024 here)
 READ_CHUNK = 2048  # SQLite rows read per query while building
@@ -123,15 +132,29 @@ class Header:
         return self.epoch == state.epoch and self.removals == state.removals and self.generation <= state.generation
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array of ``shape`` that this thread reuses (contents undefined)."""
+    size = int(np.prod(shape))
+    buffer = getattr(_SCRATCH, name, None)
+    if buffer is None or buffer.size < size:
+        buffer = np.empty(max(size, 1), dtype=np.float32)
+        setattr(_SCRATCH, name, buffer)
+    return buffer[:size].reshape(shape)
+
+
 def _pages(size: int) -> int:
     return -(-size // 4096) * 4096
 
 
-def _layout(capacity: int, rows: int, dim: int) -> tuple[int, int, int, int]:
-    """(rowids offset, scales offset, vectors offset, file size) for ``capacity`` matrices."""
+def _layout(capacity: int, rows: int, dim: int) -> tuple[int, int, int, int, int]:
+    """(rowids, scales, vectors, residuals offsets, file size) for ``capacity`` matrices."""
     scales_at = HEADER_SIZE + _pages(capacity * 8)
     vectors_at = scales_at + _pages(capacity * rows * 4)
-    return HEADER_SIZE, scales_at, vectors_at, vectors_at + capacity * rows * dim
+    residuals_at = vectors_at + _pages(capacity * rows * dim)
+    return HEADER_SIZE, scales_at, vectors_at, residuals_at, residuals_at + capacity * rows * dim
 
 
 def _read_header(fd: int) -> Header | None:
@@ -151,19 +174,50 @@ class MatrixFile:
         self.header = header
         self._mapping = mapping
         n, m, d = header.count, header.rows, header.dim
-        rowids_at, scales_at, vectors_at, _ = _layout(header.capacity, m, d)
+        rowids_at, scales_at, vectors_at, residuals_at, _ = _layout(header.capacity, m, d)
         if mapping is None:
             self.rowids = np.zeros(0, dtype="<i8")
             self.scales = np.zeros((0, m), dtype="<f4")
             self.vectors = np.zeros((0, m, d), dtype=np.int8)
+            self.residuals = np.zeros((0, m, d), dtype=np.int8)
         else:
             self.rowids = np.frombuffer(mapping, dtype="<i8", count=n, offset=rowids_at)
             self.scales = np.frombuffer(mapping, dtype="<f4", count=n * m, offset=scales_at).reshape(n, m)
             self.vectors = np.frombuffer(mapping, dtype=np.int8, count=n * m * d, offset=vectors_at).reshape(n, m, d)
+            self.residuals = np.frombuffer(mapping, dtype=np.int8, count=n * m * d, offset=residuals_at).reshape(
+                n, m, d
+            )
+
+    def rows(self, lo: int, hi: int, *, fine: bool, scratch: bool = False) -> np.ndarray:
+        """(hi - lo, M, d) float32 in units of each row's scale: the 8-bit rows, plus the residuals when ``fine``.
+
+        With ``scratch`` the result lives in this thread's scratch buffer (valid until its next call): fresh
+        arrays of a few MB each step cost more here than the cast itself (new pages every time).
+        """
+        shape = (hi - lo, self.header.rows, self.header.dim)
+        x = _scratch("rows", shape) if scratch else np.empty(shape, dtype=np.float32)
+        np.copyto(x, self.vectors[lo:hi], casting="unsafe")
+        if fine:
+            r = _scratch("residuals", shape)
+            np.copyto(r, self.residuals[lo:hi], casting="unsafe")
+            r *= np.float32(1 / 254)
+            x += r
+        return x
 
     def dequantized(self, lo: int, hi: int) -> np.ndarray:
-        """(hi - lo, M, d) float32: the stored approximation of those matrices."""
-        return self.vectors[lo:hi].astype(np.float32) * self.scales[lo:hi, :, None]
+        """(hi - lo, M, d) float32: the stored approximation of those matrices (8-bit rows and residuals)."""
+        return self.rows(lo, hi, fine=True) * self.scales[lo:hi, :, None]
+
+    def release(self, lo: int, hi: int) -> None:
+        """Let the pages of matrices [lo, hi) leave this process's memory (they stay in the file cache)."""
+        if self._mapping is None or not hasattr(self._mapping, "madvise") or hi <= lo:
+            return
+        m, d = self.header.rows, self.header.dim
+        for start in _layout(self.header.capacity, m, d)[2:4]:
+            first = (start + lo * m * d) // mmap.PAGESIZE * mmap.PAGESIZE
+            last = (start + hi * m * d) // mmap.PAGESIZE * mmap.PAGESIZE  # the page holding row hi stays
+            if last > first:
+                self._mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     @classmethod
     def open(cls, path: Path, model_id: str) -> MatrixFile | None:
@@ -176,7 +230,7 @@ class MatrixFile:
             header = _read_header(fd)
             if header is None or header.model_hash != hashlib.sha256(model_id.encode()).digest():
                 return None
-            size = _layout(header.capacity, header.rows, header.dim)[3]
+            size = _layout(header.capacity, header.rows, header.dim)[4]
             if os.fstat(fd).st_size < size:
                 return None
             mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ) if header.count else None
@@ -239,12 +293,19 @@ def _rows_after(conn: sqlite3.Connection, model_id: str, after: int, limit: int 
     return conn.execute(query, (model_id, after)).fetchall()
 
 
-def _quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, M, d) float32 -> (int8 (n, M, d), float32 scales (n, M)): each row scaled so its largest value is 127."""
+def _quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, M, d) float32 -> (int8 rows, int8 residuals (n, M, d), float32 scales (n, M)).
+
+    Each row is scaled so its largest value is 127; ``scale * (row + residual / 254)`` is within
+    ``scale / 508`` of each value (the 8-bit row is within ``scale / 2``).
+    """
     vectors = np.nan_to_num(np.asarray(vectors, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     peak = np.abs(vectors).max(axis=2) if vectors.size else np.zeros(vectors.shape[:2], dtype=np.float32)
     scales = np.where(peak > 0, peak / 127.0, 1.0).astype("<f4")
-    return np.rint(vectors / scales[..., None]).astype(np.int8), scales
+    scaled = vectors.astype(np.float64) / scales[..., None]
+    q = np.clip(np.rint(scaled), -127, 127)
+    residuals = np.clip(np.rint((scaled - q) * 254), -127, 127)
+    return q.astype(np.int8), residuals.astype(np.int8), scales
 
 
 class _Lock:
@@ -335,17 +396,19 @@ def _append(index, model_id: str, current: MatrixFile) -> bool:
 
 
 def _write_rows(fd: int, capacity: int, rows: int, dim: int, at: int, ids: np.ndarray, vectors: Any) -> None:
-    """Matrices ``at``, ``at + 1``, ... : float32 ones are quantized, (int8, scales) pairs written as they are."""
-    rowids_at, scales_at, vectors_at, _ = _layout(capacity, rows, dim)
-    q, scales = vectors if isinstance(vectors, tuple) else _quantize(vectors)
+    """Matrices ``at``, ``at + 1``, ... : float32 ones are quantized, (rows, residuals, scales) written as they are."""
+    rowids_at, scales_at, vectors_at, residuals_at, _ = _layout(capacity, rows, dim)
+    q, residuals, scales = vectors if isinstance(vectors, tuple) else _quantize(vectors)
     os.pwrite(fd, np.ascontiguousarray(ids, dtype="<i8").tobytes(), rowids_at + at * 8)
     os.pwrite(fd, np.ascontiguousarray(scales, dtype="<f4").tobytes(), scales_at + at * rows * 4)
     os.pwrite(fd, np.ascontiguousarray(q, dtype=np.int8).tobytes(), vectors_at + at * rows * dim)
+    os.pwrite(fd, np.ascontiguousarray(residuals, dtype=np.int8).tobytes(), residuals_at + at * rows * dim)
 
 
 def _chunks_of(current: MatrixFile, ids: np.ndarray, vectors: np.ndarray) -> Iterator[tuple[np.ndarray, Any]]:
     for lo in range(0, len(current), 65536):
-        yield current.rowids[lo : lo + 65536], (current.vectors[lo : lo + 65536], current.scales[lo : lo + 65536])
+        part = slice(lo, lo + 65536)
+        yield current.rowids[part], (current.vectors[part], current.residuals[part], current.scales[part])
     if len(ids):
         yield ids, vectors
 
@@ -392,14 +455,14 @@ def _write_new(
     path: Path,
     model_id: str,
     state: State,
-    chunks: Iterable[tuple[np.ndarray, Any]],  # (rowids, float32 matrices or (int8 rows, scales))
+    chunks: Iterable[tuple[np.ndarray, Any]],  # (rowids, float32 matrices or (int8 rows, residuals, scales))
     expected: int,
     rows: int,
     dim: int,
 ) -> bool:
     """Write ``chunks`` to a new file beside ``path`` and rename it over ``path`` (room for a quarter more)."""
     capacity = max(1024, expected + expected // 4)
-    size = _layout(capacity, rows, dim)[3]
+    size = _layout(capacity, rows, dim)[4]
     tmp = path.with_name(f".{path.name}.sdltag-tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -454,6 +517,13 @@ class IndexView:
     def rowids(self) -> np.ndarray:
         return np.concatenate([self.file.rowids, self.tail_ids]) if len(self.tail_ids) else self.file.rowids
 
+    def rowids_at(self, lo: int, hi: int) -> np.ndarray:
+        """The rowids of the images at positions [lo, hi)."""
+        n = len(self.file)
+        if hi <= n:
+            return self.file.rowids[lo:hi]
+        return np.concatenate([self.file.rowids[lo:n], self.tail_ids[max(lo - n, 0) : hi - n]])
+
     def blocks(self, block: int = BLOCK) -> list[tuple[int, int]]:
         n = len(self)
         return [(lo, min(lo + block, n)) for lo in range(0, n, block)]
@@ -468,18 +538,20 @@ class IndexView:
             parts.append(self.tail_vectors[max(lo - n, 0) : hi - n])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def block_scores(self, lo: int, hi: int, weights: np.ndarray) -> np.ndarray:
-        """(hi - lo, L) raw scores of the images at [lo, hi) against ``weights`` (d, L)."""
+    def block_scores(self, lo: int, hi: int, weights: np.ndarray, *, fine: bool = False) -> np.ndarray:
+        """(hi - lo, L) raw scores of the images at [lo, hi) against ``weights`` (d, L): from the 8-bit rows,
+        or with ``fine`` from the rows and their residuals (within ``scale / 508`` per value)."""
         n = len(self.file)
         parts = []
         if lo < n:
             top = min(hi, n)
             part = np.empty((top - lo, weights.shape[1]), dtype=np.float32)
             for at in range(lo, top, STEP):  # small steps: the cast rows stay in the CPU cache for the product
-                q, scales = self.file.vectors[at : min(at + STEP, top)], self.file.scales[at : min(at + STEP, top)]
-                b, m, d = q.shape
-                products = q.reshape(-1, d).astype(np.float32) @ weights  # (b * M, L)
-                products *= scales.reshape(-1, 1)
+                end = min(at + STEP, top)
+                x = self.file.rows(at, end, fine=fine, scratch=True)
+                b, m, d = x.shape
+                products = np.matmul(x.reshape(-1, d), weights, out=_scratch("products", (b * m, weights.shape[1])))
+                products *= self.file.scales[at:end].reshape(-1, 1)
                 part[at - lo : at - lo + b] = products.reshape(b, m, -1).max(axis=1)
             parts.append(part)
         if hi > n:
@@ -488,6 +560,15 @@ class IndexView:
             parts.append((x.reshape(-1, d) @ weights).reshape(b, m, -1).max(axis=1))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def error_bound(self, lo: int, hi: int, weights: np.ndarray) -> np.ndarray:
+        """(hi - lo,) how far a ``fine`` raw score of each image can be from the exact one (the tail's are exact)."""
+        l1 = float(np.abs(weights).sum(axis=0).max()) if weights.size else 0.0
+        bound = np.zeros(hi - lo, dtype=np.float64)
+        n = len(self.file)
+        if lo < n and self.file.scales.size:
+            bound[: min(hi, n) - lo] = self.file.scales[lo : min(hi, n)].max(axis=1) * (l1 / 508)
+        return bound
+
     def scores(self, label_vectors: np.ndarray, *, threads: int | None = None) -> np.ndarray:
         """(N, L) raw SDL scores of every image against ``label_vectors`` (L, d), in blocks on threads."""
         weights = np.ascontiguousarray(np.asarray(label_vectors, dtype=np.float32).T)  # (d, L)
@@ -495,6 +576,7 @@ class IndexView:
 
         def score(span: tuple[int, int]) -> None:
             out[span[0] : span[1]] = self.block_scores(*span, weights)
+            self.file.release(span[0], min(span[1], len(self.file)))
 
         run_blocks(score, self.blocks(), threads)
         return out
@@ -594,16 +676,42 @@ def rows_by_id(index, model_id: str, rowids: Iterable[int], state: State) -> dic
     return _snapshot(index, work)
 
 
-def paths_by_id(index, model_id: str) -> dict[int, str]:
-    """``rowid -> path`` (as text) of every row of the model (one scan of the path index, no vectors)."""
+def paths_by_id(index, model_id: str) -> tuple[np.ndarray, list[str]]:
+    """(rowids, paths as text) of every row of the model, sorted by rowid (one scan of the path index)."""
 
-    def work(conn: sqlite3.Connection) -> dict[int, str]:
-        return {
-            int(r): os.fsdecode(bytes(p))
-            for r, p in conn.execute("SELECT rowid, path FROM images WHERE model_id = ?", (model_id,))
-        }
+    def work(conn: sqlite3.Connection) -> tuple[np.ndarray, list[str]]:
+        rows = conn.execute("SELECT rowid, path FROM images WHERE model_id = ?", (model_id,)).fetchall()
+        ids = np.fromiter((r for r, _ in rows), dtype=np.int64, count=len(rows))
+        if not rows:
+            return ids, []
+        # one decode of all the names (they hold no NUL), not a million
+        paths = b"\0".join(bytes(p) for _, p in rows).decode("utf-8", "surrogateescape").split("\0")
+        order = np.argsort(ids, kind="stable")
+        return ids[order], [paths[i] for i in order.tolist()]
 
-    return index._do(work, dict)
+    return index._do(work, lambda: (np.zeros(0, dtype=np.int64), []))
+
+
+def vectors_by_id(index, model_id: str, rowids: np.ndarray, state: State) -> np.ndarray | None:
+    """(len(rowids), M, d) float32 rows of ``rowids`` from SQLite; None when one is gone or the model's rows
+    were removed or replaced since ``state``."""
+    wanted = [int(r) for r in rowids]
+
+    def work(conn: sqlite3.Connection) -> dict[int, bytes] | None:
+        now = read_state(conn, model_id)
+        if now is None or now.epoch != state.epoch or now.removals != state.removals:
+            return None
+        found: dict[int, tuple[int, int, bytes]] = {}
+        for lo in range(0, len(wanted), 500):
+            part = wanted[lo : lo + 500]
+            query = f"SELECT rowid, rows, dim, vectors FROM images WHERE rowid IN ({','.join('?' * len(part))})"
+            found.update((r, (m, d, v)) for r, m, d, v in conn.execute(query + " AND model_id = ?", (*part, model_id)))
+        return found
+
+    found = _snapshot(index, work)
+    if found is None or any(r not in found for r in wanted):
+        return None
+    return _decode_rows([(r, *found[r]) for r in wanted])[1]
 
 
 # -- search and re-tagging ----------------------------------------------------------------------
@@ -616,7 +724,6 @@ def rank(index, model, label_space, folders: list[Path], top: int, *, raw_scores
     are re-scored exactly from their float32 rows in SQLite and ranked by that (ties by path), and
     only the files about to be shown are checked for existence.
     """
-    from sdltag.scoring import calibrate, sdl_scores
     from sdltag.writers import SearchHit
 
     view = load(index, model.model_id)
@@ -667,6 +774,182 @@ def rank(index, model, label_space, folders: list[Path], top: int, *, raw_scores
         want *= 4  # too many of the best have gone: look further down
 
 
+@dataclass
+class BestLabels:
+    """The ``k`` best labels of some images, best first (ties by label index)."""
+
+    rowids: np.ndarray  # (n,) int64
+    labels: np.ndarray  # (n, k) label indexes
+    scores: np.ndarray  # (n, k) float32 (confidences unless raw)
+    exact: np.ndarray  # (n,) bool: re-scored from the float32 rows (the others are within the bound)
+
+
+def _best(conf: np.ndarray, take: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the ``take`` largest of ``conf`` (n, L) as (label indexes, values), best first, ties by index."""
+    n, size = conf.shape
+    if take < size:
+        picked = np.argpartition(-conf, take - 1, axis=1)[:, :take]
+    else:
+        picked = np.broadcast_to(np.arange(size), (n, size))
+    values = np.take_along_axis(conf, picked, axis=1)
+    order = np.lexsort((picked, -values), axis=1)
+    return np.take_along_axis(picked, order, axis=1), np.take_along_axis(values, order, axis=1)
+
+
+def _slope(calibration: dict | None, unseen_mask: np.ndarray) -> float:
+    """The largest slope of the calibration (a Platt sigmoid changes by at most ``|a| / 4`` per raw unit)."""
+    if not calibration:
+        return 1.0
+    seen = calibration["seen"]
+    slopes = [abs(float((calibration.get("unseen") or seen)["a"]))] if np.any(unseen_mask) else []
+    if not np.all(unseen_mask):
+        slopes.append(abs(float(seen["a"])))
+    return max(slopes) / 4
+
+
+class _Ranker:
+    """Scores blocks of an ``IndexView`` (8-bit rows and residuals), keeps each image's ``k`` best labels, and
+    marks the images whose set of ``k`` best labels the error bound could change."""
+
+    def __init__(self, view: IndexView, label_space, calibration: dict | None, k: int) -> None:
+        self.view = view
+        self.mask = np.asarray(label_space.unseen_mask, dtype=bool)
+        self.vectors = np.asarray(label_space.vectors, dtype=np.float32)
+        self.weights = np.ascontiguousarray(self.vectors.T)
+        self.calibration = calibration
+        self.k = k
+        self.take = min(k + 1, self.weights.shape[1])  # one more: the cut after the k-th is checked too
+        self.slope = _slope(calibration, self.mask)
+
+    def block(self, span: tuple[int, int]) -> tuple[BestLabels, np.ndarray]:
+        lo, hi = span
+        raw = self.view.block_scores(lo, hi, self.weights, fine=True)
+        self.view.file.release(lo, min(hi, len(self.view.file)))
+        bound = self.view.error_bound(lo, hi, self.weights) * self.slope * 1.01  # 1%: float32 rounding
+        labels, values = _best(calibrate(raw, self.mask, self.calibration), self.take)
+        if self.take > self.k:  # which labels are the k best is settled; their order, within the bound
+            unsure = values[:, self.k - 1] - values[:, self.k] <= 2 * bound
+        else:
+            unsure = np.zeros(len(values), dtype=bool)
+        best = BestLabels(self.view.rowids_at(lo, hi), labels[:, : self.k], values[:, : self.k], bound == 0)
+        return best, unsure
+
+    def settle(self, best: BestLabels, unsure: np.ndarray, index, model_id: str) -> BestLabels:
+        """The unsure images re-scored from their float32 rows in SQLite (left as they are if rows changed)."""
+        if not unsure.any():
+            return best
+        rows = vectors_by_id(index, model_id, best.rowids[unsure], self.view.state)
+        if rows is None:
+            return best
+        raw = sdl_scores(rows, self.vectors)
+        labels, values = _best(calibrate(raw, self.mask, self.calibration), self.k)
+        best.labels[unsure], best.scores[unsure], best.exact[unsure] = labels, values, True
+        return best
+
+
+def top_labels(
+    index,
+    model,
+    label_space,
+    *,
+    top_k: int = 10,
+    raw_scores: bool = False,
+    threads: int | None = None,
+    block: int = 4 * BLOCK,
+) -> Iterator[BestLabels] | None:
+    """Every indexed image of ``model`` scored against ``label_space`` from the matrix file (the image model
+    never runs): the ``top_k`` labels of each, in blocks in rowid order; None when there is no usable file.
+
+    The labels and their order are those of the exact float32 scores: scores come from the 8-bit rows and
+    their residuals (within ``MatrixFile.error_bound``), and an image whose best labels are within twice
+    that of each other (or of the next label) is re-scored from its float32 row in SQLite.
+    """
+    view = load(index, model.model_id)
+    if view is None:
+        return None
+    k = max(0, min(top_k, len(label_space.names)))
+    calibration = None if raw_scores else model.manifest.calibration
+    ranker = _Ranker(view, label_space, calibration, k)
+    return _ranked(ranker, view.blocks(block), index, model.model_id, threads) if k else iter(())
+
+
+def _ranked(ranker: _Ranker, spans: list[tuple[int, int]], index, model_id: str, threads: int | None):
+    threads = max(1, min(threads or os.cpu_count() or 1, len(spans) or 1))
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdltag-matrix") as pool:
+        pending: deque = deque()
+        try:
+            for span in spans:
+                pending.append(pool.submit(ranker.block, span))
+                if len(pending) > 2 * threads:  # a few blocks ahead, not the whole index in memory
+                    yield ranker.settle(*pending.popleft().result(), index, model_id)
+            while pending:
+                yield ranker.settle(*pending.popleft().result(), index, model_id)
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class _CsvText:
+    """CSV lines ``path,rank,label,score,kind`` of many images at once: each line is three ready-made pieces
+    (the path cell, the rank and label cells, the score and kind cells) joined, so the work per line is a
+    few table look-ups rather than formatting."""
+
+    def __init__(self, index, model_id: str, label_space, k: int) -> None:
+        names = [_csv_cell(n) for n in label_space.names]
+        self.unseen = np.asarray(label_space.unseen_mask, dtype=np.int64)
+        self.ranks = np.arange(k) * len(names)
+        self.rank_label = np.array([f"{r},{n}," for r in range(1, k + 1) for n in names], dtype=object)
+        self.low, self.score_kind = 0, np.zeros(0, dtype=object)
+        ids, cells = _path_cells(index, model_id)
+        self.ids, self.cells = ids, cells
+
+    def _scores_table(self, low: int, high: int) -> None:
+        """``score_kind[2 * (fixed - low) + unseen]`` = ``"0.1234,seen\\n"`` for ``fixed`` (score * 10^4) in range."""
+        if self.score_kind.size and self.low <= low and high < self.low + self.score_kind.size // 2:
+            return
+        if self.score_kind.size:  # twice the room each time: a few tables at most
+            old_low, old_high = self.low, self.low + self.score_kind.size // 2 - 1
+            low, high = min(low, 2 * old_low - old_high), max(high, 2 * old_high - old_low)
+        low, high = min(low, -10_000), max(high, 20_000)  # at least [-1, 2]
+        texts = []
+        for fixed in range(low, high + 1):
+            size = abs(fixed)
+            text = f"{'-' if fixed < 0 else ''}{size // 10_000}.{size % 10_000:04d}"
+            texts += [f"{text},seen\n", f"{text},unseen\n"]
+        self.low, self.score_kind = low, np.array(texts, dtype=object)
+
+    def lines(self, best: BestLabels) -> tuple[str, int]:
+        """The CSV text of ``best``'s images and how many there were (rows without a path are left out)."""
+        at = np.searchsorted(self.ids, best.rowids)
+        keep = at < len(self.ids)
+        keep[keep] = self.ids[at[keep]] == best.rowids[keep]
+        labels, scores = best.labels[keep], best.scores[keep]
+        n, k = labels.shape
+        if n == 0 or k == 0:
+            return "", n
+        fixed = np.rint(scores.astype(np.float64) * 10_000).astype(np.int64)  # 4 decimals
+        self._scores_table(int(fixed.min()), int(fixed.max()))
+        pieces = np.empty((n, k, 3), dtype=object)
+        pieces[:, :, 0] = self.cells[at[keep]][:, None]
+        pieces[:, :, 1] = self.rank_label[self.ranks + labels]
+        pieces[:, :, 2] = self.score_kind[2 * (fixed - self.low) + self.unseen[labels]]
+        return "".join(pieces.ravel().tolist()), n
+
+
+def _path_cells(index, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted rowids, their ``path,`` CSV cells as objects) of every row of the model."""
+    ids, paths = paths_by_id(index, model_id)
+    text = "\0".join(paths)
+    hits = [m.start() for m in _NEEDS_CARE_ANYWHERE.finditer(text)]  # rare: names to quote
+    starts = np.cumsum(np.fromiter((len(p) + 1 for p in paths), dtype=np.int64, count=len(paths))) if hits else []
+    for i in set(np.searchsorted(starts, hits, side="right").tolist()):
+        paths[i] = _csv_cell(paths[i])
+    cells = np.array(",\0".join(paths).split("\0"), dtype=object) if paths else np.zeros(0, dtype=object)
+    if len(cells):
+        cells[-1] += ","
+    return ids, cells
+
+
 def retag(
     index,
     model,
@@ -678,60 +961,24 @@ def retag(
     threads: int | None = None,
 ) -> int | None:
     """Score every indexed image of ``model`` against ``label_space`` from the matrix file (the image model
-    never runs) and write the ``top_k`` labels of each as CSV ``path,rank,label,score,kind``.
+    never runs) and write the ``top_k`` labels of each as CSV ``path,rank,label,score,kind`` (see
+    ``top_labels``: the exact labels in the exact order; scores within ``MatrixFile.error_bound``).
 
-    Scores come from the 8-bit file (within about 1% of the largest value of a principal vector).
     Returns how many images were written, or None when there is no usable matrix file.
     """
-    from numpy.dtypes import StringDType
-
-    from sdltag.scoring import calibrate
-
-    view = load(index, model.model_id)
-    if view is None:
+    k = max(0, min(top_k, len(label_space.names)))
+    ranked = top_labels(index, model, label_space, top_k=k, raw_scores=raw_scores, threads=threads)
+    if ranked is None:
         return None
-    cells = {rowid: _csv_cell(path) + "," for rowid, path in paths_by_id(index, model.model_id).items()}
-    calibration = None if raw_scores else model.manifest.calibration
-    text = StringDType()
-    kinds = ["unseen" if u else "seen" for u in label_space.unseen_mask]
-    labels = np.array([f"{_csv_cell(n)}," for n in label_space.names], dtype=text)
-    tails = np.array([f",{kind}\n" for kind in kinds], dtype=text)
-    k = max(0, min(top_k, len(kinds)))
+    stream.write("path,rank,label,score,kind\n")
     if k == 0:
         return 0
-    ranks = np.array([f"{r}," for r in range(1, k + 1)], dtype=text)
-    rowids = view.rowids
-    stream.write("path,rank,label,score,kind\n")
-    weights = np.ascontiguousarray(label_space.vectors.T, dtype=np.float32)
-
-    def block(span: tuple[int, int]) -> tuple[str, int]:
-        """The CSV text of the images at [lo, hi) (built with numpy's string functions, not row by row)."""
-        lo, hi = span
-        conf = calibrate(view.block_scores(lo, hi, weights), label_space.unseen_mask, calibration)
-        if k < conf.shape[1]:
-            best = np.argpartition(-conf, k - 1, axis=1)[:, :k]
-        else:
-            best = np.tile(np.arange(k), (hi - lo, 1))
-        best_scores = np.take_along_axis(conf, best, axis=1)
-        order = np.lexsort((best, -best_scores), axis=1)
-        best, best_scores = np.take_along_axis(best, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
-        found = [cells.get(r) for r in rowids[lo:hi].tolist()]
-        keep = np.array([c is not None for c in found], dtype=bool)
-        paths = np.array([c for c in found if c is not None], dtype=text)
-        best, best_scores = best[keep], best_scores[keep]
-        fixed = np.rint(best_scores.astype(np.float64) * 10_000).astype(np.int64)  # 4 decimals
-        size = np.abs(fixed)
-        digits = np.strings.zfill((size % 10_000).astype(text), 4)
-        score = np.where(fixed < 0, "-", "").astype(text) + (size // 10_000).astype(text) + "." + digits
-        lines = np.repeat(paths, k).reshape(-1, k) + ranks[None, :] + labels[best] + score + tails[best]
-        return "".join(lines.ravel().tolist()), len(paths)
-
+    text = _CsvText(index, model.model_id, label_space, k)
     written = 0
-    threads = max(1, threads or os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdltag-matrix") as pool:
-        for chunk, images in pool.map(block, view.blocks(4 * BLOCK)):
-            stream.write(chunk)
-            written += images
+    for best in ranked:
+        chunk, images = text.lines(best)
+        stream.write(chunk)
+        written += images
     return written
 
 
