@@ -16,9 +16,9 @@ Imports onnx and onnxruntime's quantisation tools (not torch).
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from sdltag.runtime import ImageModel
 from sdltag.scoring import sdl_scores
 
 METHOD = "onnxruntime static int8 (QDQ; weights int8 per channel, activations uint8, min-max calibration)"
+logger = logging.getLogger(__name__)
 HELD_OUT_MIN = 16  # fewer usable images than calibration + this: the fidelity is measured on the calibration set
 
 
@@ -55,11 +56,11 @@ class Fidelity:
         }
 
 
-def _decoded(model: ModelFolder, images: Path, count: int, seed: int, warn: Callable[[str], None]) -> np.ndarray:
+def _decoded(model: ModelFolder, images: Path, count: int, seed: int) -> np.ndarray:
     """Up to ``count`` images of the folder (a seeded sample), decoded as tag decodes them: (N, 3, H, W)."""
     found = discover([images])
     for where, reason in found.problems:
-        warn(f"{where}: {reason}")
+        logger.warning(f"{where}: {reason}")
     paths = list(found.files)
     random.Random(seed).shuffle(paths)
     arrays: list[np.ndarray] = []
@@ -69,7 +70,7 @@ def _decoded(model: ModelFolder, images: Path, count: int, seed: int, warn: Call
         try:
             arrays.append(load_image(path, model.manifest.input))
         except ImageError as exc:
-            warn(str(exc))
+            logger.warning(str(exc))
     if len(arrays) < 2:
         raise SdltagError(
             f"{images}: {len(arrays)} decodable image(s); quantising needs at least 2 (a few hundred of the "
@@ -100,13 +101,13 @@ def quantize_model_folder(
     count: int = 256,
     seed: int = 0,
     name: str = "",
-    warn: Callable[[str], None] = lambda message: None,
 ) -> tuple[ModelFolder, Fidelity]:
     """Quantise ``model``, calibrated on images of ``images``; returns the result and its fidelity.
 
     With ``out``, a separate 8-bit model folder is written there; with ``out=None`` the
     8-bit graph is attached to ``model``'s own folder (``model.int8.onnx``), where
-    ``--precision auto`` picks it on CPUs with 8-bit dot-product instructions.
+    ``--precision auto`` picks it on CPUs with 8-bit dot-product instructions. Images that cannot
+    be read are skipped with a warning (``logging``).
     """
     import onnxruntime as ort
 
@@ -117,7 +118,7 @@ def quantize_model_folder(
         raise SdltagError(f"{model.path}: this model is already quantised. Quantise the float model it came from.")
     if count < 2:
         raise SdltagError(f"--count {count}: at least 2 calibration images are needed.")
-    arrays = _decoded(model, images, count + 64, seed, warn)
+    arrays = _decoded(model, images, count + 64, seed)
     held_out = len(arrays) >= count + HELD_OUT_MIN
     calibration = arrays[:count] if held_out else arrays
     check = arrays[count:] if held_out else arrays

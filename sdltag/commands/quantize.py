@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from sdltag.commands._common import cli_errors, info, warn
+from sdltag.commands._common import cli_errors, info
 from sdltag.errors import SdltagError
 
 
@@ -46,7 +46,7 @@ def quantize(
             f"--out {out}: that is the model being quantised. Use --attach to add the 8-bit graph to it, "
             "or write the copy to another folder."
         )
-    folder, fid = quantize_model_folder(model, images, out, count=count, seed=seed, name=name, warn=warn)
+    folder, fid = quantize_model_folder(model, images, out, count=count, seed=seed, name=name)
     where = "held-out" if fid.held_out else "calibration (too few images to hold some out)"
     if attach:
         folder = folder.with_precision("int8")
