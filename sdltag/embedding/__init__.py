@@ -3,14 +3,14 @@
 ``get_text_embedder(name_or_path, cache_dir)`` returns a ``TextEmbedder``: its
 ``spec`` (kind, name, id = name + weights hash, dim) is what a model manifest records,
 and ``embed(texts)`` returns (n, d) float32 unit vectors, from the cache when it can,
-else from the exported ONNX pipeline (onnxruntime + tokenizers), else from
-sentence-transformers (only the first time an embedder is used, to export it).
+else from the embedder's exported ONNX encoder (onnxruntime + tokenizers; written once by
+``sdltag labels export-embedder``), else from sentence-transformers (torch).
 Importing this package imports numpy only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -46,14 +46,14 @@ def get_text_embedder(
     cache_dir: Path | None = None,
     *,
     backend: str = "auto",
-    warn: Callable[[str], None] | None = None,
 ) -> TextEmbedder:
     """The embedder for ``--embedder`` (None: the bundled all-MiniLM-L6-v2, loaded offline).
 
     ``cache_dir`` overrides the cache folder (``sdltag.paths.cache_dir``). ``backend``
-    "auto" uses the ONNX fast path (exporting it on first use), "sentence-transformers"
-    never does (used by benchmarks and tests as the reference). Instances are shared
-    within a process, so the ONNX session and text model load once.
+    "auto" uses the exported encoder when there is one, else sentence-transformers (with a
+    warning naming the export command); "onnx" requires the exported encoder;
+    "sentence-transformers" never uses it (the reference in benchmarks and tests).
+    Instances are shared within a process, so the ONNX session and text model load once.
     """
     from sdltag.embedding.cache import LabelVectorCache
     from sdltag.embedding.embedder import CachedTextEmbedder
@@ -66,8 +66,6 @@ def get_text_embedder(
     if embedder is None:
         embedder = CachedTextEmbedder(files, cache, backend=backend)
         _MEMO[key] = embedder
-    if warn is not None:
-        embedder.warn = warn
     return embedder
 
 

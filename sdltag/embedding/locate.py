@@ -146,31 +146,36 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _module_dim(kind: str, config: dict, dim: int | None) -> tuple[bool, int | None]:
+    """(known, dimension after the module) for one sentence-transformers module of type ``kind``."""
+    if kind.endswith("Transformer"):
+        hidden = config.get("hidden_size")
+        return True, int(hidden) if hidden else dim
+    if kind.endswith("Pooling"):
+        width = config.get("word_embedding_dimension", dim)
+        modes = sum(bool(config.get(mode)) for mode in _POOLING_MODES) or 1
+        return True, int(width) * modes if width else None
+    if kind.endswith("Dense"):
+        return True, int(config["out_features"]) if "out_features" in config else None
+    return kind.endswith("Normalize"), dim  # an unknown module may change the dimension
+
+
 def embedding_dim(folder: Path) -> int | None:
     """The sentence embedding's dimension from modules.json and the module configs; None if unclear."""
     try:
         modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         modules = None
+    if not isinstance(modules, list):
+        hidden = _read_json(folder / "config.json").get("hidden_size")
+        return int(hidden) if hidden else None
     dim: int | None = None
-    if isinstance(modules, list):
-        for module in modules:
-            kind = str(module.get("type", ""))
-            config = _read_json(folder / str(module.get("path", "")) / "config.json")
-            if kind.endswith("Transformer"):
-                hidden = config.get("hidden_size")
-                dim = int(hidden) if hidden else dim
-            elif kind.endswith("Pooling"):
-                width = config.get("word_embedding_dimension", dim)
-                modes = sum(bool(config.get(mode)) for mode in _POOLING_MODES) or 1
-                dim = int(width) * modes if width else None
-            elif kind.endswith("Dense"):
-                dim = int(config["out_features"]) if "out_features" in config else None
-            elif not kind.endswith("Normalize"):
-                return None  # an unknown module may change the dimension
-        return dim
-    hidden = _read_json(folder / "config.json").get("hidden_size")
-    return int(hidden) if hidden else None
+    for module in modules:
+        config = _read_json(folder / str(module.get("path", "")) / "config.json")
+        known, dim = _module_dim(str(module.get("type", "")), config, dim)
+        if not known:
+            return None
+    return dim
 
 
 def embedder_id(name: str, weights_hash: str) -> str:

@@ -1,17 +1,20 @@
-"""The torch-free text path: the exported sentence-transformers pipeline run by onnxruntime,
-with its tokenizer run by the ``tokenizers`` package.
+"""The torch-free text path: an exported text encoder (a sentence-transformers pipeline as an ONNX
+graph, with its tokenizer) run by onnxruntime and the ``tokenizers`` package.
 
-``sdltag.embedding.st.export_fast_path`` writes the folder this reads (``meta.json``,
-``text_model.onnx``, ``tokenizer.json``); the graph already includes pooling and
-normalisation, so the output is the sentence embedding. Imports: numpy, onnxruntime,
-tokenizers only.
+An exported encoder is a folder named for its embedder id (``meta.json``, ``text_model.onnx``,
+``tokenizer.json``), written once by ``sdltag labels export-embedder``
+(``sdltag.embedding.st.export_encoder``); the graph already includes pooling and normalisation,
+so its output is the sentence embedding. sdltag looks for it in ``encoder_roots()``.
+Imports: numpy, onnxruntime, tokenizers only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,42 +27,113 @@ from sdltag.scoring import l2_normalize
 META_FILE = "meta.json"
 ONNX_FILE = "text_model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-FAST_PATH_FORMAT = 1
+ENCODER_FORMAT = 1
+ENCODERS_DIR = "text-models"
 TOKEN_BUDGET = 4096  # padded tokens per onnxruntime call
 CPU = "CPUExecutionProvider"
 OPTIMIZED_PREFIX = "text_model.optimized-ort"
+# Files sdltag writes into an encoder folder, and so the only ones a staging folder it removes may hold.
+_ENCODER_FILES = re.compile(
+    r"(?:meta\.json|tokenizer\.json|text_model\.onnx|text_model\.optimized-ort[0-9A-Za-z.+-]*\.onnx(?:\.data)?)"
+)
 
 
-class FastPathError(Exception):
-    """The exported fast-path folder is missing, incomplete or unreadable (re-export it)."""
+class EncoderError(Exception):
+    """An exported text encoder folder is incomplete, unreadable or not for this embedder."""
 
 
-def read_meta(folder: Path) -> dict[str, Any]:
-    """The fast path's meta.json, checked for completeness (raises ``FastPathError``)."""
+def encoder_folder_name(embedder_id: str) -> str:
+    """The folder name of ``embedder_id``'s exported encoder (the id, made safe for a file name)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", embedder_id)
+
+
+def environment_encoders_dir() -> Path:
+    """This Python environment's encoders: ``<sys.prefix>/share/sdltag/text-models`` (``make venv`` fills it)."""
+    return Path(sys.prefix) / "share" / "sdltag" / ENCODERS_DIR
+
+
+def user_encoders_dir() -> Path:
+    """The user's encoders, ``<data folder>/text-models``: where ``sdltag labels export-embedder`` writes."""
+    from sdltag.paths import data_dir
+
+    return data_dir() / ENCODERS_DIR
+
+
+def encoder_roots() -> list[Path]:
+    """Where exported encoders are looked for, in this order."""
+    return [user_encoders_dir(), environment_encoders_dir()]
+
+
+def find_encoder(embedder_id: str) -> Path | None:
+    """The first folder for ``embedder_id`` under ``encoder_roots()``, or None (checked when loaded)."""
+    name = encoder_folder_name(embedder_id)
+    for root in encoder_roots():
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def read_meta(folder: Path, embedder_id: str | None = None) -> dict[str, Any]:
+    """The encoder's meta.json, checked for completeness and, given ``embedder_id``, for that
+    embedder (raises ``EncoderError``)."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FastPathError(f"{folder}: no {META_FILE}") from None
+        raise EncoderError(f"{folder}: no {META_FILE}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FastPathError(f"{folder / META_FILE}: unreadable ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FAST_PATH_FORMAT:
-        raise FastPathError(f"{folder / META_FILE}: unknown format")
+        raise EncoderError(f"{folder / META_FILE}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != ENCODER_FORMAT:
+        raise EncoderError(f"{folder / META_FILE}: unknown format")
+    if embedder_id is not None and meta.get("embedder_id") != embedder_id:
+        raise EncoderError(f"{folder}: exported for {meta.get('embedder_id')}, not {embedder_id}")
     for name in (ONNX_FILE, TOKENIZER_FILE):
         if not (folder / name).is_file():
-            raise FastPathError(f"{folder / name}: missing")
+            raise EncoderError(f"{folder / name}: missing")
     size = (folder / ONNX_FILE).stat().st_size
     if size != meta.get("onnx_bytes"):
-        raise FastPathError(f"{folder / ONNX_FILE}: {size} bytes, expected {meta.get('onnx_bytes')} (truncated)")
+        raise EncoderError(f"{folder / ONNX_FILE}: {size} bytes, expected {meta.get('onnx_bytes')} (truncated)")
     return meta
 
 
-class OnnxTextEncoder:
-    """Sentence embeddings with onnxruntime + tokenizers; the session is created on first use."""
+def remove_dead_staging(folder: Path, prefix: str) -> list[Path]:
+    """Remove the ``<prefix>.<pid>.<suffix>`` folders in ``folder`` that a killed export or optimisation
+    left: only real folders holding nothing but encoder files, whose process has ended."""
+    from sdltag.paths import pid_alive
 
-    def __init__(self, folder: Path, batch_size: int = 64) -> None:
+    pattern = re.compile(re.escape(prefix) + r"\.(?P<pid>[0-9]{1,10})\.[A-Za-z0-9_]{1,24}")
+    removed: list[Path] = []
+    try:
+        with os.scandir(folder) as scan:
+            entries = list(scan)
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        pid = int(match.group("pid")) if match else os.getpid()
+        if pid == os.getpid() or pid_alive(pid) or not _only_encoder_files(entry):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _only_encoder_files(entry: os.DirEntry) -> bool:
+    try:
+        if not entry.is_dir(follow_symlinks=False):
+            return False
+        with os.scandir(entry.path) as inside:
+            return all(i.is_file(follow_symlinks=False) and _ENCODER_FILES.fullmatch(i.name) for i in inside)
+    except OSError:
+        return False
+
+
+class OnnxTextEncoder:
+    """Sentence embeddings from an exported encoder folder; the session is created on first use."""
+
+    def __init__(self, folder: Path, batch_size: int = 64, embedder_id: str | None = None) -> None:
         self.folder = Path(folder)
-        self.meta = read_meta(self.folder)
+        self.meta = read_meta(self.folder, embedder_id)
         self.batch_size = batch_size
         self._tokenizer: Any = None
         self._pad_id = 0
@@ -76,7 +150,7 @@ class OnnxTextEncoder:
             try:
                 tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER_FILE))
             except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception
-                raise FastPathError(f"{self.folder / TOKENIZER_FILE}: unreadable ({exc})") from None
+                raise EncoderError(f"{self.folder / TOKENIZER_FILE}: unreadable ({exc})") from None
             # sentence-transformers pads to the longest text and truncates at max_seq_length,
             # whatever padding/truncation the tokenizer.json itself carries; padding is done here.
             saved = tokenizer.padding or {}
@@ -141,12 +215,13 @@ class OnnxTextEncoder:
         # Written into a private folder under the final names (the graph records its data file's
         # name), then moved into place: the data first, the graph last, each rename atomic, so a
         # graph is never seen without its data.
+        remove_dead_staging(self.folder, ".optimise")  # what a killed optimisation left
         private = self.folder / f".optimise.{os.getpid()}.{threading.get_ident()}"
         staging: Path | None = private
         try:
             private.mkdir(exist_ok=True)
         except OSError:
-            staging = None  # a read-only cache: every run optimises again
+            staging = None  # a read-only folder: every run optimises again
         if staging is not None:
             options.optimized_model_filepath = str(staging / target.name)
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
@@ -156,7 +231,7 @@ class OnnxTextEncoder:
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
-            raise FastPathError(f"{self.folder / ONNX_FILE}: cannot be loaded ({exc})") from None
+            raise EncoderError(f"{self.folder / ONNX_FILE}: cannot be loaded ({exc})") from None
         if staging is not None:
             try:
                 os.replace(staging / data_name, self.folder / data_name)

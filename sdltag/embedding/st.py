@@ -1,8 +1,9 @@
-"""The sentence-transformers side of the text embedder: loading offline, embedding, ONNX export.
+"""The sentence-transformers side of the text embedder: loading offline, embedding, and the
+explicit ONNX export (``sdltag labels export-embedder``).
 
-Everything here imports torch / sentence-transformers, so it is imported only when a
-label is not cached and the ONNX fast path is not there yet (the first use of an
-embedder), or when the user asks for the slow path explicitly.
+Everything here imports torch / sentence-transformers, so it is imported only by the export,
+when a new label must be embedded and no exported encoder is there, or when the user asks
+for sentence-transformers explicitly.
 """
 
 from __future__ import annotations
@@ -13,14 +14,27 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sdltag.embedding.onnx_text import (
+    ENCODER_FORMAT,
+    META_FILE,
+    ONNX_FILE,
+    TOKENIZER_FILE,
+    EncoderError,
+    OnnxTextEncoder,
+    encoder_folder_name,
+    read_meta,
+    remove_dead_staging,
+)
 from sdltag.errors import SdltagError
 
-# Texts used to check an export against sentence-transformers before it is trusted.
+# Texts used to check an export against sentence-transformers before it is trusted: short and long,
+# accents, symbols, extra spaces, a script the vocabulary barely covers, and one past max_seq_length.
 PROBE_TEXTS = (
     "cat",
     "Golden Retriever",
@@ -30,12 +44,11 @@ PROBE_TEXTS = (
     "x" * 40,
     "sunset   over the sea",
     "東京",
+    " ".join(["a very long description of a photograph"] * 60),
 )
-ONNX_FILE = "text_model.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-META_FILE = "meta.json"
-FAST_PATH_FORMAT = 1
-MIN_EXPORT_COSINE = 0.99999
+# An export is refused when any probe vector differs from sentence-transformers' by more than this
+# (in any coordinate of the unit vector); exports of all-MiniLM-L6-v2 differ by about 1e-7.
+MAX_ABS_DIFF = 1e-5
 
 
 def _quiet_hf() -> None:
@@ -112,23 +125,118 @@ def _save_tokenizer(model: Any, model_dir: Path, dest: Path) -> None:
     tokenizer = model[0].tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise SdltagError(f"{model_dir}: the model has no fast tokenizer (tokenizer.json); the ONNX path needs one.")
+        raise RuntimeError(f"{model_dir}: the model has no fast tokenizer (tokenizer.json); the ONNX export needs one")
     backend.save(str(dest))
 
 
-def export_fast_path(model: Any, model_dir: Path, dest: Path, embedder_id: str) -> Path:
-    """Export ``model`` (the whole sentence-transformers pipeline: transformer, pooling, any Dense
-    and Normalize modules, as listed in its modules.json) to ONNX in ``dest``, with its tokenizer.
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export_encoder`` did: the folder, its size, and how close it came to sentence-transformers."""
 
-    The export is checked against sentence-transformers on ``PROBE_TEXTS`` (token ids and
-    vectors) in a staging folder, then moved into place with one rename, so a reader sees
-    either no fast path or a complete, verified one. Returns ``dest``.
+    folder: Path
+    bytes: int
+    max_abs_diff: float | None  # None: an earlier, complete export was kept
+    min_cosine: float | None
+    probes: int
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _existing_export(dest: Path, embedder_id: str) -> bool:
+    """True when ``dest`` holds a complete export of ``embedder_id``; False when it is absent or an
+    incomplete export sdltag wrote (replaced); refuses anything else (nothing of the user's is replaced)."""
+    if not dest.exists() and not dest.is_symlink():
+        return False
+    try:
+        read_meta(dest, embedder_id)
+        return True
+    except EncoderError:
+        pass
+    try:
+        meta = json.loads((dest / META_FILE).read_text(encoding="utf-8"))
+        ours = dest.is_dir() and not dest.is_symlink() and meta.get("embedder_id") == embedder_id
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise SdltagError(
+            f"{dest} exists and is not an export of {embedder_id} by sdltag. Move it away or choose another --out."
+        )
+    return False
+
+
+def export_encoder(model_dir: Path, embedder_id: str, out: Path, *, force: bool = False) -> ExportResult:
+    """Export the sentence-transformers model in ``model_dir`` to ``out/<embedder id>`` (graph + tokenizer),
+    verified against sentence-transformers on ``PROBE_TEXTS``; a complete earlier export is kept unless
+    ``force``. Any failure raises ``SdltagError`` (exit code 1) and leaves nothing behind.
     """
-    import torch
+    dest = Path(out) / encoder_folder_name(embedder_id)
+    if force and dest.is_symlink():
+        raise SdltagError(f"{dest} is a link, which --force does not replace. Remove it or choose another --out.")
+    if _existing_export(dest, embedder_id) and not force:
+        return ExportResult(dest, _folder_bytes(dest), None, None, 0)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SdltagError(f"{dest.parent}: cannot create the folder ({exc.strerror}). Choose another --out.") from None
+    remove_dead_staging(dest.parent, f".{dest.name}")  # what a killed export left
+    model = load_sentence_transformer(model_dir)
+    # ".NAME.PID.XXXXXXXX": removed by a later export once PID has ended (``remove_dead_staging``)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", dir=dest.parent))
+    try:
+        max_abs, min_cosine = _export_and_verify(model, model_dir, staging, embedder_id)
+        _install(staging, dest)
+    except SdltagError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the export becomes one clear line
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+        raise SdltagError(f"cannot export the embedder {embedder_id} to ONNX ({reason})", exit_code=1) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(dest, _folder_bytes(dest), max_abs, min_cosine, len(PROBE_TEXTS))
 
-    from sdltag.embedding.onnx_text import OnnxTextEncoder
 
+def _install(staging: Path, dest: Path) -> None:
+    """Move the verified export into place with renames; an earlier export of sdltag's is replaced."""
+    os.chmod(staging, 0o755)
+    old = dest.with_name(f".{dest.name}.{os.getpid()}.replaced")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_and_verify(model: Any, model_dir: Path, folder: Path, embedder_id: str) -> tuple[float, float]:
+    """Write the graph, tokenizer and meta.json into ``folder`` and check them; (max abs diff, min cosine)."""
     names = _input_names(model)
+    _trace_to_onnx(model, names, folder / ONNX_FILE)
+    _save_tokenizer(model, model_dir, folder / TOKENIZER_FILE)
+    meta: dict[str, Any] = {
+        "format": ENCODER_FORMAT,
+        "embedder_id": embedder_id,
+        "inputs": names,
+        "output": "sentence_embedding",
+        "max_seq_length": int(model.max_seq_length or 512),
+        "do_lower_case": bool(getattr(model[0], "do_lower_case", False)),
+        "dim": st_dimension(model),
+        "pad_id": _pad_id(model),
+        "onnx_bytes": (folder / ONNX_FILE).stat().st_size,
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    max_abs, min_cosine = _verify(model, OnnxTextEncoder(folder), names)
+    meta["verified"] = {"probes": len(PROBE_TEXTS), "max_abs_diff": max_abs, "min_cosine": min_cosine}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return max_abs, min_cosine
+
+
+def _trace_to_onnx(model: Any, names: list[str], path: Path) -> None:
+    """The whole sentence-transformers pipeline (transformer, pooling, any Dense and Normalize modules,
+    as its modules.json lists them) as one ONNX graph with dynamic batch and token axes."""
+    import torch
 
     class _Pipeline(torch.nn.Module):
         def __init__(self) -> None:
@@ -140,68 +248,41 @@ def export_fast_path(model: Any, model_dir: Path, dest: Path, embedder_id: str) 
             features["modality"] = "text"
             return self.st(features)["sentence_embedding"]  # (B, d)
 
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # ".NAME.PID.XXXXXXXX": the label cache removes it after a kill once PID has ended (see cache.remove_debris)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", dir=dest.parent))
-    try:
-        max_len = int(model.max_seq_length or 512)
-        do_lower = bool(getattr(model[0], "do_lower_case", False))
-        example = model.preprocess(["a photo of a cat"])
-        args = tuple(example[name] for name in names)
-        pipeline = _Pipeline().eval()
-        axes = {name: {0: "batch", 1: "tokens"} for name in names}
-        axes["sentence_embedding"] = {0: "batch"}
-        with torch.no_grad(), warnings.catch_warnings():
-            # The tracer warns about shape checks that are constant for an encoder; the export
-            # is verified against sentence-transformers below instead.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                pipeline,
-                args,
-                str(staging / ONNX_FILE),
-                input_names=names,
-                output_names=["sentence_embedding"],
-                dynamic_axes=axes,
-                opset_version=17,
-                dynamo=False,
-            )
-        _save_tokenizer(model, model_dir, staging / TOKENIZER_FILE)
-        meta = {
-            "format": FAST_PATH_FORMAT,
-            "embedder_id": embedder_id,
-            "inputs": names,
-            "output": "sentence_embedding",
-            "max_seq_length": max_len,
-            "do_lower_case": do_lower,
-            "dim": st_dimension(model),
-            "pad_id": _pad_id(model),
-            "onnx_bytes": (staging / ONNX_FILE).stat().st_size,
-        }
-        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _verify(model, OnnxTextEncoder(staging), names)
-        os.chmod(staging, 0o755)
-        try:
-            os.replace(staging, dest)
-        except OSError:
-            # Another process finished the same export first; theirs is equally good.
-            if not (dest / META_FILE).is_file():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return dest
+    example = model.preprocess(["a photo of a cat"])
+    axes = {name: {0: "batch", 1: "tokens"} for name in names}
+    axes["sentence_embedding"] = {0: "batch"}
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about shape checks that are constant for an encoder; the export is
+        # verified against sentence-transformers instead.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _Pipeline().eval(),
+            tuple(example[name] for name in names),
+            str(path),
+            input_names=names,
+            output_names=["sentence_embedding"],
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
 
 
-def _verify(model: Any, encoder: Any, names: list[str]) -> None:
-    """Refuse an export whose token ids or vectors differ from sentence-transformers'."""
+def _verify(model: Any, encoder: OnnxTextEncoder, names: list[str]) -> tuple[float, float]:
+    """Refuse an export whose token ids or vectors differ from sentence-transformers'; returns
+    (max abs diff, min cosine) over ``PROBE_TEXTS``."""
     reference = model.preprocess(list(PROBE_TEXTS))
     ours = encoder.tokenize(list(PROBE_TEXTS))
     for name in names:
         theirs = reference[name].numpy()
         if ours[name].shape != theirs.shape or not np.array_equal(ours[name], theirs):
             raise RuntimeError(f"tokenizer.json gives other {name} than sentence-transformers")
-    cosine = np.sum(encoder.embed(list(PROBE_TEXTS)) * st_embed(model, PROBE_TEXTS), axis=1)
-    if float(cosine.min()) < MIN_EXPORT_COSINE:
-        raise RuntimeError(f"ONNX vectors differ from sentence-transformers (min cosine {cosine.min():.6f})")
+    onnx = encoder.embed(list(PROBE_TEXTS))
+    torch_vectors = st_embed(model, PROBE_TEXTS)
+    max_abs = float(np.abs(onnx - torch_vectors).max())
+    min_cosine = float(np.sum(onnx * torch_vectors, axis=1).min())
+    if not max_abs <= MAX_ABS_DIFF:  # also refuses NaN
+        raise RuntimeError(
+            f"the ONNX vectors differ from sentence-transformers by up to {max_abs:.2e} "
+            f"(allowed {MAX_ABS_DIFF:.0e}; min cosine {min_cosine:.6f})"
+        )
+    return max_abs, min_cosine
