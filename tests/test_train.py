@@ -343,3 +343,35 @@ def test_compiled_training_step(tmp_path: Path) -> None:
     assert np.isfinite(recorder.losses).all()
     checkpoint = load_checkpoint(result.run_dir / "last.pt")
     assert not any(key.startswith("_orig_mod") for key in checkpoint["model"])
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 10, 12, 30, 200])
+@pytest.mark.parametrize("warmup", [0.0, 0.01, 0.1, 0.25, 0.5, 0.9])
+def test_one_cycle_gives_torchs_onecycle_values(total_steps: int, warmup: float) -> None:
+    """The explicit schedule equals torch's OneCycleLR (its defaults; earlier versions trained with it) exactly:
+    learning rate and Adam beta1 at every step, so results and checkpoints of those versions stay the same."""
+    from sdltag.nn.train import one_cycle
+
+    pct_start = warmup
+    if abs(warmup * total_steps - 1) < 1e-6 and total_steps > 1:
+        pct_start = 1.5 / total_steps  # the peak half a step later: OneCycleLR divides 0 by 0 at step 0 otherwise
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=3e-3, total_steps=total_steps, pct_start=pct_start
+    )
+    for step in range(total_steps):
+        group = optimizer.param_groups[0]
+        assert one_cycle(step, total_steps, 3e-3, warmup) == (group["lr"], group["betas"][0]), step
+        optimizer.step()
+        scheduler.step()
+
+
+def test_one_cycle_warms_up_then_decays() -> None:
+    from sdltag.nn.train import one_cycle
+
+    lrs = [one_cycle(step, 100, 1e-3, 0.1)[0] for step in range(100)]
+    assert lrs[0] == pytest.approx(1e-3 / 25)
+    assert max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 9  # the peak at step 0.1 * 100 - 1
+    assert (np.diff(lrs[:10]) > 0).all() and (np.diff(lrs[9:]) < 0).all()
+    assert lrs[-1] == pytest.approx(1e-3 / 25 / 1e4)
+    assert one_cycle(0, 4, 1e-3, 0.25)[0] == pytest.approx(1e-3 / 25)  # one warm-up step: no division by zero

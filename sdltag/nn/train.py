@@ -1,25 +1,36 @@
 """The SDL training loop behind `sdltag train`: data -> model -> checkpoints -> model folder.
 
-One readable loop (nanoGPT style): per-batch OneCycle schedule, Adam with plain L2 weight
-decay on weights only (the official recipe; ``optimizer="adamw"`` for decoupled decay),
-gradient clipping, mixed precision on CUDA, ``@torch.no_grad`` validation after each
-epoch, the best epoch by GZSL F1@3 kept. Checkpoints (``sdltag.nn.checkpoint`` format
-plus optimizer, scheduler, epoch, step and RNG state) live in a run folder beside the
-model folder, ``<out>.train/``: ``last.pt`` after every epoch (and on Ctrl-C, mid-epoch),
-``best.pt`` for the best epoch. Resuming rebuilds the same batches (each epoch's order
-is drawn from the seed and the epoch number) and restores every RNG, so an interrupted
-and resumed run ends with the same weights as an uninterrupted one.
+Read ``_train`` first: the epoch loop, one screen. Around it, top to bottom:
 
-At the end the best weights are calibrated on the validation set (Platt scaling, ECE
-reported) and exported as a model folder with a model card; ``checkpoint.pt`` (weights
-only) is written into the model folder so ``--init`` and ``sdltag export`` can reuse it.
+- ``train_epoch`` / ``train_step``: one optimizer step is augment -> forward -> SDL loss -> clipped
+  update, Adam with plain L2 weight decay on weights only (the official recipe; ``optimizer="adamw"``
+  for decoupled decay) at the learning rate of ``one_cycle`` (warm-up, then cosine decay), mixed
+  precision on CUDA. A frozen backbone (``--freeze-backbone``) runs the head alone on cached
+  features (``_frozen_vectors``); everything else runs the whole model on pixels (``_image_vectors``).
+- ``validate``: ``@torch.no_grad`` GZSL/ZSL metrics after each epoch; the best epoch by GZSL F1@3 is kept.
+- ``RunState``: what changes while training (weights, optimizer, RNG, counters, history). It saves
+  itself as a checkpoint and restores itself from one. Checkpoints (``sdltag.nn.checkpoint`` format)
+  live in a run folder beside the model folder, ``<out>.train/``: ``last.pt`` after every epoch (and
+  on Ctrl-C, mid-epoch), ``best.pt`` for the best epoch. Resuming rebuilds the same batches (each
+  epoch's order is drawn from the seed and the epoch number; the learning rate is a function of the
+  step) and restores every RNG, so an interrupted and resumed run ends with the same weights as an
+  uninterrupted one.
+- ``setup``: settings (or the resumed run's), data, label vectors, images, model, optimizer.
+- ``calibrate_and_export``: the best weights are calibrated on the validation set (Platt scaling,
+  ECE reported) and exported as a model folder with a model card; ``checkpoint.pt`` (weights only)
+  is written into the model folder so ``--init`` and ``sdltag export`` can reuse it.
+
+Under torchrun every process runs the same loop on its share of each global batch
+(``sdltag.nn.distributed``); rank 0 alone reports, writes checkpoints and exports.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
+import math
 import signal
 import threading
 import time
@@ -222,6 +233,717 @@ class PreparedData:
     fingerprint: str
 
 
+# ---- the run: settings -> setup -> epochs -> calibrated model folder
+
+
+def train(
+    config: TrainConfig,
+    options: RuntimeOptions | None = None,
+    *,
+    embedder: Embedder | None = None,
+    reporter: TrainProgress | None = None,
+) -> TrainResult:
+    """Train an SDL model as ``config`` says and export it to ``config.out``; see the module docstring.
+
+    Launched by torchrun (``WORLD_SIZE`` > 1), every process runs this: data-parallel training
+    (``sdltag.nn.distributed``); rank 0 alone reports progress and writes checkpoints and the model
+    folder, the others return a result without a model folder.
+    """
+    options = options or RuntimeOptions()
+    reporter = reporter or TrainReporter()
+    context = distributed.setup(options.device, options.dist_backend, options.dist_timeout)
+    if context is not None and not context.is_main:
+        reporter = TrainReporter()  # rank 0 alone reports
+    try:
+        return _train(config, options, embedder, reporter, context or distributed.DistContext())
+    except Exception as exc:
+        if context is None or not distributed.is_collective_failure(exc):
+            raise
+        # A process failed outside the training steps (before the first, or while features were shared out).
+        raise SdltagError(distributed.failure_message(context, exc, None), exit_code=distributed.FAILED_EXIT) from None
+    finally:
+        distributed.teardown(context)
+
+
+def _train(
+    config: TrainConfig,
+    options: RuntimeOptions,
+    embedder: Embedder | None,
+    reporter: TrainProgress,
+    ctx: distributed.DistContext,
+) -> TrainResult:
+    """The epoch loop: train, validate, checkpoint; Ctrl-C and a failed process leave a resumable ``last.pt``."""
+    run, state = setup(config, options, embedder, reporter, ctx)
+    last, best = run.run_dir / LAST, run.run_dir / BEST
+    reporter.start(run.total_steps, state.step, run.steps_per_epoch)
+    try:
+        with _SigintFlag() as sigint, distributed.stop_on_sigterm(sigint if ctx.enabled else None):
+            while state.epoch < run.config.epochs:
+                train_epoch(run, state, reporter, sigint)
+                metrics = validate(run, state.model)
+                train_loss, is_best = state.end_epoch(metrics)
+                state.save(last, ctx, full=True)
+                if is_best:
+                    state.save(best, ctx, full=False)
+                reporter.epoch_end(state.epoch, train_loss, metrics, is_best)
+                if distributed.any_true(ctx, sigint.raised) if ctx.enabled else sigint.raised:
+                    raise KeyboardInterrupt
+    except _HardStop:
+        reporter.finish()
+        raise
+    except KeyboardInterrupt:
+        state.save(last, ctx, full=True)  # raised between steps: the state is consistent
+        reporter.finish()
+        raise TrainingInterrupted(last) from None
+    except Exception as exc:
+        if not (ctx.enabled and distributed.is_collective_failure(exc)):
+            raise
+        # Another process died or stopped answering. A collective fails before the optimizer update, so
+        # the weights and optimizer are those of the last complete step; rank 0 saves them with that
+        # step's RNG state (the other processes' generators are re-seeded on resume).
+        state.save(last, ctx, full=True, rng=state.step_rng or _rng_state(state.generator))
+        reporter.finish()
+        written = str(last) if ctx.is_main else None
+        raise SdltagError(distributed.failure_message(ctx, exc, written), exit_code=distributed.FAILED_EXIT) from None
+    reporter.finish()
+    if ctx.enabled:
+        distributed.revert_batchnorm(state.model)
+    if not ctx.is_main:  # rank 0 calibrates and exports
+        return TrainResult(
+            None, run.run_dir, int(state.best["epoch"]), {}, CalibrationReport(None, None, 0, 0), state.history
+        )
+    return calibrate_and_export(run, state.model, state.history)
+
+
+def train_epoch(run: RunSetup, state: RunState, reporter: TrainProgress, sigint: _SigintFlag) -> None:
+    """The current epoch's steps (those left of it after a resume mid-epoch)."""
+    state.model.train()
+    if run.frozen:
+        state.model.backbone.eval()  # frozen: batch-norm statistics stay the pretrained ones
+    batches = _epoch_batches(len(run.usable), run.batch_size, run.config.seed, state.epoch)
+    batches = [run.usable[b].tolist() for b in batches]
+    if run.ctx.enabled:  # this process's contiguous share of each global batch
+        batches = [distributed.shard(b, run.ctx.rank, run.ctx.world_size) for b in batches]
+    tick = time.perf_counter()
+    for indices, inputs in run.train_store.iter_batches(batches[state.step_in_epoch :]):
+        images, loss, lr = train_step(run, state, indices, inputs, sigint)
+        state.step += 1
+        state.step_in_epoch += 1
+        state.step_rng = None  # the step is complete: the current state is consistent
+        now = time.perf_counter()
+        rate, tick = images / max(now - tick, 1e-9), now
+        reporter.step(state.step, state.epoch, loss, lr, rate)
+        if sigint.raised and not run.ctx.enabled:  # under torchrun the processes agree at the next step
+            raise KeyboardInterrupt
+
+
+def train_step(
+    run: RunSetup, state: RunState, indices: torch.Tensor, inputs: torch.Tensor, sigint: _SigintFlag
+) -> tuple[int, float, float]:
+    """One optimizer step on a batch -> (images in the global batch, its loss, the learning rate).
+
+    ``inputs`` are uint8 pixels (B, 3, H, W), or with a frozen backbone pooled features (B, V, C). A
+    batch that undecodable images left with fewer than 2 images is skipped (loss NaN); it still counts
+    as a step, so the schedule and the batches stay in step.
+    """
+    lr, beta1 = one_cycle(state.step, run.total_steps, run.config.lr, run.config.warmup)
+    for group in state.optimizer.param_groups:
+        group["lr"], group["betas"] = lr, (beta1, *group["betas"][1:])
+    count, weight = len(indices), 1.0
+    targets = run.train_targets[indices.to(run.device)]  # (B, Ls)
+    if run.ctx.enabled:
+        count, weight, indices, inputs, targets = _global_batch_share(run, state, indices, inputs, targets, sigint)
+    if count < 2:
+        return count, float("nan"), lr
+    if run.frozen:
+        vectors = _frozen_vectors(run, state, indices, inputs)
+    else:
+        vectors = _image_vectors(run, state, inputs)
+    return count, _update(run, state, vectors, targets, weight), lr
+
+
+def _frozen_vectors(run: RunSetup, state: RunState, indices: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Frozen backbone: the head alone, on one of each image's cached feature views drawn at random -> (B, M, d)."""
+    device = run.device
+    views = torch.randint(features.shape[1], (len(indices),), generator=state.generator, device=device)
+    pooled = features.to(device)[torch.arange(len(indices), device=device), views]  # (B, C)
+    return run.head_model(pooled[:, :, None, None])  # (B, M, d)
+
+
+def _image_vectors(run: RunSetup, state: RunState, pixels: torch.Tensor) -> torch.Tensor:
+    """The whole model on augmented, normalised pixels -> (B, M, d)."""
+    size = (run.spec.height, run.spec.width)
+    x = augment_batch(pixels.to(run.device, non_blocking=True), size, run.augment, state.generator)
+    x = normalise(x, run.spec)  # (B, 3, H, W)
+    if run.options.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.device.type == "cuda"):
+        return run.step_model(x)  # (B, M, d)
+
+
+def _update(run: RunSetup, state: RunState, vectors: torch.Tensor, targets: torch.Tensor, weight: float) -> float:
+    """SDL loss, backward, clipped optimizer update -> the (global) batch's loss."""
+    config, ctx, optimizer, scaler = run.config, run.ctx, state.optimizer, state.scaler
+    parts = sdl_loss(vectors.float(), run.seen_vectors, targets, lam=config.lam, use_sigma=config.sigma)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(parts.total * weight if ctx.enabled else parts.total).backward()
+    loss = float(parts.total.detach())
+    if ctx.enabled:  # the global batch's loss; the step's last collective, before the update
+        loss = distributed.mean_loss(ctx, loss * weight)
+    if config.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    state.loss_sum, state.loss_count = state.loss_sum + loss, state.loss_count + 1
+    return loss
+
+
+def _global_batch_share(
+    run: RunSetup,
+    state: RunState,
+    indices: torch.Tensor,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    sigint: _SigintFlag,
+) -> tuple[int, float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Under torchrun: agree on the step with the other processes -> (global batch size, this share's loss
+    weight, and the share: indices, inputs, targets, a weight-0 stand-in when undecodable images emptied it)."""
+    ctx = run.ctx
+    state.step_rng = _rng_state(state.generator)
+    labelled = int((targets.sum(dim=1) > 0).sum())
+    count, kept, stop = distributed.sync_step(ctx, len(indices), labelled, sigint.raised)
+    if stop:  # every process stops before this step, so the saved state is consistent
+        raise KeyboardInterrupt
+    # DDP averages the gradients: weight each share by its labelled images so the average is the
+    # gradient of the global batch's mean loss.
+    weight = ctx.world_size * labelled / max(kept, 1)
+    if len(indices) == 0 and count >= 2:  # a stand-in image keeps this process in the collectives
+        inputs = torch.zeros((1, *inputs.shape[1:]), dtype=inputs.dtype)
+        targets = torch.zeros_like(run.train_targets[:1])
+        indices = torch.zeros(1, dtype=torch.long)
+    return count, weight, indices, inputs, targets
+
+
+def one_cycle(step: int, total_steps: int, peak_lr: float, warmup: float) -> tuple[float, float]:
+    """Learning rate and Adam beta1 of optimizer step ``step`` (from 0) of ``total_steps``.
+
+    Warm-up along half a cosine from peak/25 to the peak at step ``warmup * total_steps - 1`` (it may be
+    fractional, or negative: no warm-up step), then down to peak/250,000 at the last step; beta1 moves
+    0.95 -> 0.85 -> 0.95 against it. These are the values of torch's ``OneCycleLR`` with its defaults,
+    which earlier versions used, so their runs resume unchanged.
+    """
+    low = peak_lr / 25.0
+    peak_step = float(warmup * total_steps) - 1
+    if abs(peak_step) < 1e-6 and total_steps > 1:  # a peak at step 0 would divide 0 by 0: half a step later
+        peak_step = 1.5 / total_steps * total_steps - 1
+    if step <= peak_step:
+        pct = step / peak_step
+        return _cosine(low, peak_lr, pct), _cosine(0.95, 0.85, pct)
+    pct = (step - peak_step) / (total_steps - 1 - peak_step)
+    return _cosine(peak_lr, low / 1e4, pct), _cosine(0.85, 0.95, pct)
+
+
+def _cosine(start: float, end: float, pct: float) -> float:
+    """From ``start`` (pct 0) to ``end`` (pct 1) along half a cosine."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+# ---- validation
+
+
+def validate(run: RunSetup, model: SDLModel) -> dict[str, Any] | None:
+    """GZSL (and with unseen labels ZSL) metrics on the validation images; None without a validation set."""
+    if not run.data.val_items:
+        return None
+    from sdltag.metrics import zsl_gzsl_metrics
+
+    scores, targets = validation_scores(
+        model, run.val_store, run.val_targets, run.all_vectors, run.spec, run.device, run.options.channels_last
+    )
+    return _metrics_json(zsl_gzsl_metrics(scores, targets, run.unseen_mask))
+
+
+@torch.no_grad()
+def principal_vectors(
+    model: SDLModel,
+    store: ImageStore | FeatureStore,
+    spec: InputSpec,
+    device: torch.device,
+    channels_last: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run every decodable image of ``store`` without augmentation -> (indices, (N, M, d) float32).
+
+    A ``FeatureStore`` (frozen backbone) holds pooled features: only the head runs, on view 0.
+    """
+    model.eval()
+    if isinstance(store, FeatureStore):
+        indices = torch.nonzero(store.ok).flatten()
+        pooled = store.features[indices, 0].to(device)  # (N, C)
+        vectors = model.head(pooled[:, :, None, None]).float().cpu().numpy()
+        return indices.numpy(), vectors
+    batches = [list(range(i, min(i + VAL_BATCH, len(store.paths)))) for i in range(0, len(store.paths), VAL_BATCH)]
+    out_idx, out_vec = [], []
+    for indices, pixels in store.iter_batches(batches):
+        if len(indices) == 0:
+            continue
+        x = normalise(pixels.to(device).float().div_(255.0), spec)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            vectors = model(x)  # (B, M, d)
+        out_idx.append(indices.numpy())
+        out_vec.append(vectors.float().cpu().numpy())
+    if not out_idx:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, model.config.rows, model.config.dim), dtype=np.float32)
+    return np.concatenate(out_idx), np.concatenate(out_vec)
+
+
+def validation_scores(
+    model: SDLModel,
+    store: ImageStore | FeatureStore,
+    targets: np.ndarray,
+    vectors: torch.Tensor,
+    spec: InputSpec,
+    device: torch.device,
+    channels_last: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, L) raw scores and the matching (N, L) targets of the decodable validation images."""
+    indices, pv = principal_vectors(model, store, spec, device, channels_last)
+    scores = sdl_scores(torch.from_numpy(pv), vectors.cpu()).numpy()  # (N, L)
+    return scores, targets[indices]
+
+
+def _metrics_json(results: dict[str, Any]) -> dict[str, Any]:
+    return {name: value.to_json() for name, value in results.items()}
+
+
+# ---- the run's parts: fixed (RunSetup) and changing (RunState, saved in checkpoints)
+
+
+@dataclass
+class RunSetup:
+    """What stays fixed during a run, built once by ``setup``."""
+
+    config: TrainConfig
+    options: RuntimeOptions
+    ctx: distributed.DistContext
+    device: torch.device
+    run_dir: Path
+    data: PreparedData
+    spec: InputSpec
+    embedder: EmbedderSpec
+    all_vectors: torch.Tensor  # (L, d) label vectors, seen then unseen, unit length, on the CPU
+    train_store: ImageStore | FeatureStore  # pixels, or with a frozen backbone its pooled features
+    val_store: ImageStore | FeatureStore
+    usable: torch.Tensor  # (N_ok,) indices of the decodable training images
+    # The training forward passes: the model and its head, DDP-wrapped under torchrun, compiled with
+    # --compile. They share their parameters with the model; checkpoints and validation use the model.
+    step_model: Callable[..., Any]
+    head_model: Callable[..., Any]
+
+    @property
+    def frozen(self) -> bool:
+        return self.config.freeze_backbone
+
+    @property
+    def batch_size(self) -> int:
+        return min(self.config.batch_size, len(self.usable))
+
+    @functools.cached_property
+    def steps_per_epoch(self) -> int:
+        return len(_epoch_batches(len(self.usable), self.batch_size, self.config.seed, 0))
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+    @functools.cached_property
+    def seen_vectors(self) -> torch.Tensor:
+        return self.all_vectors[: len(self.data.seen_labels)].to(self.device)  # (Ls, d)
+
+    @functools.cached_property
+    def unseen_mask(self) -> np.ndarray:
+        return np.array([False] * len(self.data.seen_labels) + [True] * len(self.data.unseen_labels))  # (L,)
+
+    @functools.cached_property
+    def train_targets(self) -> torch.Tensor:
+        return torch.from_numpy(_targets(self.data.train_items, self.data.seen_labels)).to(self.device)  # (N, Ls)
+
+    @functools.cached_property
+    def val_targets(self) -> np.ndarray:
+        return _targets(self.data.val_items, self.data.seen_labels + self.data.unseen_labels)  # (N_val, L)
+
+    @functools.cached_property
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig.from_dict(self.config.augment)
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        """CUDA autocast: bfloat16 on several GPUs, which needs no loss scaling; float16 with a scaler on one."""
+        return torch.bfloat16 if self.ctx.enabled else torch.float16
+
+
+@dataclass
+class RunState:
+    """What changes while training; saves itself as a checkpoint and restores itself from one."""
+
+    model: SDLModel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # this process's augmentation draws
+    header: dict[str, Any]  # the run's description, in every checkpoint: settings, input, labels and their vectors
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed over the whole run
+    step_in_epoch: int = 0
+    loss_sum: float = 0.0  # the current epoch's running loss (saved, so a resumed epoch reports it whole)
+    loss_count: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"f1": -1.0, "epoch": -1})
+    history: list[dict[str, Any]] = field(default_factory=list)
+    step_rng: dict[str, Any] | None = None  # under torchrun: the RNG state at the start of the step in progress
+
+    def end_epoch(self, metrics: dict[str, Any] | None) -> tuple[float, bool]:
+        """Record the finished epoch -> (its mean training loss, whether it is the best so far)."""
+        is_best = metrics is None or metrics["gzsl"]["f1"]["3"] > self.best["f1"]
+        train_loss = self.loss_sum / max(self.loss_count, 1)
+        self.history.append({"epoch": self.epoch + 1, "train_loss": round(train_loss, 6), "metrics": metrics})
+        if is_best:
+            self.best = {"f1": metrics["gzsl"]["f1"]["3"] if metrics else 0.0, "epoch": self.epoch + 1}
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.loss_sum, self.loss_count = 0.0, 0
+        return train_loss, is_best
+
+    def save(self, path: Path, ctx: distributed.DistContext, *, full: bool, rng: dict[str, Any] | None = None) -> None:
+        """Write a checkpoint (rank 0 alone writes): weights and counters; ``full`` adds what an exact resume
+        needs (optimizer, loss scaler, every RNG; ``rng`` instead of the current RNG state)."""
+        payload = {
+            **self.header,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "epoch": self.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "best": self.best,
+            "history": self.history,
+            "epoch_loss": (self.loss_sum, self.loss_count),
+            "world_size": ctx.world_size,
+        }
+        if full:
+            if rng is None:
+                rng = _rng_state(self.generator)
+                if ctx.enabled:  # every process's augmentation generator, so the same world size resumes exactly
+                    rng["ranks"] = distributed.gather_states(ctx, self.generator.get_state())
+            payload.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=rng)
+        if ctx.is_main:
+            save_checkpoint(path, payload)
+
+    def restore(self, saved: dict[str, Any], ctx: distributed.DistContext, seed: int) -> None:
+        """Continue from a full checkpoint (``last.pt``); its learning rate follows from its step."""
+        self.model.load_state_dict(saved["model"], strict=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("scaler"):  # a bf16 (several GPUs) run saved an empty scaler state
+            self.scaler.load_state_dict(saved["scaler"])
+        self.epoch, self.step, self.step_in_epoch = int(saved["epoch"]), int(saved["step"]), int(saved["step_in_epoch"])
+        _restore_rng(self.generator, saved["rng"], ctx, seed, self.step)
+        loss_sum, loss_count = saved.get("epoch_loss", (0.0, 0))
+        self.loss_sum, self.loss_count = float(loss_sum), int(float(loss_count))
+        self.best = dict(saved.get("best", self.best))
+        self.history = list(saved.get("history", []))
+
+
+# ---- setup: everything before the first step
+
+
+def setup(
+    config: TrainConfig,
+    options: RuntimeOptions,
+    embedder: Embedder | None,
+    reporter: TrainProgress,
+    ctx: distributed.DistContext,
+) -> tuple[RunSetup, RunState]:
+    """Settings (a resumed run's own), data, label vectors, images, model and optimizer; bad input refused first."""
+    config, resumed, run_dir = _settings(config, options, reporter, ctx)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    device = ctx.device if ctx.enabled else resolve_device(options.device)
+    # Refuse an unknown backbone or missing/damaged pretrained weights before reading any image.
+    pretrained = _pretrained_weights(config) if resumed is None and not config.init else None
+    torch.manual_seed(config.seed)
+    if embedder is None:
+        from sdltag.embedding import get_text_embedder
+
+        embedder = get_text_embedder(config.embedder)
+    data = prepare_data(config, reporter.warn)
+    if resumed is not None and resumed.get("data_fingerprint") != data.fingerprint:
+        raise SdltagError(
+            f"{config.data}: the images or labels changed since the run started, so it cannot resume exactly. "
+            "Restore the folder, or start a new run."
+        )
+    init = _load_init(config.init) if config.init else None
+    model_config, spec = _architecture(config, embedder.spec, init, resumed, reporter)
+    all_vectors = _label_vectors(embedder, data, model_config.dim)  # (L, d)
+    train_images, val_images = _image_stores(config, options, data, spec, reporter)
+    usable = _decodable(train_images, config)  # (N_ok,)
+    model, weights_record = _build_model(config, model_config, init, resumed, pretrained, reporter)
+    train_store: ImageStore | FeatureStore = train_images
+    val_store: ImageStore | FeatureStore = val_images
+    if config.freeze_backbone:
+        if resumed is not None:  # the features are those of the run's backbone
+            model.load_state_dict(resumed["model"], strict=True)
+        model.backbone.requires_grad_(False)
+        train_store, val_store, usable = _feature_stores(
+            config, model, spec, train_images, val_images, run_dir, device, options, reporter, ctx
+        )
+    model.to(device)
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit memory_format
+    run = RunSetup(
+        config,
+        options,
+        ctx,
+        device,
+        run_dir,
+        data,
+        spec,
+        embedder.spec,
+        all_vectors,
+        train_store,
+        val_store,
+        usable,
+        step_model=model,  # replaced below by the DDP-wrapped or compiled forward passes
+        head_model=model.head,
+    )
+    state = _initial_state(run, model, _checkpoint_header(run, model_config, weights_record))
+    if resumed is not None:
+        state.restore(resumed, ctx, config.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run.step_model, run.head_model = _training_forwards(model, ctx, config.freeze_backbone, options.compile)
+    return run, state
+
+
+def _settings(
+    config: TrainConfig, options: RuntimeOptions, reporter: TrainProgress, ctx: distributed.DistContext
+) -> tuple[TrainConfig, dict[str, Any] | None, Path]:
+    """-> (the run's settings, the checkpoint it resumes or None, the run folder); impossible settings refused."""
+    check_output_folder(config.out)  # a folder that is not ours is refused now, not after every epoch
+    run_dir = run_dir_for(config.out, options.run_dir)
+    last = run_dir / LAST
+    resumed: dict[str, Any] | None = None
+    if options.resume:
+        if not last.is_file():
+            raise SdltagError(f"{last}: nothing to resume (no checkpoint). Start the run without --resume.")
+        resumed = load_checkpoint(last)
+        config = TrainConfig.from_dict(resumed["train_config"])
+        reporter.message(
+            f"resuming {last} at epoch {resumed['epoch'] + 1}, step {resumed['step']} with the "
+            "run's saved settings (training options given now are ignored)"
+        )
+    elif last.exists():
+        raise SdltagError(
+            f"{run_dir}: holds an earlier run's checkpoints. Pass --resume to continue it, or delete the folder "
+            "(or choose another --out) to start afresh."
+        )
+    config.validate()
+    resumed_world = int(resumed.get("world_size", 1)) if resumed is not None else None
+    if ctx.enabled:
+        distributed.check_batch(ctx, config.batch_size, resumed_world if resumed_world != ctx.world_size else None)
+    if resumed_world is not None and resumed_world != ctx.world_size:
+        reporter.message(
+            f"the run was started with {resumed_world} process(es) and goes on with {ctx.world_size}: the global "
+            "batches, weights and optimizer state are the same; each process's share of the batches and the "
+            "augmentation draws of the processes after the first are new"
+        )
+    return config, resumed, run_dir
+
+
+def _pretrained_weights(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A fresh run's ImageNet start: (the backbone's verified weights, their provenance record), or None."""
+    if config.backbone not in available_backbones():
+        raise SdltagError(
+            f"--backbone {config.backbone}: unknown backbone; choose one of: {', '.join(available_backbones())}."
+        )
+    source = pretrained_source(config.backbone)
+    if config.pretrained and source is not None:
+        return source.read_weights(config.backbone), source.weights_provenance(config.backbone)
+    if config.freeze_backbone:
+        reason = "has no pretrained weights" if source is None else "is not pretrained (--no-pretrained)"
+        raise SdltagError(
+            f"--freeze-backbone: {config.backbone} {reason}, and a frozen untrained backbone learns nothing. "
+            "Use a pretrained backbone (--backbone efficientnet_lite0) or --init a trained model."
+        )
+    return None
+
+
+def _architecture(
+    config: TrainConfig,
+    embedder: EmbedderSpec,
+    init: dict[str, Any] | None,
+    resumed: dict[str, Any] | None,
+    reporter: TrainProgress,
+) -> tuple[ModelConfig, InputSpec]:
+    """The model's architecture and input: the resumed run's, --init's (fine-tuning), or from the settings."""
+    if init is not None:
+        init_embedder = EmbedderSpec.from_json(init["embedder"])
+        if init_embedder.id != embedder.id:
+            raise SdltagError(
+                f"{config.init}: trained with the embedder {init_embedder.id}, this run uses {embedder.id}. "
+                f"Fine-tuning needs the same embedder: pass --embedder {init_embedder.name}."
+            )
+    if resumed is not None:
+        return ModelConfig.from_dict(resumed["model_config"]), InputSpec.from_json(resumed["input"])
+    if init is not None:
+        model_config = ModelConfig.from_dict(init["model_config"])
+        spec = InputSpec.from_json(init["input"])
+        reporter.message(
+            f"fine-tuning {config.init}: {model_config.backbone}, M={model_config.rows}, "
+            f"{spec.height}x{spec.width} (architecture and input size come from --init)"
+        )
+        return model_config, spec
+    backbone_config = {"width": config.width} if config.width else {}
+    model_config = ModelConfig(config.backbone, backbone_config, rows=config.rows, dim=embedder.dim)
+    source = pretrained_source(config.backbone)
+    if source is not None:  # the input the backbone's weights were trained on (size, resize rule, mean/std)
+        spec = source.input_spec(config.backbone)
+        if config.image_size:
+            spec = dataclasses.replace(spec, height=config.image_size, width=config.image_size)
+    else:
+        size = config.image_size or DEFAULT_IMAGE_SIZE.get(config.backbone, FALLBACK_IMAGE_SIZE)
+        spec = InputSpec(size, size, resize="squash", mean=DEFAULT_MEAN, std=DEFAULT_STD)
+    return model_config, spec
+
+
+def _label_vectors(embedder: Embedder, data: PreparedData, dim: int) -> torch.Tensor:
+    """(L, d) unit-length vectors of the seen labels, then the unseen ones."""
+    texts = data.seen_labels + data.unseen_texts
+    vectors = l2_normalize(embedder.embed(texts))
+    if vectors.shape != (len(texts), dim):
+        raise SdltagError(
+            f"the embedder returned vectors of shape {vectors.shape}, expected ({len(texts)}, {dim}). Check --embedder."
+        )
+    return torch.from_numpy(vectors)
+
+
+def _image_stores(
+    config: TrainConfig, options: RuntimeOptions, data: PreparedData, spec: InputSpec, reporter: TrainProgress
+) -> tuple[ImageStore, ImageStore]:
+    """The training and validation images, decoded once into RAM when they fit --cache-mb."""
+    budget = options.cache_mb * 2**20
+    train_bytes = cache_bytes(len(data.train_items), spec)
+    val_bytes = cache_bytes(len(data.val_items), spec)
+    reporter.message(
+        f"{len(data.train_items)} training and {len(data.val_items)} validation images, "
+        f"{len(data.seen_labels)} seen and {len(data.unseen_labels)} unseen labels, {spec.height}x{spec.width}"
+    )
+    if config.freeze_backbone:  # images are decoded once, by the feature pass, and not kept
+        budget = -1
+    elif train_bytes <= budget:
+        reporter.message(f"decoding the images into RAM ({(train_bytes + val_bytes) / 2**20:.0f} MB) ...")
+    else:
+        reporter.message(
+            f"images need {train_bytes / 2**20:.0f} MB > --cache-mb {options.cache_mb}: decoding each epoch"
+        )
+    train_images = ImageStore(
+        [i.path for i in data.train_items],
+        spec,
+        cache=train_bytes <= budget,
+        workers=options.workers,
+        warn=reporter.warn,
+    )
+    val_images = ImageStore(
+        [i.path for i in data.val_items],
+        spec,
+        cache=train_bytes + val_bytes <= budget,
+        workers=options.workers,
+        warn=reporter.warn,
+    )
+    return train_images, val_images
+
+
+def _decodable(store: ImageStore, config: TrainConfig) -> torch.Tensor:
+    """(N_ok,) indices of the training images that decoded (all of them until tried, when not cached)."""
+    usable = torch.nonzero(store.ok).flatten()
+    if len(usable) < 2:
+        raise SdltagError(f"{config.data}: fewer than 2 training images could be decoded. Check the files.")
+    return usable
+
+
+def _build_model(
+    config: TrainConfig,
+    model_config: ModelConfig,
+    init: dict[str, Any] | None,
+    resumed: dict[str, Any] | None,
+    pretrained: tuple[dict[str, Any], dict[str, Any]] | None,
+    reporter: TrainProgress,
+) -> tuple[SDLModel, dict[str, Any] | None]:
+    """The model with its starting weights (--init's, ImageNet's, or random from the seed) -> (model, the
+    provenance record of its backbone's weights, or None)."""
+    torch.manual_seed(config.seed)  # here, not earlier: building the image stores draws from the global RNG
+    model = SDLModel(model_config)
+    record: dict[str, Any] | None = None
+    if init is not None and resumed is None:
+        model.load_state_dict(init["model"], strict=True)
+    if pretrained is not None:
+        weights, record = pretrained
+        pretrained_source(config.backbone).load_state_strict(model.backbone, weights, record["file"])
+        reporter.message(f"starting from the ImageNet weights of {config.backbone} ({record['source']})")
+    if resumed is not None:
+        record = resumed.get("provenance", {}).get("backbone_weights")
+    elif init is not None:
+        record = init.get("provenance", {}).get("backbone_weights")
+    return model, record
+
+
+def _checkpoint_header(
+    run: RunSetup, model_config: ModelConfig, weights_record: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The run's description, saved in every checkpoint: settings, architecture, input, labels and vectors."""
+    header = {
+        "model_config": model_config.to_dict(),
+        "input": run.spec.to_json(),
+        "embedder": run.embedder.to_json(),
+        "seen_labels": run.data.seen_labels,
+        "unseen_labels": run.data.unseen_labels,
+        "label_vectors": run.all_vectors.clone(),
+        "train_config": run.config.to_dict(),
+        "data_fingerprint": run.data.fingerprint,
+    }
+    if weights_record:
+        header["provenance"] = {"backbone_weights": weights_record}
+    return header
+
+
+def _initial_state(run: RunSetup, model: SDLModel, header: dict[str, Any]) -> RunState:
+    """Step 0: the optimizer (weight decay on weights only), the loss scaler and this process's generator."""
+    config, ctx, device = run.config, run.ctx, run.device
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(_param_groups(model, config.weight_decay), lr=config.lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not ctx.enabled)
+    generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(config.seed, ctx.rank))
+    return RunState(model, optimizer, scaler, generator, header)
+
+
+def _training_forwards(
+    model: SDLModel, ctx: distributed.DistContext, frozen: bool, compile: bool
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The model's and its head's training forward passes: DDP-wrapped under torchrun, compiled with --compile."""
+    step_model: Callable[..., Any] = model
+    head_model: Callable[..., Any] = model.head
+    if ctx.enabled:  # gradients averaged over the processes; batch norm over the global batch
+        distributed.convert_batchnorm(model)
+        if frozen:
+            head_model = distributed.wrap(model.head, ctx)
+        else:
+            step_model = distributed.wrap(model, ctx)
+    if compile:
+        import torch._dynamo as dynamo
+
+        dynamo.config.suppress_errors = True  # no C++ compiler etc.: run eagerly instead of failing
+        step_model = torch.compile(step_model)
+    return step_model, head_model
+
+
+# ---- data
+
+
 def run_dir_for(out: Path | str, run_dir: Path | None = None) -> Path:
     out = Path(out).expanduser().absolute()
     return Path(run_dir).expanduser().absolute() if run_dir else out.with_name(out.name + RUN_SUFFIX)
@@ -345,554 +1067,7 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
-@torch.no_grad()
-def principal_vectors(
-    model: SDLModel,
-    store: ImageStore | FeatureStore,
-    spec: InputSpec,
-    device: torch.device,
-    channels_last: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run every decodable image of ``store`` without augmentation -> (indices, (N, M, d) float32).
-
-    A ``FeatureStore`` (frozen backbone) holds pooled features: only the head runs, on view 0.
-    """
-    model.eval()
-    if isinstance(store, FeatureStore):
-        indices = torch.nonzero(store.ok).flatten()
-        pooled = store.features[indices, 0].to(device)  # (N, C)
-        vectors = model.head(pooled[:, :, None, None]).float().cpu().numpy()
-        return indices.numpy(), vectors
-    batches = [list(range(i, min(i + VAL_BATCH, len(store.paths)))) for i in range(0, len(store.paths), VAL_BATCH)]
-    out_idx, out_vec = [], []
-    for indices, pixels in store.iter_batches(batches):
-        if len(indices) == 0:
-            continue
-        x = normalise(pixels.to(device).float().div_(255.0), spec)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            vectors = model(x)  # (B, M, d)
-        out_idx.append(indices.numpy())
-        out_vec.append(vectors.float().cpu().numpy())
-    if not out_idx:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, model.config.rows, model.config.dim), dtype=np.float32)
-    return np.concatenate(out_idx), np.concatenate(out_vec)
-
-
-def validation_scores(
-    model: SDLModel,
-    store: ImageStore | FeatureStore,
-    targets: np.ndarray,
-    vectors: torch.Tensor,
-    spec: InputSpec,
-    device: torch.device,
-    channels_last: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(N, L) raw scores and the matching (N, L) targets of the decodable validation images."""
-    indices, pv = principal_vectors(model, store, spec, device, channels_last)
-    scores = sdl_scores(torch.from_numpy(pv), vectors.cpu()).numpy()  # (N, L)
-    return scores, targets[indices]
-
-
-def _metrics_json(results: dict[str, Any]) -> dict[str, Any]:
-    return {name: value.to_json() for name, value in results.items()}
-
-
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state: dict[str, Any] = {"augment": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
-    generator.set_state(state["augment"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _restore_rng(
-    generator: torch.Generator, state: dict[str, Any], ctx: distributed.DistContext, seed: int, step: int
-) -> None:
-    """A checkpoint's RNG state for this process: its own generator when the run had as many processes.
-
-    Otherwise (another world size, or a checkpoint saved when a process failed) the processes after
-    the first get a generator re-seeded from (seed, rank, step).
-    """
-    _set_rng_state(generator, state)
-    if ctx.rank == 0:
-        return
-    ranks = state.get("ranks")
-    if ranks is not None and len(ranks) == ctx.world_size:
-        generator.set_state(ranks[ctx.rank])
-    else:
-        generator.manual_seed(distributed.rank_seed(seed, ctx.rank) + step)
-
-
-class _HardStop(KeyboardInterrupt):
-    """A second Ctrl-C: stop now and keep the last consistent checkpoint."""
-
-
-class _SigintFlag:
-    """Turns the first Ctrl-C into a flag checked between steps (so the saved state is consistent)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _SigintFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:  # a second Ctrl-C stops at once, without saving a possibly half-updated state
-            raise _HardStop
-        self.raised = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def train(
-    config: TrainConfig,
-    options: RuntimeOptions | None = None,
-    *,
-    embedder: Embedder | None = None,
-    reporter: TrainProgress | None = None,
-) -> TrainResult:
-    """Train an SDL model as ``config`` says and export it to ``config.out``; see the module docstring.
-
-    Launched by torchrun (``WORLD_SIZE`` > 1), every process runs this: data-parallel training
-    (``sdltag.nn.distributed``); rank 0 alone reports progress and writes checkpoints and the model
-    folder, the others return a result without a model folder.
-    """
-    options = options or RuntimeOptions()
-    reporter = reporter or TrainReporter()
-    context = distributed.setup(options.device, options.dist_backend, options.dist_timeout)
-    if context is not None and not context.is_main:
-        reporter = TrainReporter()  # rank 0 alone reports
-    try:
-        return _train(config, options, embedder, reporter, context or distributed.DistContext())
-    except Exception as exc:
-        if context is None or not distributed.is_collective_failure(exc):
-            raise
-        # A process failed outside the training steps (before the first, or while features were shared out).
-        raise SdltagError(distributed.failure_message(context, exc, None), exit_code=distributed.FAILED_EXIT) from None
-    finally:
-        distributed.teardown(context)
-
-
-def _train(
-    config: TrainConfig,
-    options: RuntimeOptions,
-    embedder: Embedder | None,
-    reporter: TrainProgress,
-    ctx: distributed.DistContext,
-) -> TrainResult:
-    check_output_folder(config.out)  # a folder that is not ours is refused now, not after every epoch
-    run_dir = run_dir_for(config.out, options.run_dir)
-    resume_state: dict[str, Any] | None = None
-    if options.resume:
-        last = run_dir / LAST
-        if not last.is_file():
-            raise SdltagError(f"{last}: nothing to resume (no checkpoint). Start the run without --resume.")
-        resume_state = load_checkpoint(last)
-        config = TrainConfig.from_dict(resume_state["train_config"])
-        reporter.message(
-            f"resuming {last} at epoch {resume_state['epoch'] + 1}, step {resume_state['step']} with the "
-            "run's saved settings (training options given now are ignored)"
-        )
-    elif (run_dir / LAST).exists():
-        raise SdltagError(
-            f"{run_dir}: holds an earlier run's checkpoints. Pass --resume to continue it, or delete the folder "
-            "(or choose another --out) to start afresh."
-        )
-    config.validate()
-    resumed_world = int(resume_state.get("world_size", 1)) if resume_state is not None else None
-    if ctx.enabled:
-        distributed.check_batch(ctx, config.batch_size, resumed_world if resumed_world != ctx.world_size else None)
-    if resumed_world is not None and resumed_world != ctx.world_size:
-        reporter.message(
-            f"the run was started with {resumed_world} process(es) and goes on with {ctx.world_size}: the global "
-            "batches, weights and optimizer state are the same; each process's share of the batches and the "
-            "augmentation draws of the processes after the first are new"
-        )
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    device = ctx.device if ctx.enabled else resolve_device(options.device)
-    # Refuse an unknown backbone or missing/damaged pretrained weights before reading any image.
-    pretrained_state: dict[str, Any] | None = None
-    weights_record: dict[str, Any] | None = None
-    if resume_state is None and not config.init:
-        if config.backbone not in available_backbones():
-            raise SdltagError(
-                f"--backbone {config.backbone}: unknown backbone; choose one of: {', '.join(available_backbones())}."
-            )
-        source = pretrained_source(config.backbone)
-        if config.pretrained and source is not None:
-            pretrained_state = source.read_weights(config.backbone)
-            weights_record = source.weights_provenance(config.backbone)
-        elif config.freeze_backbone:
-            reason = "has no pretrained weights" if source is None else "is not pretrained (--no-pretrained)"
-            raise SdltagError(
-                f"--freeze-backbone: {config.backbone} {reason}, and a frozen untrained backbone learns nothing. "
-                "Use a pretrained backbone (--backbone efficientnet_lite0) or --init a trained model."
-            )
-    torch.manual_seed(config.seed)
-
-    if embedder is None:
-        from sdltag.embedding import get_text_embedder
-
-        embedder = get_text_embedder(config.embedder)
-    data = prepare_data(config, reporter.warn)
-    if resume_state is not None and resume_state.get("data_fingerprint") != data.fingerprint:
-        raise SdltagError(
-            f"{config.data}: the images or labels changed since the run started, so it cannot resume exactly. "
-            "Restore the folder, or start a new run."
-        )
-
-    # Architecture and input: from --init (fine-tuning) or fresh.
-    init_state = _load_init(config.init) if config.init else None
-    if init_state is not None:
-        init_embedder = EmbedderSpec.from_json(init_state["embedder"])
-        if init_embedder.id != embedder.spec.id:
-            raise SdltagError(
-                f"{config.init}: trained with the embedder {init_embedder.id}, this run uses {embedder.spec.id}. "
-                f"Fine-tuning needs the same embedder: pass --embedder {init_embedder.name}."
-            )
-        model_config = ModelConfig.from_dict(init_state["model_config"])
-        spec = InputSpec.from_json(init_state["input"])
-        if resume_state is None:
-            reporter.message(
-                f"fine-tuning {config.init}: {model_config.backbone}, M={model_config.rows}, "
-                f"{spec.height}x{spec.width} (architecture and input size come from --init)"
-            )
-    else:
-        backbone_config = {"width": config.width} if config.width else {}
-        model_config = ModelConfig(config.backbone, backbone_config, rows=config.rows, dim=embedder.spec.dim)
-        source = pretrained_source(config.backbone)
-        if source is not None:  # the input the backbone's weights were trained on (size, resize rule, mean/std)
-            spec = source.input_spec(config.backbone)
-            if config.image_size:
-                spec = dataclasses.replace(spec, height=config.image_size, width=config.image_size)
-        else:
-            size = config.image_size or DEFAULT_IMAGE_SIZE.get(config.backbone, FALLBACK_IMAGE_SIZE)
-            spec = InputSpec(size, size, resize="squash", mean=DEFAULT_MEAN, std=DEFAULT_STD)
-    if resume_state is not None:
-        model_config = ModelConfig.from_dict(resume_state["model_config"])
-        spec = InputSpec.from_json(resume_state["input"])
-
-    # Label vectors: seen labels, then unseen, unit length.
-    texts = data.seen_labels + data.unseen_texts
-    vectors_np = l2_normalize(embedder.embed(texts))
-    if vectors_np.shape != (len(texts), model_config.dim):
-        raise SdltagError(
-            f"the embedder returned vectors of shape {vectors_np.shape}, expected ({len(texts)}, "
-            f"{model_config.dim}). Check --embedder."
-        )
-    all_labels = data.seen_labels + data.unseen_labels
-    unseen_mask = np.array([False] * len(data.seen_labels) + [True] * len(data.unseen_labels))
-    all_vectors = torch.from_numpy(vectors_np)
-    seen_vectors = all_vectors[: len(data.seen_labels)].to(device)
-
-    # Images: decode once into RAM when they fit the budget.
-    budget = options.cache_mb * 2**20
-    train_bytes = cache_bytes(len(data.train_items), spec)
-    val_bytes = cache_bytes(len(data.val_items), spec)
-    reporter.message(
-        f"{len(data.train_items)} training and {len(data.val_items)} validation images, "
-        f"{len(data.seen_labels)} seen and {len(data.unseen_labels)} unseen labels, {spec.height}x{spec.width}"
-    )
-    frozen = config.freeze_backbone
-    if frozen:  # images are decoded once, by the feature pass, and not kept
-        budget = -1
-    elif train_bytes <= budget:
-        reporter.message(f"decoding the images into RAM ({(train_bytes + val_bytes) / 2**20:.0f} MB) ...")
-    else:
-        reporter.message(
-            f"images need {train_bytes / 2**20:.0f} MB > --cache-mb {options.cache_mb}: decoding each epoch"
-        )
-    train_images = ImageStore(
-        [i.path for i in data.train_items],
-        spec,
-        cache=train_bytes <= budget,
-        workers=options.workers,
-        warn=reporter.warn,
-    )
-    val_images = ImageStore(
-        [i.path for i in data.val_items],
-        spec,
-        cache=train_bytes + val_bytes <= budget,
-        workers=options.workers,
-        warn=reporter.warn,
-    )
-    # the pixels; with a frozen backbone, replaced below by the backbone's features
-    train_store: ImageStore | FeatureStore = train_images
-    val_store: ImageStore | FeatureStore = val_images
-    usable = torch.nonzero(train_images.ok).flatten()  # (N_ok,) indices of decodable training images
-    if len(usable) < 2:
-        raise SdltagError(f"{config.data}: fewer than 2 training images could be decoded. Check the files.")
-    train_targets = torch.from_numpy(_targets(data.train_items, data.seen_labels)).to(device)  # (N, Ls)
-    val_targets = _targets(data.val_items, all_labels)  # (N_val, L)
-
-    torch.manual_seed(config.seed)  # here, not earlier: building the image stores draws from the global RNG
-    model = SDLModel(model_config)
-    if init_state is not None and resume_state is None:
-        model.load_state_dict(init_state["model"], strict=True)
-    if pretrained_state is not None:
-        source = pretrained_source(config.backbone)
-        assert weights_record is not None  # read with the weights
-        source.load_state_strict(model.backbone, pretrained_state, weights_record["file"])
-        reporter.message(f"starting from the ImageNet weights of {config.backbone} ({weights_record['source']})")
-    if resume_state is not None:
-        weights_record = resume_state.get("provenance", {}).get("backbone_weights")
-    elif init_state is not None:
-        weights_record = init_state.get("provenance", {}).get("backbone_weights")
-    if frozen:
-        if resume_state is not None:
-            model.load_state_dict(resume_state["model"], strict=True)
-        model.backbone.requires_grad_(False)
-        train_store, val_store, usable = _feature_stores(
-            config, model, spec, train_images, val_images, run_dir, device, options, reporter, ctx
-        )
-    model.to(device)
-    if options.channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit memory_format
-    if config.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-    else:
-        optimizer = torch.optim.Adam(_param_groups(model, config.weight_decay), lr=config.lr)
-    batch_size = min(config.batch_size, len(usable))
-    steps_per_epoch = len(_epoch_batches(len(usable), batch_size, config.seed, 0))
-    total_steps = steps_per_epoch * config.epochs
-    # OneCycleLR divides by (warm-up steps - 1): exactly one warm-up step would divide by zero.
-    warmup = 1.5 / total_steps if abs(config.warmup * total_steps - 1) < 1e-6 and total_steps > 1 else config.warmup
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=warmup
-    )
-    # Several GPUs: bf16 autocast, which needs no loss scaling (fp16 with a scaler on one GPU, as before).
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not ctx.enabled)
-    amp_dtype = torch.bfloat16 if ctx.enabled else torch.float16
-    generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(config.seed, ctx.rank))
-    augment = AugmentConfig.from_dict(config.augment)
-
-    epoch, step, step_in_epoch = 0, 0, 0
-    loss_sum, loss_count = 0.0, 0  # the current epoch's running loss (saved, so a resumed epoch reports it whole)
-    best: dict[str, Any] = {"f1": -1.0, "epoch": -1}
-    history: list[dict[str, Any]] = []
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"], strict=True)
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        if resume_state.get("scaler"):  # a bf16 (several GPUs) run saved an empty scaler state
-            scaler.load_state_dict(resume_state["scaler"])
-        epoch, step, step_in_epoch = (
-            int(resume_state["epoch"]),
-            int(resume_state["step"]),
-            int(resume_state["step_in_epoch"]),
-        )
-        _restore_rng(generator, resume_state["rng"], ctx, config.seed, step)
-        saved_sum, saved_count = resume_state.get("epoch_loss", (0.0, 0))
-        loss_sum, loss_count = float(saved_sum), int(float(saved_count))
-        best = dict(resume_state.get("best", best))
-        history = list(resume_state.get("history", []))
-
-    base_payload = {
-        "model_config": model_config.to_dict(),
-        "input": spec.to_json(),
-        "embedder": embedder.spec.to_json(),
-        "seen_labels": data.seen_labels,
-        "unseen_labels": data.unseen_labels,
-        "label_vectors": all_vectors.clone(),
-        "train_config": config.to_dict(),
-        "data_fingerprint": data.fingerprint,
-    }
-    if weights_record:
-        base_payload["provenance"] = {"backbone_weights": weights_record}
-
-    def save(path: Path, *, full: bool, rng: dict[str, Any] | None = None) -> None:
-        payload = {
-            **base_payload,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "epoch": epoch,
-            "step": step,
-            "step_in_epoch": step_in_epoch,
-            "best": best,
-            "history": history,
-            "epoch_loss": (loss_sum, loss_count),
-            "world_size": ctx.world_size,
-        }
-        if full:
-            if rng is None:
-                rng = _rng_state(generator)
-                if ctx.enabled:  # every process's augmentation generator, so the same world size resumes exactly
-                    rng["ranks"] = distributed.gather_states(ctx, generator.get_state())
-            payload.update(
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(),
-                rng=rng,
-            )
-        if ctx.is_main:  # rank 0 alone writes
-            save_checkpoint(path, payload)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    input_size = (spec.height, spec.width)
-    # The compiled module shares its parameters with ``model``; checkpoints and validation use ``model``.
-    step_model: Callable[..., Any] = model
-    head_model: Callable[..., Any] = model.head
-    if ctx.enabled:  # gradients averaged over the processes; batch norm over the global batch
-        distributed.convert_batchnorm(model)
-        if frozen:
-            head_model = distributed.wrap(model.head, ctx)
-        else:
-            step_model = distributed.wrap(model, ctx)
-    if options.compile:
-        import torch._dynamo as dynamo
-
-        dynamo.config.suppress_errors = True  # no C++ compiler etc.: run eagerly instead of failing
-        step_model = torch.compile(step_model)
-    reporter.start(total_steps, step, steps_per_epoch)
-    use_amp = device.type == "cuda"
-    snapshot: dict[str, Any] | None = None  # under torchrun: the RNG state at the start of the step in progress
-    try:
-        with _SigintFlag() as sigint, distributed.stop_on_sigterm(sigint if ctx.enabled else None):
-            while epoch < config.epochs:
-                model.train()
-                if frozen:
-                    model.backbone.eval()  # frozen: batch-norm statistics stay the pretrained ones
-                batches = _epoch_batches(len(usable), batch_size, config.seed, epoch)
-                batches = [usable[b].tolist() for b in batches]
-                if ctx.enabled:  # this process's contiguous share of each global batch
-                    batches = [distributed.shard(b, ctx.rank, ctx.world_size) for b in batches]
-                tick = time.perf_counter()
-                for indices, pixels in train_store.iter_batches(batches[step_in_epoch:]):
-                    count, weight = len(indices), 1.0
-                    batch_targets = train_targets[indices.to(device)]
-                    if ctx.enabled:
-                        snapshot = _rng_state(generator)
-                        labelled = int((batch_targets.sum(dim=1) > 0).sum())
-                        count, kept, stop = distributed.sync_step(ctx, len(indices), labelled, sigint.raised)
-                        if stop:  # every process stops before this step, so the saved state is consistent
-                            raise KeyboardInterrupt
-                        # DDP averages the gradients: weight each share by its labelled images so the
-                        # average is the gradient of the global batch's mean loss.
-                        weight = ctx.world_size * labelled / max(kept, 1)
-                        if len(indices) == 0 and count >= 2:  # a share emptied by undecodable images: a
-                            # stand-in image of weight 0 keeps this process in the collectives
-                            pixels = torch.zeros((1, *pixels.shape[1:]), dtype=pixels.dtype)
-                            batch_targets = torch.zeros_like(train_targets[:1])
-                            indices = torch.zeros(1, dtype=torch.long)
-                    if count >= 2 and frozen:  # pixels: pooled features (B, V, C); one view per image
-                        views = torch.randint(pixels.shape[1], (len(indices),), generator=generator, device=device)
-                        pooled = pixels.to(device)[torch.arange(len(indices), device=device), views]  # (B, C)
-                        vectors = head_model(pooled[:, :, None, None])  # (B, M, d)
-                    elif count >= 2:
-                        x = augment_batch(pixels.to(device, non_blocking=True), input_size, augment, generator)
-                        x = normalise(x, spec)  # (B, 3, H, W)
-                        if options.channels_last:
-                            x = x.contiguous(memory_format=torch.channels_last)
-                        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                            vectors = step_model(x)  # (B, M, d)
-                    if count >= 2:
-                        parts = sdl_loss(
-                            vectors.float(),
-                            seen_vectors,
-                            batch_targets,
-                            lam=config.lam,
-                            use_sigma=config.sigma,
-                        )
-                        optimizer.zero_grad(set_to_none=True)
-                        scaler.scale(parts.total * weight if ctx.enabled else parts.total).backward()
-                        loss_value = float(parts.total.detach())
-                        if ctx.enabled:  # the global batch's loss; the step's last collective, before the update
-                            loss_value = distributed.mean_loss(ctx, loss_value * weight)
-                        if config.grad_clip > 0:
-                            scaler.unscale_(optimizer)
-                            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                        scaler.step(optimizer)
-                        scaler.update()
-                        loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-                    else:  # a batch emptied by undecodable images: keep the schedule in step
-                        loss_value = float("nan")
-                    scheduler.step()
-                    step += 1
-                    step_in_epoch += 1
-                    snapshot = None  # the step is complete: the current state is consistent
-                    now = time.perf_counter()
-                    rate = count / max(now - tick, 1e-9)
-                    tick = now
-                    reporter.step(step, epoch, loss_value, float(scheduler.get_last_lr()[0]), rate)
-                    if sigint.raised and not ctx.enabled:  # under torchrun the processes agree at the next step
-                        raise KeyboardInterrupt
-                metrics = None
-                is_best = False
-                if len(data.val_items):
-                    scores, targets = validation_scores(
-                        model, val_store, val_targets, all_vectors, spec, device, options.channels_last
-                    )
-                    from sdltag.metrics import zsl_gzsl_metrics
-
-                    metrics = _metrics_json(zsl_gzsl_metrics(scores, targets, unseen_mask))
-                    is_best = metrics["gzsl"]["f1"]["3"] > best["f1"]
-                else:
-                    is_best = True
-                train_loss = loss_sum / max(loss_count, 1)
-                history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 6), "metrics": metrics})
-                if is_best:
-                    best = {"f1": metrics["gzsl"]["f1"]["3"] if metrics else 0.0, "epoch": epoch + 1}
-                epoch, step_in_epoch = epoch + 1, 0
-                loss_sum, loss_count = 0.0, 0
-                save(run_dir / LAST, full=True)
-                if is_best:
-                    save(run_dir / BEST, full=False)
-                reporter.epoch_end(epoch, train_loss, metrics, is_best)
-                if distributed.any_true(ctx, sigint.raised) if ctx.enabled else sigint.raised:
-                    raise KeyboardInterrupt
-    except _HardStop:
-        reporter.finish()
-        raise
-    except KeyboardInterrupt:
-        save(run_dir / LAST, full=True)  # raised between steps: the state is consistent
-        reporter.finish()
-        raise TrainingInterrupted(run_dir / LAST) from None
-    except Exception as exc:
-        if not (ctx.enabled and distributed.is_collective_failure(exc)):
-            raise
-        # Another process died or stopped answering. A collective fails before the optimizer update, so
-        # the weights and optimizer are those of the last complete step; rank 0 saves them with that
-        # step's RNG state (the other processes' generators are re-seeded on resume).
-        written = None
-        if ctx.is_main:
-            save(run_dir / LAST, full=True, rng=snapshot or _rng_state(generator))
-            written = str(run_dir / LAST)
-        reporter.finish()
-        raise SdltagError(distributed.failure_message(ctx, exc, written), exit_code=distributed.FAILED_EXIT) from None
-    reporter.finish()
-    if ctx.enabled:
-        distributed.revert_batchnorm(model)
-    if not ctx.is_main:  # rank 0 calibrates and exports
-        return TrainResult(None, run_dir, int(best["epoch"]), {}, CalibrationReport(None, None, 0, 0), history)
-    return _finish(
-        config,
-        data,
-        model,
-        run_dir,
-        spec,
-        embedder.spec,
-        all_vectors,
-        unseen_mask,
-        val_store,
-        val_targets,
-        train_store,
-        device,
-        options,
-        history,
-    )
+# ---- frozen backbone: the head trained on cached features
 
 
 def _feature_stores(
@@ -950,59 +1125,34 @@ def _feature_stores(
     return train_store, val_store, usable
 
 
-def _finish(
-    config: TrainConfig,
-    data: PreparedData,
-    model: SDLModel,
-    run_dir: Path,
-    spec: InputSpec,
-    embedder: EmbedderSpec,
-    all_vectors: torch.Tensor,
-    unseen_mask: np.ndarray,
-    val_store: ImageStore | FeatureStore,
-    val_targets: np.ndarray,
-    train_store: ImageStore | FeatureStore,
-    device: torch.device,
-    options: RuntimeOptions,
-    history: list[dict[str, Any]],
-) -> TrainResult:
+# ---- calibration and export
+
+
+def calibrate_and_export(run: RunSetup, model: SDLModel, history: list[dict[str, Any]]) -> TrainResult:
     """Best weights -> calibration -> model folder with model card and checkpoint.pt."""
-    from sdltag.metrics import zsl_gzsl_metrics
     from sdltag.nn.export import export_model
 
-    best_state = load_checkpoint(run_dir / BEST)
+    best_state = load_checkpoint(run.run_dir / BEST)
     model.load_state_dict(best_state["model"], strict=True)
     best_epoch = int(best_state["best"]["epoch"])
-    all_labels = data.seen_labels + data.unseen_labels
-    if len(data.val_items):
-        scores, targets = validation_scores(
-            model, val_store, val_targets, all_vectors, spec, device, options.channels_last
-        )
-        calibrated_on = "validation images"
-    else:
-        train_targets = _targets(data.train_items, all_labels)
-        scores, targets = validation_scores(
-            model, train_store, train_targets, all_vectors, spec, device, options.channels_last
-        )
-        calibrated_on = "training images (no validation set: optimistic)"
-    metrics = _metrics_json(zsl_gzsl_metrics(scores, targets, unseen_mask)) if len(data.val_items) else {}
-    calibration, report = fit_calibration(scores, targets, unseen_mask)
+    metrics, calibration, report, calibrated_on = _calibrate(run, model)
     model = model.cpu().float().eval()
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # torch's stubs omit memory_format
-    card = _model_card(config, data, spec, embedder, metrics, report, best_epoch, calibrated_on, history)
+    config, data = run.config, run.data
+    card = _model_card(config, data, run.spec, run.embedder, metrics, report, best_epoch, calibrated_on, history)
     folder = export_model(
         model,
         Path(config.out),
-        input_spec=spec,
-        embedder=embedder,
+        input_spec=run.spec,
+        embedder=run.embedder,
         seen_labels=data.seen_labels,
         unseen_labels=data.unseen_labels,
-        label_vectors=all_vectors.numpy(),
+        label_vectors=run.all_vectors.numpy(),
         name=config.name,
         calibration=calibration,
         provenance={
             "trained_by": "sdltag train",
-            "run_dir": str(run_dir),
+            "run_dir": str(run.run_dir),
             "best_epoch": best_epoch,
             **best_state.get("provenance", {}),
         },
@@ -1012,9 +1162,28 @@ def _finish(
     weights = {k: v for k, v in best_state.items() if k not in ("format", "format_version")}
     weights["calibration"] = calibration
     weights["metrics"] = metrics
-    if options.keep_weights:
+    if run.options.keep_weights:
         save_checkpoint(folder.path / MODEL_CHECKPOINT, weights)
-    return TrainResult(folder, run_dir, best_epoch, metrics, report, history)
+    return TrainResult(folder, run.run_dir, best_epoch, metrics, report, history)
+
+
+def _calibrate(run: RunSetup, model: SDLModel) -> tuple[dict[str, Any], dict[str, Any] | None, CalibrationReport, str]:
+    """Platt scaling fitted on the validation images (the training images without a validation set)
+    -> (validation metrics, the manifest's calibration, the calibration report, what it was fitted on)."""
+    from sdltag.metrics import zsl_gzsl_metrics
+
+    if run.data.val_items:
+        store, targets, calibrated_on = run.val_store, run.val_targets, "validation images"
+    else:
+        all_labels = run.data.seen_labels + run.data.unseen_labels
+        store, targets = run.train_store, _targets(run.data.train_items, all_labels)
+        calibrated_on = "training images (no validation set: optimistic)"
+    scores, targets = validation_scores(
+        model, store, targets, run.all_vectors, run.spec, run.device, run.options.channels_last
+    )
+    metrics = _metrics_json(zsl_gzsl_metrics(scores, targets, run.unseen_mask)) if run.data.val_items else {}
+    calibration, report = fit_calibration(scores, targets, run.unseen_mask)
+    return metrics, calibration, report, calibrated_on
 
 
 def _model_card(
@@ -1117,3 +1286,64 @@ def _model_card_md(card: dict[str, Any], name: str) -> str:
     if card.get("notes"):
         lines += ["## Notes", "", card["notes"], ""]
     return "\n".join(lines)
+
+
+# ---- RNG state and Ctrl-C
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state: dict[str, Any] = {"augment": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+    generator.set_state(state["augment"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _restore_rng(
+    generator: torch.Generator, state: dict[str, Any], ctx: distributed.DistContext, seed: int, step: int
+) -> None:
+    """A checkpoint's RNG state for this process: its own generator when the run had as many processes.
+
+    Otherwise (another world size, or a checkpoint saved when a process failed) the processes after
+    the first get a generator re-seeded from (seed, rank, step).
+    """
+    _set_rng_state(generator, state)
+    if ctx.rank == 0:
+        return
+    ranks = state.get("ranks")
+    if ranks is not None and len(ranks) == ctx.world_size:
+        generator.set_state(ranks[ctx.rank])
+    else:
+        generator.manual_seed(distributed.rank_seed(seed, ctx.rank) + step)
+
+
+class _HardStop(KeyboardInterrupt):
+    """A second Ctrl-C: stop now and keep the last consistent checkpoint."""
+
+
+class _SigintFlag:
+    """Turns the first Ctrl-C into a flag checked between steps (so the saved state is consistent)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigintFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:  # a second Ctrl-C stops at once, without saving a possibly half-updated state
+            raise _HardStop
+        self.raised = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
