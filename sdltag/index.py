@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import sqlite3
 import stat
 import time
@@ -52,7 +51,18 @@ import numpy as np
 
 from sdltag.errors import SdltagError
 from sdltag.modelfolder import hash_file
-from sdltag.sqlite_retry import is_busy
+from sdltag.sqlitedb import (
+    SIDE_FILES,
+    NewerSchemaError,
+    applied_migrations,
+    connect,
+    is_busy,
+    looks_corrupt,
+    migrate,
+    quick_check,
+    retry_while_busy,
+    set_aside,
+)
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -69,7 +79,6 @@ _LEGACY_OBJECTS = frozenset(
     | {"matrix_state", "sqlite_autoindex_matrix_state_1"}
     | {f"images_matrix_{event}" for event in ("insert", "replace", "delete", "update")}
 )
-_SIDE_FILES = ("-journal", "-wal", "-shm")
 
 
 class NotAnIndexError(SdltagError):
@@ -259,20 +268,6 @@ def _not_an_index(path: Path, reason: str) -> NotAnIndexError:
     )
 
 
-def _set_aside(path: Path) -> Path:
-    """Rename ``path`` and its journal files to ``NAME.corrupt-<time>[-<pid>]``; returns the new name."""
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-    if aside.exists():
-        aside = aside.with_name(f"{aside.name}-{os.getpid()}")
-    os.replace(path, aside)
-    for suffix in _SIDE_FILES:
-        try:
-            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
-        except FileNotFoundError:
-            pass
-    return aside
-
-
 def _identity(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -373,7 +368,7 @@ class ImageIndex:
             return index
         try:
             index.conn = index._patiently(lambda _: index._connect_readonly())
-            applied = index._patiently(cls._applied)
+            applied = index._patiently(applied_migrations)
         except sqlite3.DatabaseError as exc:
             index._opening_failed(exc)
             return index
@@ -385,8 +380,7 @@ class ImageIndex:
         return index
 
     def _connect_readonly(self) -> sqlite3.Connection:
-        uri = f"{self.path.as_uri()}?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, timeout=LOCK_SLICE_S)
+        conn = connect(self.path, timeout=LOCK_SLICE_S, readonly=True)
         try:
             conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
             return conn
@@ -396,14 +390,14 @@ class ImageIndex:
                 raise
         # A journal left by a killed writer: only a read-write connection may roll it back.
         try:
-            recover = sqlite3.connect(str(self.path), timeout=LOCK_SLICE_S)
+            recover = connect(self.path, timeout=LOCK_SLICE_S)
             try:
                 recover.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
             finally:
                 recover.close()
         except sqlite3.DatabaseError as exc:
             raise sqlite3.OperationalError(f"attempt to write a readonly database ({exc})") from None
-        return sqlite3.connect(uri, uri=True, timeout=LOCK_SLICE_S)
+        return connect(self.path, timeout=LOCK_SLICE_S, readonly=True)
 
     def _start(self) -> None:
         """Connect and migrate; a damaged file is replaced once, a lock or a read-only file degrade."""
@@ -413,7 +407,7 @@ class ImageIndex:
                 self._patiently(self._migrate)
             except sqlite3.DatabaseError as exc:
                 self._close_connection()
-                if _looks_corrupt(exc) and attempt == 0:
+                if looks_corrupt(exc) and attempt == 0:
                     self._replace_damaged(str(exc), fatal=True)
                     continue
                 if is_busy(exc):
@@ -439,7 +433,7 @@ class ImageIndex:
         """An up-to-date index that cannot be written (read-only file or folder): open it for reading."""
         try:
             self.conn = self._connect_readonly()
-            if not 1 <= max(self._applied(self.conn), default=0) <= SCHEMA_VERSION:
+            if not 1 <= max(applied_migrations(self.conn), default=0) <= SCHEMA_VERSION:
                 raise sqlite3.OperationalError("schema not up to date")
         except sqlite3.DatabaseError:
             self._close_connection()
@@ -462,7 +456,7 @@ class ImageIndex:
                 f"the index {self.path} is locked by another program ({exc}) for more than {BUSY_TIMEOUT_S:g} s; "
                 "continuing without it for this run"
             )
-        elif _looks_corrupt(exc):
+        elif looks_corrupt(exc):
             self._give_up(f"the index {self.path} is damaged ({exc}); continuing without it. {_REBUILD_HINT}")
         elif _needs_roll_back(self.path, exc):
             self._give_up(
@@ -478,7 +472,7 @@ class ImageIndex:
         # write lock before it reads anything, so two tag runs sharing an index queue on the busy
         # timeout instead of deadlocking (SQLite refuses at once a reader that wants to write while
         # another writer commits).
-        conn = sqlite3.connect(str(self.path), timeout=LOCK_SLICE_S, isolation_level="IMMEDIATE")
+        conn = connect(self.path, timeout=LOCK_SLICE_S, isolation_level="IMMEDIATE")
         try:
             conn.execute("PRAGMA synchronous=NORMAL")  # reads the schema: may meet a lock
         except BaseException:
@@ -488,57 +482,22 @@ class ImageIndex:
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Bring the schema up to date and stamp the application id, in one write transaction (if any needed)."""
-        applied = self._applied(conn)
-        self._refuse_newer(applied)
-        missing = [step for step in MIGRATIONS if step[0] not in applied]
-        stamped = conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
-        if not missing and stamped:
-            return
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
-            )
-            applied = self._applied(conn)  # again, under the lock: another process may have migrated
-            self._refuse_newer(applied)
-            for version, name, step in MIGRATIONS:
-                if version not in applied:
-                    step(conn)
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                        (version, name, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
-                    )
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-    def _refuse_newer(self, applied: dict[int, str]) -> None:
-        newest = max(applied, default=0)
-        if newest > SCHEMA_VERSION:
+            migrate(conn, MIGRATIONS, application_id=APPLICATION_ID)
+        except NewerSchemaError as exc:
             raise SdltagError(
-                f"{self.path}: this index was written by a newer sdltag (schema version {newest}, this sdltag "
-                f"knows up to {SCHEMA_VERSION}). Upgrade sdltag (pip install --upgrade sdltag), or pass "
+                f"{self.path}: this index was written by a newer sdltag (schema version {exc.newest}, this sdltag "
+                f"knows up to {exc.known}). Upgrade sdltag (pip install --upgrade sdltag), or pass "
                 "another --index FILE."
-            )
-
-    @staticmethod
-    def _applied(conn: sqlite3.Connection) -> dict[int, str]:
-        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
-        if exists.fetchone() is None:
-            return {}
-        return {int(v): str(n) for v, n in conn.execute("SELECT version, name FROM schema_migrations")}
+            ) from None
 
     @property
     def schema_version(self) -> int:
-        return max(self._do(self._applied, lambda: {}), default=0)
+        return max(self._do(applied_migrations, lambda: {}), default=0)
 
     def migrations(self) -> list[tuple[int, str]]:
         """The applied steps, oldest first."""
-        return sorted(self._do(self._applied, lambda: {}).items())
+        return sorted(self._do(applied_migrations, lambda: {}).items())
 
     # -- failures -----------------------------------------------------------------------------
 
@@ -573,24 +532,19 @@ class ImageIndex:
         waiting. Each ``work`` is one statement, one transaction or a read, so a retry repeats
         nothing half done.
         """
-        start = time.monotonic()
-        delay = 0.01
-        while True:
-            try:
-                return work(self.conn)  # type: ignore[arg-type]  # None only for the steps that connect
-            except sqlite3.OperationalError as exc:
-                if not is_busy(exc) or self._impatient:
-                    raise
-                waited = time.monotonic() - start
-                if waited >= BUSY_TIMEOUT_S:
-                    raise
-                if waited >= LOCK_SLICE_S and not self._said_waiting:
-                    self._said_waiting = True
-                    logger.warning(
-                        f"the index {self.path} is locked by another program; waiting up to {BUSY_TIMEOUT_S:g} s"
-                    )
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.25)
+        if self._impatient:
+            return work(self.conn)  # type: ignore[arg-type]  # None only for the steps that connect
+        return retry_while_busy(
+            lambda: work(self.conn),  # type: ignore[arg-type]
+            BUSY_TIMEOUT_S,
+            first_delay=0.01,
+            on_wait=self._waiting,
+        )
+
+    def _waiting(self, waited: float) -> None:
+        if waited >= LOCK_SLICE_S and not self._said_waiting:
+            self._said_waiting = True
+            logger.warning(f"the index {self.path} is locked by another program; waiting up to {BUSY_TIMEOUT_S:g} s")
 
     def _do(self, work: Callable[[sqlite3.Connection], T], fallback: Callable[[], T], *, write: bool = False) -> T:
         """Run ``work`` on the connection; any SQLite failure ends in ``fallback()`` after the right remedy."""
@@ -624,7 +578,7 @@ class ImageIndex:
                     f"{BUSY_TIMEOUT_S:g} s; continuing without it for this run"
                 )
             return False
-        if _looks_corrupt(exc):
+        if looks_corrupt(exc):
             return self._damaged(exc)
         if write and _looks_unwritable(exc):
             self._stop_writing(
@@ -635,18 +589,10 @@ class ImageIndex:
         self._give_up(f"cannot read the index {self.path} ({exc}); continuing without it for this run")
         return False
 
-    def _quick_check(self) -> str:
-        try:
-            assert self.conn is not None  # run after a query on the open connection failed
-            rows = self.conn.execute("PRAGMA quick_check(5)").fetchall()
-        except sqlite3.DatabaseError as exc:
-            return str(exc)
-        found = [str(r[0]) for r in rows]
-        return "ok" if found == ["ok"] else "; ".join(found)
-
     def _damaged(self, exc: sqlite3.DatabaseError) -> bool:
         """A query said "malformed": confirm with quick_check, then set the file aside and start anew."""
-        detail = self._quick_check()
+        assert self.conn is not None  # run after a query on the open connection failed
+        detail = quick_check(self.conn, 5)
         if detail == "ok":
             self._give_up(f"the index {self.path} answered {exc!s}; continuing without it for this run")
             return False
@@ -659,12 +605,10 @@ class ImageIndex:
         """Rename the damaged index aside (unless another run already did) and open a new one."""
         self._rollback()
         self._close_connection()
-        moved = None
+        moved = None  # stays None when another sdltag run set it aside first
         try:
             if self._identity is None or _identity(self.path) == self._identity:
-                moved = _set_aside(self.path)
-        except FileNotFoundError:
-            pass  # another sdltag run set it aside first
+                moved = set_aside(self.path)
         except OSError as exc:
             message = (
                 f"{self.path}: the index is damaged ({detail}) and cannot be moved aside "
@@ -1028,7 +972,7 @@ def _in_transaction(work: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite
 def file_size_on_disk(path: Path) -> int:
     """The index file's bytes with its journal files (what deleting it would free)."""
     total = 0
-    for suffix in ("", *_SIDE_FILES):
+    for suffix in ("", *SIDE_FILES):
         try:
             total += os.stat(f"{path}{suffix}").st_size
         except OSError:
@@ -1053,11 +997,6 @@ def _row(row: tuple) -> IndexedImage:
         str(content_hash),
         _decode_vectors(blob, int(rows), int(dim)),
     )
-
-
-def _looks_corrupt(exc: sqlite3.DatabaseError) -> bool:
-    text = str(exc).lower()
-    return "not a database" in text or "malformed" in text or "corrupt" in text
 
 
 def _looks_unwritable(exc: sqlite3.DatabaseError) -> bool:

@@ -167,7 +167,7 @@ def test_processes_creating_a_new_cache_at_once(tmp_path: Path) -> None:
 
 
 def test_retry_while_busy_retries_lock_errors_only() -> None:
-    from sdltag.sqlite_retry import retry_while_busy
+    from sdltag.sqlitedb import retry_while_busy
 
     calls = []
 

@@ -38,14 +38,22 @@ import numpy as np
 from sdltag.errors import SdltagError
 from sdltag.paths import cache_dir as resolve_cache_dir
 from sdltag.paths import pid_alive
-from sdltag.sqlite_retry import retry_while_busy
+from sdltag.sqlitedb import (
+    NewerSchemaError,
+    applied_migrations,
+    connect,
+    looks_corrupt,
+    migrate,
+    quick_check,
+    retry_while_busy,
+    set_aside,
+)
 
 _T = TypeVar("_T")
 logger = logging.getLogger(__name__)
 
 DB_FILE = "labels.sqlite3"
 FAST_PATH_DIR = "text-models"
-SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0
 _CHUNK = 500  # SQLite's default limit on host parameters is 999 (older builds)
 # A rowid table, not WITHOUT ROWID: a 384-d vector is 1.5 KB, more than an index b-tree keeps
@@ -68,6 +76,19 @@ CREATE TABLE IF NOT EXISTS weight_hashes (
     sha256 TEXT NOT NULL
 );
 """
+
+
+def _migration_1(conn: sqlite3.Connection) -> None:
+    for statement in _statements(_SCHEMA):
+        conn.execute(statement)
+    # What sdltag before named steps read as its schema version: it can still use the file.
+    conn.execute("PRAGMA user_version = 1")
+
+
+# Named, ordered schema steps (``sdltag.sqlitedb.migrate``); a step is never edited once released.
+# A cache from before named steps has step 1's tables: the step only records itself there.
+MIGRATIONS = [(1, "create_vectors_and_weight_hashes", _migration_1)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def stderr_info(message: str) -> None:
@@ -181,7 +202,7 @@ class LabelVectorCache:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._conn = retry_while_busy(self._open_checked)
         except sqlite3.DatabaseError as exc:
-            if _is_corruption(exc):
+            if looks_corrupt(exc):
                 self._set_aside(str(exc))
                 self._conn = retry_while_busy(self._open_checked)
             elif _is_access_problem(exc):
@@ -193,34 +214,28 @@ class LabelVectorCache:
         return self._conn
 
     def _open_checked(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        conn = connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, shared=True)
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]  # raises on a non-database
-            if version > SCHEMA_VERSION:
-                conn.close()
-                return self._in_memory(
-                    f"the label cache {self.path} was written by a newer sdltag (schema {version}); "
-                    "upgrade sdltag or pass --cache-dir to use another folder"
-                )
-            if version == 0:
+            applied = applied_migrations(conn)  # raises on a file that is not a database
+            if not applied and conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                 # Before the first table exists: 16 KiB pages hold ~10 vectors of 384-d each
                 # (4 KiB pages would hold 2 and waste half of every page).
                 conn.execute("PRAGMA page_size = 16384")
             # WAL is a property of the file: only its creator switches it (the switch needs an
             # exclusive lock that SQLite refuses at once, busy timeout or not, while another
-            # process reads the new file, hence also the retry in ``_connect``, see ``sdltag.sqlite_retry``).
+            # process reads the new file, hence also the retry in ``_connect``, see ``sdltag.sqlitedb``).
             if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
-            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+            result = quick_check(conn, 1)
             if result != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {result}")
-            if version < SCHEMA_VERSION:
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _statements(_SCHEMA):
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
+            migrate(conn, MIGRATIONS)
+        except NewerSchemaError as exc:
+            conn.close()
+            return self._in_memory(
+                f"the label cache {self.path} was written by a newer sdltag (schema {exc.newest}); "
+                "upgrade sdltag or pass --cache-dir to use another folder"
+            )
         except BaseException:
             conn.close()
             raise
@@ -229,25 +244,17 @@ class LabelVectorCache:
     def _in_memory(self, reason: str) -> sqlite3.Connection:
         logger.warning(f"{reason}; label vectors are kept in memory for this run only")
         self.persistent = False
-        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        for statement in _statements(_SCHEMA):
-            conn.execute(statement)
+        conn = connect(":memory:", timeout=BUSY_TIMEOUT_S, isolation_level=None, shared=True)
+        migrate(conn, MIGRATIONS)
         self._conn = conn
         return conn
 
     def _set_aside(self, reason: str) -> None:
         """Rename a corrupt database (and its WAL files) aside, with one warning."""
         self.close()
-        aside = self.path.with_name(f"{DB_FILE}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-        try:
-            os.replace(self.path, aside)
-        except FileNotFoundError:
+        aside = set_aside(self.path)
+        if aside is None:
             return  # another process already set it aside
-        for suffix in ("-wal", "-shm"):
-            try:
-                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
-            except OSError:
-                pass
         logger.warning(
             f"the label cache {self.path} is corrupt ({reason}); moved it to {aside.name} and started a new one "
             "(labels will be embedded again)"
@@ -260,7 +267,7 @@ class LabelVectorCache:
             try:
                 return retry_while_busy(lambda: work(conn))
             except sqlite3.DatabaseError as exc:
-                if not _is_corruption(exc) or not self.persistent:
+                if not looks_corrupt(exc) or not self.persistent:
                     raise _busy_error(self.path, exc) from None
                 self._set_aside(str(exc))
                 return work(self._connect())
@@ -404,14 +411,6 @@ def _busy_error(path: Path, exc: sqlite3.DatabaseError) -> SdltagError:
         "otherwise pass --cache-dir to use another folder.",
         exit_code=1,
     )
-
-
-def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
-    """Damage, as opposed to a lock or permission problem (those are OperationalError)."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return True
-    text = str(exc).lower()
-    return any(word in text for word in ("malformed", "not a database", "corrupt", "disk image", "integrity"))
 
 
 def _is_access_problem(exc: sqlite3.Error) -> bool:
