@@ -404,6 +404,32 @@ def test_export_refuses_a_folder_it_did_not_write_and_cleans_its_own_debris(
     assert (folder / "meta.json").read_text(encoding="utf-8") == '{"notes": "mine"}'
 
 
+@pytest.mark.slow  # starts a real export of all-MiniLM-L6-v2 (torch), ~20-60 s
+def test_a_real_export_killed_part_way_leaves_only_removable_staging(tmp_path: Path) -> None:
+    """kill -9 during `labels export-embedder`: the destination is never half-written, and the
+    staging folder left behind is recognised as debris (the next export removes it)."""
+    import signal
+    import time
+
+    from sdltag.embedding.onnx_text import remove_dead_staging
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "sdltag", "labels", "export-embedder", DEFAULT_NAME, "--out", str(out)]
+    export = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    staging: list[Path] = []
+    while not staging:
+        assert export.poll() is None and time.monotonic() < deadline, "the export ended before it was killed"
+        staging = [p for p in out.glob(".*") if (p / "text_model.onnx").is_file()] if out.is_dir() else []
+        time.sleep(0.05)
+    export.send_signal(signal.SIGKILL)
+    assert export.wait() == -9
+    name = encoder_folder_name(get_text_embedder(None, tmp_path / "cache").spec.id)
+    assert not (out / name).exists()
+    assert remove_dead_staging(out, f".{name}") == staging
+    assert list(out.iterdir()) == []
+
+
 def test_export_of_an_unknown_embedder_is_refused_without_downloading(tmp_path: Path) -> None:
     result = _cli("labels", "export-embedder", "no-such-org/no-such-model-for-sdltag", "--out", str(tmp_path))
     assert result.exit_code == 2 and "never downloads" in result.stderr

@@ -352,34 +352,3 @@ def test_kill_during_embedding_keeps_the_stored_batches(tmp_path: Path) -> None:
     assert embedder.embed(labels).shape[0] == len(labels)
     assert embedder.last_new == len(set(labels)) - 2 * STORE_EVERY
     clear_embedder_memo()
-
-
-KILLED_EXPORT = textwrap.dedent(
-    """
-    import sys
-    from pathlib import Path
-    from sdltag.embedding import get_text_embedder
-    get_text_embedder(None, Path(sys.argv[1])).embed(["a first label"])  # exports the text model first
-    """
-)
-
-
-@pytest.mark.slow  # starts a real text-model export (torch), ~20-60 s
-def test_a_real_export_killed_part_way_is_cleaned_up(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    models = cache / "text-models"
-    export = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(cache)])
-    deadline = time.monotonic() + 300
-    staging: list[Path] = []
-    while not staging:
-        assert export.poll() is None and time.monotonic() < deadline, "the export ended before it was killed"
-        staging = [p for p in models.glob(".*") if (p / "text_model.onnx").is_file()] if models.is_dir() else []
-        time.sleep(0.05)
-    export.kill()
-    assert export.wait() == -9
-    assert staging[0].is_dir()
-    old = time.time() - 10
-    os.utime(staging[0], (old, old))
-    LabelVectorCache(cache).get_many(EMBEDDER, ["cat"])
-    assert not staging[0].exists()
-    assert [p.name for p in models.iterdir()] == []
