@@ -62,7 +62,7 @@ def benchmark_texts(data: Path) -> list[str]:
 
     entries = json.loads((data / "emoji.json").read_text(encoding="utf-8"))
     texts = {tag for entry in entries for tag in entry.get("tags", [])}
-    texts.update(e.text for e in build_vocabulary([UNSEEN_FILE], [], lambda message: None))
+    texts.update(e.text for e in build_vocabulary([UNSEEN_FILE], []))
     return sorted(texts)
 
 

@@ -23,13 +23,16 @@ is not valid UTF-8.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdltag.errors import SdltagError
+
+logger = logging.getLogger(__name__)
 
 MAX_LABEL_CHARS = 200
 MAX_DESCRIPTION_CHARS = 1000
@@ -192,7 +195,7 @@ def parse_inline_label(value: str) -> LabelEntry:
     return entry
 
 
-def dedupe(entries: Sequence[LabelEntry], warn: Callable[[str], None] | None = None) -> list[LabelEntry]:
+def dedupe(entries: Sequence[LabelEntry]) -> list[LabelEntry]:
     """Collapse case-insensitive duplicates (first wins), with one warning naming all of them."""
     first: dict[str, LabelEntry] = {}
     duplicates: list[tuple[LabelEntry, LabelEntry]] = []
@@ -202,12 +205,12 @@ def dedupe(entries: Sequence[LabelEntry], warn: Callable[[str], None] | None = N
             first[entry.key] = entry
         else:
             duplicates.append((entry, kept))
-    if duplicates and warn is not None:
+    if duplicates:
         shown = [
             f"{dup.label!r} ({dup.source}, same as {kept.label!r} at {kept.source})" for dup, kept in duplicates[:10]
         ]
         more = f", and {len(duplicates) - 10} more" if len(duplicates) > 10 else ""
-        warn(
+        logger.warning(
             f"ignored {len(duplicates)} duplicate label{'s' if len(duplicates) != 1 else ''} "
             f"(case-insensitive; the first spelling is kept): {', '.join(shown)}{more}"
         )
@@ -217,13 +220,13 @@ def dedupe(entries: Sequence[LabelEntry], warn: Callable[[str], None] | None = N
 def build_vocabulary(
     files: Sequence[Path] = (),
     inline: Sequence[str] = (),
-    warn: Callable[[str], None] | None = None,
+    *,
     allow_empty: bool = False,
 ) -> list[LabelEntry]:
     """The user's vocabulary: every labels file in order, then the ``--label`` values.
 
-    Duplicates are collapsed case-insensitively (first spelling wins, one warning via
-    ``warn``). An empty result is refused unless ``allow_empty``.
+    Duplicates are collapsed case-insensitively (first spelling wins, one logged warning).
+    An empty result is refused unless ``allow_empty``.
     """
     entries: list[LabelEntry] = []
     for path in files:
@@ -235,4 +238,4 @@ def build_vocabulary(
             names = ", ".join(str(Path(p)) for p in files)
             raise SdltagError(f"{names}: no labels found (every line is blank or a comment). Add one label per line.")
         raise SdltagError("no labels given. Pass a labels file (--labels FILE) or --label TEXT.")
-    return dedupe(entries, warn)
+    return dedupe(entries)

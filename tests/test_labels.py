@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from sdltag import log
 from sdltag.cli import app
 from sdltag.errors import SdltagError
 from sdltag.labels import (
@@ -71,8 +72,8 @@ def test_crlf_line_endings_keep_line_numbers(tmp_path: Path) -> None:
 def test_duplicates_collapse_case_insensitively_with_one_warning(tmp_path: Path) -> None:
     first = _write(tmp_path / "a.txt", "Cat\ndog\n")
     second = _write(tmp_path / "b.txt", "cat\nDOG: a big dog\nbird\n")
-    warnings: list[str] = []
-    entries = build_vocabulary([first, second], ["  CAT  ", "fish"], warn=warnings.append)
+    with log.collect() as warnings:
+        entries = build_vocabulary([first, second], ["  CAT  ", "fish"])
     assert [e.label for e in entries] == ["Cat", "dog", "bird", "fish"]
     assert entries[1].text == "dog"  # the first spelling (and its text) wins
     assert len(warnings) == 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from sdltag.commands._common import cli_errors, info, warn
+from sdltag.commands._common import cli_errors, info
 
 labels_app = typer.Typer(
     name="labels",
@@ -45,7 +45,7 @@ def embed(
     from sdltag.embedding import get_text_embedder
     from sdltag.labels import build_vocabulary
 
-    entries = build_vocabulary(files or [], label, warn=warn)
+    entries = build_vocabulary(files or [], label)
     text_embedder = get_text_embedder(embedder, cache_dir)
     text_embedder.embed([entry.text for entry in entries])
     new = int(getattr(text_embedder, "last_new", 0))
