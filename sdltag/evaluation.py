@@ -163,7 +163,7 @@ def _evaluated_labels(
     from sdltag.label_space import resolve_labels
     from sdltag.labels import build_vocabulary, label_key
 
-    entries = build_vocabulary([unseen_file], [], logger.warning) if unseen_file else []
+    entries = build_vocabulary([unseen_file], []) if unseen_file else []
     label_set = resolve_labels(model, entries, include_seen=True, embedder=embedder, cache_dir=cache_dir)
     seen_keys = {label_key(n) for n in model.manifest.seen_labels}
     clash = [e.label for e in entries if label_key(e.label) in seen_keys]
