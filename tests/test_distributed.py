@@ -9,17 +9,16 @@
 - Bad launches: an unreachable rendezvous, a missing backend, a batch that does not split.
 
 The processes are started with the environment torchrun gives them (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT); ``torchrun`` itself only adds its agent around them.
+MASTER_ADDR, MASTER_PORT); ``torchrun`` itself only adds its agent around them. They are forked from a
+server that imported torch once (see ``PRELOAD``), so the test spends its time training, not importing.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -37,31 +36,36 @@ from sdltag.nn.train import RuntimeOptions, TrainConfig, _epoch_batches, train
 TOLERANCE = 1e-5
 REPO = Path(__file__).resolve().parents[1]
 
-WORKER = textwrap.dedent(
-    """
-    import hashlib, json, os, signal, sys
-    import numpy as np
-    from sdltag.errors import SdltagError
-    from sdltag.modelfolder import EmbedderSpec
-    from sdltag.nn import distributed
-    from sdltag.nn.train import RuntimeOptions, TrainConfig, train
+# The worker processes are forked from a multiprocessing forkserver that has imported torch (and the
+# torch._dynamo that torch's optimizers import on first use) once: a fresh interpreter per rank spent
+# most of this test's time importing them, twice per launch. Each rank is still its own process with
+# its own gloo connection, environment (what torchrun sets) and stdout/stderr, and is killed for real.
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "sdltag.nn.train", "sdltag.nn.distributed"]
 
-    class HashEmbedder:
-        def __init__(self, dim=16):
-            self.spec = EmbedderSpec("sentence-transformers", "hash", "hash@sha256:0", dim)
 
-        def embed(self, texts):
-            rows = []
-            for text in texts:
-                rng = np.random.default_rng(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16))
-                v = rng.normal(size=self.spec.dim)
-                rows.append(v / np.linalg.norm(v))
-            return np.asarray(rows, dtype=np.float32)
+def _forkserver():
+    import multiprocessing
 
-    settings = json.loads(sys.argv[1])
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def _worker(settings: dict, env: dict[str, str], log: str) -> None:
+    """One rank: the environment torchrun gives it, its output to ``log``, then ``train`` as the command runs it."""
+    import signal
+
+    from tests.test_train import HashEmbedder
+
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
     kill_at = settings.pop("kill_rank1_at_step", None)
-    timeout = settings.pop("dist_timeout", 20.0)
-    if kill_at is not None and os.environ["RANK"] == "1":
+    options = RuntimeOptions(workers=0, threads=1, dist_timeout=settings.pop("dist_timeout", 20.0))
+    options.resume = settings.pop("resume", False)
+    if kill_at is not None and env.get("RANK") == "1":
         original, calls = distributed.sync_step, [0]
 
         def sync_step(*args):
@@ -72,16 +76,13 @@ WORKER = textwrap.dedent(
 
         distributed.sync_step = sync_step
     try:
-        train(
-            TrainConfig(**settings),
-            RuntimeOptions(workers=0, threads=1, dist_timeout=timeout),
-            embedder=HashEmbedder(),
-        )
+        train(TrainConfig(**settings), options, embedder=HashEmbedder())
     except SdltagError as exc:
         print(f"sdltag: error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(exc.exit_code)
-    """
-)
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 def _free_port() -> int:
@@ -108,35 +109,28 @@ def _settings(data: Path, out: Path, **overrides) -> dict:
 
 
 def _launch(tmp_path: Path, settings: dict, world: int = 2) -> list[subprocess.CompletedProcess]:
-    """Start ``world`` worker processes as torchrun would, wait for all of them."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER, encoding="utf-8")
+    """Start ``world`` worker processes with the environment torchrun gives them, wait for all of them
+    (``world`` 0: one process not launched by torchrun, as ``sdltag train`` runs alone)."""
+    context = _forkserver()
     port = _free_port()
     procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPO),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script), json.dumps(settings)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+    for rank in range(max(world, 1)):
+        env = {"OMP_NUM_THREADS": "1"}
+        if world:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        log = tmp_path / f"rank{rank}.log"
+        proc = context.Process(target=_worker, args=(dict(settings), env, str(log)), daemon=True)
+        proc.start()
+        procs.append((proc, log))
     results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    for proc, log in procs:
+        proc.join(timeout=120)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        text = log.read_text(encoding="utf-8", errors="replace")
+        results.append(subprocess.CompletedProcess([str(proc.pid)], proc.exitcode, "", text))
     return results
 
 
@@ -154,11 +148,10 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_process(scenes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """The reference: one process, global batch 8, 2 epochs."""
-    from tests.test_train import HashEmbedder
-
+    """The reference: one process, global batch 8, 2 epochs (as ``sdltag train`` runs without torchrun)."""
     out = tmp_path_factory.mktemp("one") / "model"
-    train(TrainConfig(**_settings(scenes, out)), RuntimeOptions(workers=0, threads=1), embedder=HashEmbedder())
+    (result,) = _launch(out.parent, _settings(scenes, out), world=0)
+    assert result.returncode == 0, result.stderr
     return load_checkpoint(out.with_name("model.train") / "last.pt")["model"]
 
 
@@ -180,8 +173,6 @@ def test_two_processes_train_the_weights_of_one(
 def test_a_killed_process_fails_the_run_with_a_resumable_checkpoint(
     scenes: Path, one_process: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
-    from tests.test_train import HashEmbedder
-
     out = tmp_path / "model"
     # rank 1 is killed (SIGKILL) as it starts step 5 of 6, in the second epoch
     results = _launch(tmp_path, _settings(scenes, out, kill_rank1_at_step=5))
@@ -195,12 +186,9 @@ def test_a_killed_process_fails_the_run_with_a_resumable_checkpoint(
     assert not (out / "manifest.json").exists()
 
     # Resume with another world size (1 process): the same global batches, so the same weights.
-    result = train(
-        TrainConfig(**_settings(scenes, out)),
-        RuntimeOptions(workers=0, threads=1, resume=True),
-        embedder=HashEmbedder(),
-    )
-    assert result.model_folder is not None
+    (result,) = _launch(tmp_path, _settings(scenes, out, resume=True), world=0)
+    assert result.returncode == 0, result.stderr
+    assert (out / "manifest.json").is_file()
     final = load_checkpoint(out.with_name("model.train") / "last.pt")
     assert final["step"] == 6 and final["world_size"] == 1
     assert _max_diff(final["model"], one_process) < TOLERANCE
