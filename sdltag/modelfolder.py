@@ -23,7 +23,6 @@ imports no torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from sdltag.errors import SdltagError
+from sdltag.hashing import file_sha256
 from sdltag.paths import atomic_write
 
 FORMAT_NAME = "sdltag-model"
@@ -62,18 +62,6 @@ MAX_ROWS = 4096
 MAX_DIM = 1 << 16
 VERIFIED_GRAPHS = "verified-graphs.json"  # in the cache folder: graphs already hashed, by file identity
 _VERIFIED_KEEP = 256
-
-
-def hash_file(path: Path, digest: Any, chunk: int = 1 << 20) -> Any:
-    """Feed a file's bytes to ``digest`` (any object with ``update``) in chunks; returns it."""
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    return hash_file(path, hashlib.sha256(), chunk).hexdigest()
 
 
 def _identity(path: Path) -> str:

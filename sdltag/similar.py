@@ -95,8 +95,8 @@ def query_matrix(index, model, image: Path, max_megapixels: float = 100.0) -> tu
     hash); otherwise the image model runs on this one image. The index is not written.
     """
     from sdltag.errors import SdltagError
+    from sdltag.hashing import file_hash
     from sdltag.images import ImageError, load_image
-    from sdltag.index import file_hash
 
     try:
         st = os.stat(image)

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from sdltag.hashing import bytes_hash, file_hash
 from sdltag.images import RAW_EXTENSIONS, ImageError, load_image, open_image, preprocess
-from sdltag.index import ImageIndex, bytes_hash, file_hash
+from sdltag.index import ImageIndex
 from sdltag.modelfolder import InputSpec, ModelFolder
 from sdltag.scoring import calibrate, sdl_scores, top_k
 from sdltag.writers import Tag, TagResult

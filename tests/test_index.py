@@ -15,7 +15,7 @@ import pytest
 
 from sdltag import log
 from sdltag.errors import SdltagError
-from sdltag.index import MIGRATIONS, SCHEMA_VERSION, ImageIndex, bytes_hash, file_hash
+from sdltag.index import MIGRATIONS, SCHEMA_VERSION, ImageIndex
 
 
 def _matrix(seed: int) -> np.ndarray:
@@ -156,18 +156,6 @@ def test_killed_writer_keeps_committed_batches(tmp_path: Path) -> None:
     assert result.returncode == 9, result.stderr
     with ImageIndex.open(path) as index:
         assert index.count() == 20
-
-
-def test_file_hash(tmp_path: Path) -> None:
-    """XXH3-128 of the bytes (the reference test vector of "abc"), read in chunks, prefixed with its name."""
-    (tmp_path / "a").write_bytes(b"abc")
-    assert file_hash(tmp_path / "a") == "xxh3-128:06b05ab6733a618578af5f94892f3950"
-    big = bytes(range(256)) * 5000  # 1.28 MB: more than one read
-    (tmp_path / "b").write_bytes(big)
-    (tmp_path / "c").write_bytes(big[:-1] + b"\x00")
-    assert file_hash(tmp_path / "b") == file_hash(tmp_path / "b", chunk=4096) != file_hash(tmp_path / "c")
-    # the tag pipeline hashes the bytes it then decodes: the same digest as hashing the file
-    assert bytes_hash(big) == file_hash(tmp_path / "b") and bytes_hash(b"abc") == file_hash(tmp_path / "a")
 
 
 def test_unwritable_index_location_names_the_fix(tmp_path: Path) -> None:

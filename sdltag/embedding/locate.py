@@ -16,7 +16,8 @@ from pathlib import Path
 
 from sdltag.embedding.cache import LabelVectorCache
 from sdltag.errors import SdltagError
-from sdltag.modelfolder import EmbedderSpec, file_sha256
+from sdltag.hashing import file_sha256
+from sdltag.modelfolder import EmbedderSpec
 
 DEFAULT_NAME = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}

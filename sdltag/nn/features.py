@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sdltag.hashing import file_xxh3
 from sdltag.modelfolder import InputSpec
 from sdltag.nn.augment import AugmentConfig, augment_batch
 from sdltag.nn.data import ImageStore, normalise
@@ -48,15 +49,9 @@ def weights_hash(module: nn.Module) -> str:
 
 
 def content_hash(path: Path) -> str | None:
-    """XXH3-128 of the file's bytes (hex), or None when it cannot be read."""
-    import xxhash
-
+    """XXH3-128 of the file's bytes (hex, ``sdltag.hashing.file_xxh3``), or None when it cannot be read."""
     try:
-        digest = xxhash.xxh3_128()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return file_xxh3(path)
     except OSError:
         return None
 

