@@ -1,21 +1,24 @@
 """The index at scale: synthetic indexes of 10,000, 100,000 and 1,000,000 photos, built through the real index API.
 
-For each size (random principal vectors of the bundled model's shape, 7 x 384; no images):
+For each size (random principal vectors of a model's shape, by default the emoji model's 7 x 384, the
+SDL shape; the default photo model has 1 x 384, a seventh of the work; no images):
 
 - build: ``ImageIndex.put`` for every photo (resumable: a killed build goes on from its last commit),
   then the model's matrix file (``sdltag.matrixfile.sync``), each timed;
-- disk: the index (SQLite, float32 rows) and the matrix file (float16);
-- search: ``sdltag search beach --top 20`` as a whole process (warm file cache: one untimed run first),
+- disk: the index (SQLite, float32 rows) and the matrix file (8-bit rows and residuals);
+- search: ``sdltag search beach -k 20`` as a whole process (warm file cache: one untimed run first),
   wall time (median of 3) and peak memory (VmHWM);
 - re-tag: every photo scored against 100 new labels from the index alone (the image model never runs),
-  the 10 best of each written as CSV to a file, as a whole process: wall time and peak memory.
+  the 10 best of each written as CSV to a file, as a whole process: wall time and peak memory;
+- exactness: every float32 row read back from SQLite and scored exactly: search's top 20 against the
+  exact top 20, and the re-tag's 10 best labels of every photo against the exact ones (set and order).
 
 The photos search shows are created (empty files) so that search finds them; the others never
 exist, and search never looks at them. Results are merged into benchmarks/results/scale.json
 (one entry per size, so sizes can be measured in separate runs); the work files are deleted after
 each size unless --keep.
 
-    .venv/bin/python benchmarks/bench_scale.py [--sizes 10000 100000 1000000] [--work DIR] [--keep]
+    .venv/bin/python benchmarks/bench_scale.py [--sizes 10000 100000 1000000] [--work DIR] [--keep] [--model DIR]
 """
 
 from __future__ import annotations
@@ -50,10 +53,13 @@ WRAPPER = (
 )
 
 
-def _model():
-    from sdltag.modelfolder import default_model_dir, load_model_folder
+MODEL = ROOT / "models" / "emoji"  # 7 x 384 (--model)
 
-    return load_model_folder(default_model_dir()).with_precision("float")
+
+def _model():
+    from sdltag.modelfolder import load_model_folder
+
+    return load_model_folder(MODEL).with_precision("float")
 
 
 def _photo(work: Path, i: int) -> Path:
@@ -98,7 +104,7 @@ def prepare(work: Path) -> dict:
     """The matrix file (timed) and the files of the photos a search for QUERY shows."""
     from sdltag import matrixfile
     from sdltag.index import ImageIndex
-    from sdltag.tagger import LabelSpace
+    from sdltag.label_space import LabelSet as LabelSpace
 
     model = _model()
     own = LabelSpace.from_model(model)
@@ -141,11 +147,10 @@ def _run(argv: list[str]) -> tuple[float, int, str, float]:
 
 
 def measure_search(work: Path) -> dict:
-    from sdltag.modelfolder import default_model_dir
-
     argv = [sys.executable, "-c", WRAPPER, "search", QUERY, "--index", str(work / "index.db")]
-    argv += ["--model", str(default_model_dir()), "--precision", "float", "--top", "20", "--format", "jsonl"]
+    argv += ["--model", str(MODEL), "--precision", "float", "--top", "20", "--format", "jsonl"]
     _run(argv)  # warm the file cache
+    load = os.getloadavg()[0]
     runs = [_run(argv) for _ in range(3)]
     hits = [json.loads(line) for line in runs[-1][2].splitlines()]
     assert len(hits) == 20, runs[-1][2]
@@ -154,6 +159,7 @@ def measure_search(work: Path) -> dict:
         "search_wall_s_runs": [round(r[0], 3) for r in runs],
         "search_cpu_s": round(statistics.median(r[3] for r in runs), 3),
         "search_peak_rss_mb": round(max(r[1] for r in runs) / 1024, 1),
+        "search_load_average": round(load, 1),
     }
 
 
@@ -163,8 +169,8 @@ def retag_child(index_path: Path, out: Path, labels: int) -> None:
 
     from sdltag import matrixfile
     from sdltag.index import ImageIndex
+    from sdltag.label_space import LabelSet as LabelSpace
     from sdltag.scoring import l2_normalize
-    from sdltag.tagger import LabelSpace
 
     model = _model()
     rng = np.random.default_rng(7)
@@ -183,7 +189,8 @@ def retag_child(index_path: Path, out: Path, labels: int) -> None:
 def measure_retag(work: Path, labels: int) -> dict:
     out = work / "retag.csv"
     argv = [sys.executable, str(Path(__file__).resolve()), "--retag-child", str(work / "index.db"), str(out)]
-    wall, rss, stdout, cpu = _run([*argv, "--labels", str(labels)])
+    load = os.getloadavg()[0]
+    wall, rss, stdout, cpu = _run([*argv, "--labels", str(labels), "--model", str(MODEL)])
     written = int(stdout.split()[-1])
     return {
         "retag_labels": labels,
@@ -192,44 +199,75 @@ def measure_retag(work: Path, labels: int) -> dict:
         "retag_cpu_s": round(cpu, 2),
         "retag_peak_rss_mb": round(rss / 1024, 1),
         "retag_output_mb": round(out.stat().st_size / 2**20, 1),
+        "retag_load_average": round(load, 1),
     }
 
 
-def agreement(work: Path, sample: int = 2000) -> dict:
-    """Against exact float32 scores from SQLite: search's top 20 (all photos, exact re-rank) and the 8-bit
-    re-tag's top 10 labels of ``sample`` photos."""
+def _exact_scan(index, model_id: str, weights: np.ndarray, q: np.ndarray, k: int):
+    """Every float32 row from SQLite in rowid order, scored exactly: (rowids, query scores, the ``k`` best of
+    ``weights`` per photo as (labels, scores), best first, ties by label)."""
+    from sdltag import matrixfile
+
+    ids, query, labels, scores, after = [], [], [], [], -(2**63)
+    while True:
+        rows = index._do(lambda conn, a=after: matrixfile._rows_after(conn, model_id, a, 8192), list)
+        if not rows:
+            break
+        rowids, vectors = matrixfile._decode_rows(rows)
+        flat = vectors.reshape(-1, vectors.shape[-1])
+        raw = (flat @ weights).reshape(len(rowids), vectors.shape[1], -1).max(axis=1)
+        best, values = matrixfile._best(raw, k)
+        ids.append(rowids), labels.append(best.astype(np.int16)), scores.append(values)
+        query.append((flat @ q).reshape(len(rowids), -1).max(axis=1))
+        after = int(rowids[-1])
+    return np.concatenate(ids), np.concatenate(query), np.concatenate(labels), np.concatenate(scores)
+
+
+def agreement(work: Path) -> dict:
+    """Against exact float32 scores of every row in SQLite: search's top 20 and the re-tag's 10 best labels
+    (``matrixfile.top_labels``, what the re-tag writes) of every photo; and the 8-bit rows alone (without
+    the residuals), for comparison, on 2,000 photos."""
     from sdltag import matrixfile
     from sdltag.index import ImageIndex
-    from sdltag.scoring import l2_normalize, sdl_scores
-    from sdltag.tagger import LabelSpace
+    from sdltag.label_space import LabelSet
+    from sdltag.scoring import l2_normalize
 
     model = _model()
-    rng = np.random.default_rng(7)
-    labels = l2_normalize(rng.standard_normal((100, model.manifest.dim)))  # the re-tag's labels
-    own = LabelSpace.from_model(model)
+    labels = l2_normalize(np.random.default_rng(7).standard_normal((100, model.manifest.dim)))  # the re-tag's
+    weights = np.ascontiguousarray(labels.T, dtype=np.float32)
+    own = LabelSet.from_model(model)
     q = own.names.index(QUERY)
+    space = LabelSet([f"new label {i}" for i in range(100)], labels, np.ones(100, dtype=bool))
     with ImageIndex.open_readonly(work / "index.db") as index:
+        started = time.perf_counter()
+        ids, query, exact_labels, exact_scores = _exact_scan(
+            index, model.model_id, weights, np.ascontiguousarray(own.vectors[q : q + 1].T), 10
+        )
+        scan_s = time.perf_counter() - started
+        ranked = matrixfile.top_labels(index, model, space, top_k=10, raw_scores=True)
+        found = list(ranked)
         view = matrixfile.load(index, model.model_id, update=False)
-        picked = np.sort(np.random.default_rng(1).choice(len(view), size=min(sample, len(view)), replace=False))
-        found = matrixfile.rows_by_id(index, model.model_id, view.rowids[picked], view.state)
-        exact = sdl_scores(np.stack([found[int(r)][1] for r in view.rowids[picked]]), labels)
-        approx = np.concatenate([view.block_scores(int(i), int(i) + 1, np.ascontiguousarray(labels.T)) for i in picked])
-        same = [set(np.argsort(-e)[:10]) == set(np.argsort(-a)[:10]) for e, a in zip(exact, approx, strict=True)]
-        space = LabelSpace(own.names[q : q + 1], own.vectors[q : q + 1], own.unseen_mask[q : q + 1])
-        hits = matrixfile.rank(index, model, space, [], 20, raw_scores=True, threshold=None)
-        top = [h.path for h in hits]
-        recall = None
-        if len(view) <= 100_000:  # every float32 row read from SQLite: exact, and slow at a million
-            paths, scores = [], []
-            for row in index.under([], model.model_id):
-                paths.append(row.path)
-                scores.append(float(sdl_scores(row.vectors[None], space.vectors)[0, 0]))
-            best = {paths[i] for i in np.argsort(-np.array(scores), kind="stable")[:20]}
-            recall = len(best & set(top)) / 20
+        picked = np.sort(np.random.default_rng(1).choice(len(view), size=min(2000, len(view)), replace=False))
+        coarse = np.concatenate([view.block_scores(int(i), int(i) + 1, weights) for i in picked])
+        one = LabelSet(own.names[q : q + 1], own.vectors[q : q + 1], own.unseen_mask[q : q + 1])
+        hits = matrixfile.rank(index, model, one, [], 20, raw_scores=True, threshold=None)
+        paths = matrixfile.rows_by_id(index, model.model_id, ids[np.argsort(-query, kind="stable")[:20]], view.state)
+    got_ids = np.concatenate([b.rowids for b in found])
+    got_labels = np.concatenate([b.labels for b in found])
+    got_scores = np.concatenate([b.scores for b in found])
+    assert np.array_equal(got_ids, ids)
+    same_set = np.sort(got_labels, axis=1) == np.sort(exact_labels, axis=1)
+    coarse_best = np.argsort(-coarse, axis=1, kind="stable")[:, :10]
     return {
-        "search_recall_at_20": recall,
-        "retag_top10_same_as_exact": round(float(np.mean(same)), 4),
-        "retag_max_abs_score_error": round(float(np.abs(exact - approx).max()), 4),
+        "exact_scan_s": round(scan_s, 1),
+        "search_top20_same_as_exact": len({p for p, _ in paths.values()} & {h.path for h in hits}) / 20,
+        "retag_top10_set_same_as_exact": round(float(same_set.all(axis=1).mean()), 6),
+        "retag_top10_order_same_as_exact": round(float((got_labels == exact_labels).all(axis=1).mean()), 6),
+        "retag_rescored_from_sqlite": round(float(np.concatenate([b.exact for b in found]).mean()), 4),
+        "retag_max_abs_score_error": float(np.abs(np.sort(got_scores, 1) - np.sort(exact_scores, 1)).max()),
+        "retag_8bit_only_top10_set_same_as_exact": round(
+            float(np.mean([set(a) == set(b) for a, b in zip(coarse_best, exact_labels[picked], strict=True)])), 4
+        ),
     }
 
 
@@ -245,13 +283,16 @@ def disk(work: Path) -> dict:
 
 
 def main() -> None:
+    global MODEL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "bench-scale")
     parser.add_argument("--keep", action="store_true", help="keep the work files (default: deleted after each size)")
     parser.add_argument("--labels", type=int, default=100)
+    parser.add_argument("--model", type=Path, default=MODEL, help="the model whose shape the rows have")
     parser.add_argument("--retag-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    MODEL = args.model.resolve()
     if args.retag_child:
         retag_child(*args.retag_child, args.labels)
         return
@@ -260,7 +301,9 @@ def main() -> None:
         work = args.work / f"n{size}"
         work.mkdir(parents=True, exist_ok=True)
         print(f"{size} photos in {work}", file=sys.stderr, flush=True)
+        model = _model()
         entry = {"photos": size, "matrix_build_s": results.get(str(size), {}).get("matrix_build_s")}
+        entry["model"] = f"{MODEL.name} ({model.manifest.rows} x {model.manifest.dim})"
         entry["build_s"] = round(build(work, size)["seconds"], 1)
         entry.update(prepare(work))
         entry.update(disk(work))
