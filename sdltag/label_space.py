@@ -1,16 +1,19 @@
 """The labels a tagging run scores: the model's own labels plus the user's, as unit vectors.
 
-``resolve_labels`` merges a model's labels (seen, then the manifest's unseen ones) with
-the user's vocabulary. A user label equal (case-insensitively) to a model label reuses
-that label and its trained vector, so "Cat" never appears twice and a seen label stays
-seen. Every other user label is embedded with the embedder the model was trained with
-(from the label cache when it can); a different embedder is refused, since its vectors
-would live in another space. Imports numpy only (plus the embedder when a label is new).
+``LabelSet`` is the one label type of the tag and search paths: names, (L, d) vectors and which
+labels are zero-shot. ``resolve_labels`` merges a model's labels (seen, then the manifest's
+unseen ones) with the user's vocabulary. A user label equal (case-insensitively) to a model
+label reuses that label and its trained vector, so "Cat" never appears twice and a seen label
+stays seen. Every other user label is embedded with the embedder the model was trained with
+(from the label cache when it can); a different embedder is refused, since its vectors would
+live in another space. Imports numpy only (plus the embedder when a label is new).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
     from sdltag.embedding import TextEmbedder
 
 WORD_VECTORS = "word-vectors"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,12 +40,119 @@ class LabelSet:
     vectors: np.ndarray  # (L, d) float32 unit rows
     unseen_mask: np.ndarray  # (L,) bool
 
+    def __post_init__(self) -> None:
+        self.names = list(self.names)
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        self.unseen_mask = np.asarray(self.unseen_mask, dtype=bool)
+        if (
+            self.vectors.ndim != 2
+            or len(self.names) != self.vectors.shape[0]
+            or self.unseen_mask.shape != (len(self.names),)
+        ):
+            raise ValueError(
+                f"label set mismatch: {len(self.names)} names, vectors {self.vectors.shape}, "
+                f"mask {self.unseen_mask.shape}"
+            )
+
+    @classmethod
+    def from_model(cls, model: ModelFolder) -> LabelSet:
+        """The model's own labels: seen, then the manifest's unseen ones."""
+        manifest = model.manifest
+        mask = np.array([False] * len(manifest.seen_labels) + [True] * len(manifest.unseen_labels), dtype=bool)
+        return cls(list(model.all_labels), model.label_vectors, mask)
+
+    def rows(self, start: int, stop: int) -> LabelSet:
+        """The labels ``start:stop`` as a set of their own (a one-label query: ``rows(i, i + 1)``)."""
+        return LabelSet(self.names[start:stop], self.vectors[start:stop], self.unseen_mask[start:stop])
+
     def kinds(self) -> list[str]:
         """ "seen" or "unseen" per label, for output columns."""
         return ["unseen" if unseen else "seen" for unseen in self.unseen_mask.tolist()]
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def labels_for(
+    model: ModelFolder,
+    label_files: Sequence[Path] = (),
+    inline: Sequence[str] = (),
+    *,
+    include_seen: bool = True,
+    embedder: str | None = None,
+    cache_dir: Path | None = None,
+    background: bool = False,
+    thresholds: dict[str, float] | None = None,
+) -> LabelSet | Future[LabelSet]:
+    """The labels to score: the model's own (``include_seen``), plus the user's (``--labels``/``--label``).
+
+    ``thresholds``, when given, receives the labels files' per-label thresholds (``label_key`` -> value).
+    With ``background``, the labels files are read and checked here and the embedding
+    runs on a thread: the result is then a ``Future`` of the ``LabelSet``.
+    """
+    if not label_files and not inline:
+        if not include_seen:
+            raise SdltagError("--no-seen leaves no labels to rank. Add --labels FILE or --label TEXT.")
+        return LabelSet.from_model(model)
+    from sdltag.labels import build_vocabulary
+
+    entries = build_vocabulary(label_files, inline)
+    if thresholds is not None:
+        thresholds.update((e.key, e.threshold) for e in entries if e.threshold is not None)
+
+    def embed() -> LabelSet:
+        return resolve_labels(model, entries, include_seen=include_seen, embedder=embedder or None, cache_dir=cache_dir)
+
+    if not background:
+        return embed()
+    # The label file was read and checked above; embedding (an onnxruntime session, which
+    # releases the GIL) overlaps finding the files and reading the index.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdltag-labels")
+    future = pool.submit(embed)
+    pool.shutdown(wait=False)
+    return future
+
+
+def query_labels(
+    model: ModelFolder, query: str, embedder: str | None = None, cache_dir: Path | None = None
+) -> LabelSet:
+    """A search query as a one-label set: the model's own vector when it is one of its labels, else embedded."""
+    from sdltag.labels import check_utf8_argument
+
+    check_utf8_argument(query, "the search query")
+    key = label_key(query)
+    if not key:
+        raise SdltagError("the search query is empty. Give a label, e.g. `sdltag search beach`.")
+    own = LabelSet.from_model(model)
+    for i, name in enumerate(own.names):
+        if label_key(name) == key:
+            return own.rows(i, i + 1)
+    found = labels_for(model, (), [query], include_seen=False, embedder=embedder, cache_dir=cache_dir)
+    assert isinstance(found, LabelSet)  # not in the background
+    if len(found) != 1:
+        raise SdltagError(f"the query {query!r} did not resolve to one label.")
+    return found
+
+
+def read_blocked(files: Sequence[Path]) -> frozenset[str]:
+    """The ``label_key`` of every label in the ``--block`` files (thresholds and descriptions ignored)."""
+    from sdltag.labels import read_labels_file
+
+    keys: set[str] = set()
+    for path in files:
+        try:
+            keys.update(entry.key for entry in read_labels_file(Path(path)))
+        except SdltagError as exc:
+            raise SdltagError(str(exc).replace("the --labels path", "the --block path")) from None
+    return frozenset(keys)
+
+
+def warn_unknown_blocked(blocked: frozenset[str], labels: LabelSet) -> None:
+    """One warning naming the blocked labels that are not among ``labels`` (a typo?)."""
+    unknown = sorted(blocked - {label_key(name) for name in labels.names})
+    if unknown:
+        shown = ", ".join(repr(k) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        logger.warning(f"--block: {shown} {'is' if len(unknown) == 1 else 'are'} not among the labels scored (a typo?)")
 
 
 def _model_label_index(model: ModelFolder) -> dict[str, int]:
@@ -58,7 +169,6 @@ def resolve_labels(
     include_seen: bool = True,
     embedder: str | TextEmbedder | None = None,
     cache_dir: Path | None = None,
-    warn: Callable[[str], None] | None = None,
 ) -> LabelSet:
     """The model's labels (``include_seen``) followed by the user's ``entries``.
 
@@ -92,8 +202,8 @@ def resolve_labels(
                 plan.append((model.all_labels[row], row))
             continue
         plan.append((entry.label, entry))
-    if ignored_descriptions and warn is not None:
-        warn(
+    if ignored_descriptions:
+        logger.warning(
             f"the model already knows {', '.join(repr(n) for n in ignored_descriptions[:10])}; "
             "its trained vector is used and the description is ignored"
         )
@@ -101,9 +211,9 @@ def resolve_labels(
     new_entries = [item for _, item in plan if isinstance(item, LabelEntry)]
     new_vectors = np.zeros((0, manifest.dim), dtype=np.float32)
     if new_entries:
-        new_vectors = _embed_new(model, new_entries, embedder=embedder, cache_dir=cache_dir, warn=warn)
+        new_vectors = _embed_new(model, new_entries, embedder=embedder, cache_dir=cache_dir)
     elif embedder is not None:
-        _check_embedder(model, embedder, cache_dir, warn)
+        _check_embedder(model, embedder, cache_dir)
 
     names: list[str] = []
     vectors = np.zeros((len(plan), manifest.dim), dtype=np.float32)  # (L, d)
@@ -134,7 +244,7 @@ def _refuse_word_vectors(model: ModelFolder, labels: list[str]) -> SdltagError:
 
 
 def _check_embedder(
-    model: ModelFolder, embedder: str | TextEmbedder | None, cache_dir: Path | None, warn: Callable[[str], None] | None
+    model: ModelFolder, embedder: str | TextEmbedder | None, cache_dir: Path | None
 ) -> TextEmbedder | None:
     """The model's text embedder, refusing one that is not the model's."""
     from sdltag.embedding import get_text_embedder
@@ -149,7 +259,7 @@ def _check_embedder(
         return None
     if embedder is not None:
         if isinstance(embedder, (str, Path)):
-            text_embedder = get_text_embedder(str(embedder), cache_dir, warn=warn)
+            text_embedder = get_text_embedder(str(embedder), cache_dir)
         else:
             text_embedder = embedder  # an embedder object built by the caller
         if text_embedder.spec.id != expected.id:
@@ -160,7 +270,7 @@ def _check_embedder(
             )
         return text_embedder
     try:
-        text_embedder = get_text_embedder(expected.name, cache_dir, warn=warn)
+        text_embedder = get_text_embedder(expected.name, cache_dir)
     except SdltagError as exc:
         raise SdltagError(
             f"{model.path}: the model's text embedder {expected.name!r} ({expected.id}) cannot be loaded offline "
@@ -181,11 +291,10 @@ def _embed_new(
     *,
     embedder: str | TextEmbedder | None,
     cache_dir: Path | None,
-    warn: Callable[[str], None] | None,
 ) -> np.ndarray:
     if model.manifest.embedder.kind == WORD_VECTORS:
         raise _refuse_word_vectors(model, [e.label for e in entries])
-    text_embedder = _check_embedder(model, embedder, cache_dir, warn)
+    text_embedder = _check_embedder(model, embedder, cache_dir)
     assert text_embedder is not None  # word-vector models were refused above
     if text_embedder.spec.dim != model.manifest.dim:
         raise SdltagError(

@@ -6,31 +6,30 @@ reuses its stored (M, d) matrix, so re-tagging with new labels costs one matrix
 product per image. Decoding (Pillow releases the GIL) runs in a thread pool while
 the main thread runs onnxruntime (which also releases it), so both cores stay busy.
 The label set is an input (names, vectors, unseen mask): the pipeline never embeds
-text. Library code: no printing, problems and results go to callbacks.
+text. Library code: no printing; results are yielded in input order (``iter_tags``) or
+handed to a callback (``tag_files``), problems go to a callback.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import Counter, deque
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from sdltag.hashing import bytes_hash, file_hash
 from sdltag.images import RAW_EXTENSIONS, ImageError, load_image, open_image, preprocess
 from sdltag.index import ImageIndex
+from sdltag.label_space import LabelSet
 from sdltag.modelfolder import InputSpec, ModelFolder
+from sdltag.results import Problem, Tag, TagResult, TagSummary
 from sdltag.scoring import calibrate, sdl_scores, top_k
-from sdltag.writers import Tag, TagResult
-
-if TYPE_CHECKING:
-    from sdltag.label_space import LabelSet
 
 SCORE_CHUNK = 256  # images scored per matrix product when their vectors come from the index
 LOOKUP_CHUNK = 256  # files looked up in the index per query
@@ -45,38 +44,8 @@ PARALLEL_SCORE_MIN = 128
 READ_ONCE_MAX = 64 << 20
 
 
-@dataclass
-class LabelSpace:
-    """The labels to score: display names, (L, d) unit vectors, and which are zero-shot (unseen)."""
-
-    names: list[str]
-    vectors: np.ndarray  # (L, d) float32
-    unseen_mask: np.ndarray  # (L,) bool
-
-    def __post_init__(self) -> None:
-        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
-        self.unseen_mask = np.asarray(self.unseen_mask, dtype=bool)
-        if (
-            self.vectors.ndim != 2
-            or len(self.names) != self.vectors.shape[0]
-            or self.unseen_mask.shape != (len(self.names),)
-        ):
-            raise ValueError(
-                f"label space mismatch: {len(self.names)} names, vectors {self.vectors.shape}, "
-                f"mask {self.unseen_mask.shape}"
-            )
-
-    @classmethod
-    def from_model(cls, model: ModelFolder) -> LabelSpace:
-        """The model's own labels: seen, then the manifest's unseen ones."""
-        manifest = model.manifest
-        mask = np.array([False] * len(manifest.seen_labels) + [True] * len(manifest.unseen_labels), dtype=bool)
-        return cls(list(model.all_labels), model.label_vectors, mask)
-
-    @classmethod
-    def from_label_set(cls, label_set: LabelSet) -> LabelSpace:
-        """Adapt ``sdltag.label_space.LabelSet`` (names, vectors, unseen_mask)."""
-        return cls(list(label_set.names), label_set.vectors, label_set.unseen_mask)
+LabelSpace = LabelSet  # the name this module used for the label set; one type, ``sdltag.label_space.LabelSet``
+__all__ = ["LabelSpace", "Problem", "Scorer", "TagOptions", "TagSummary", "iter_tags", "tag_files"]
 
 
 @dataclass
@@ -99,54 +68,10 @@ class TagOptions:
     blocked: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True)
-class Problem:
-    """An input that could not be tagged and why (one stderr line)."""
-
-    path: str
-    reason: str
-
-
-@dataclass
-class TagSummary:
-    """Counts for the run's summary line."""
-
-    tagged: int = 0  # images the model ran on
-    unchanged: int = 0  # reused from the index: same path, size and mtime
-    by_hash: int = 0  # reused from the index: same content (renamed or copied file)
-    failed: list[Problem] = field(default_factory=list)
-    skipped: Counter = field(default_factory=Counter)  # reason -> count (not errors: RAW twins, etc.)
-    seconds: float = 0.0
-
-    @property
-    def reused(self) -> int:
-        return self.unchanged + self.by_hash
-
-    @property
-    def done(self) -> int:
-        return self.tagged + self.reused
-
-    def line(self) -> str:
-        rate = self.done / self.seconds if self.seconds > 0 else 0.0
-        parts = [f"{self.tagged} tagged", f"{self.reused} reused from the index"]
-        if self.reused:
-            parts[-1] += f" ({self.unchanged} unchanged, {self.by_hash} by content hash)"
-        skipped = sum(self.skipped.values()) + len(self.failed)
-        if skipped:
-            reasons = [f"{n} {why}" for why, n in sorted(self.skipped.items())]
-            if self.failed:
-                reasons.append(f"{len(self.failed)} failed")
-            parts.append(f"{skipped} skipped ({', '.join(reasons)})")
-        else:
-            parts.append("0 skipped")
-        took = f"{self.seconds:.1f}" if self.seconds >= 10 else f"{self.seconds:.2f}"
-        return f"{', '.join(parts)}; {rate:.1f} images/s in {took} s"
-
-
 class Scorer:
     """(B, M, d) principal vectors -> the top-k ``Tag`` lists, calibrated unless ``raw_scores``."""
 
-    def __init__(self, labels: LabelSpace, calibration: dict | None, options: TagOptions) -> None:
+    def __init__(self, labels: LabelSet, calibration: dict | None, options: TagOptions) -> None:
         self.labels = labels
         self.calibration = None if options.raw_scores else calibration
         self.options = options
@@ -256,20 +181,18 @@ class _Slot:
 
 
 class _Run:
-    """State of one ``tag_files`` call."""
+    """State of one tagging run (``iter_tags``)."""
 
     def __init__(
         self,
         files: list[Path],
         model: ModelFolder,
-        labels: LabelSpace | Future,
+        labels: LabelSet | Future,
         options: TagOptions,
         index: ImageIndex | None,
         index_writable: bool,
         image_model: Callable[[], ImageModelLike],
-        on_result: Callable[[TagResult], None],
         on_problem: Callable[[Problem], None],
-        on_progress: Callable[[int], None] | None,
     ) -> None:
         self.files = files
         self.model_id = model.model_id
@@ -278,7 +201,9 @@ class _Run:
         self.index = index
         self.index_writable = index_writable and index is not None
         self.image_model = image_model
-        self.on_result, self.on_problem, self.on_progress = on_result, on_problem, on_progress
+        self.on_problem = on_problem
+        self.on_progress: Callable[[int], None] | None = None
+        self.finished: deque[TagResult] = deque()  # results in input order, not yet handed out
         self.labels = labels
         self.calibration = model.manifest.calibration
         self._scorer: Scorer | None = None
@@ -342,13 +267,18 @@ class _Run:
         self.flush()
 
     def flush(self) -> None:
-        """Emit finished results from the front, keeping input order."""
+        """Move finished results from the front to ``finished``, keeping input order."""
         while self.slots and self.slots[0].done:
             slot = self.slots.popleft()
             if slot.result is not None:
-                self.on_result(slot.result)
+                self.finished.append(slot.result)
             if self.on_progress is not None:
                 self.on_progress(1)
+
+    def take(self) -> Iterator[TagResult]:
+        """The results finished so far, in input order."""
+        while self.finished:
+            yield self.finished.popleft()
 
     def drain_one(self) -> None:
         slot, future, st = self.inflight.popleft()
@@ -386,100 +316,112 @@ class _Run:
         if len(self.batch) >= self.options.batch_size:
             self.run_batch()
 
-    def execute(self) -> TagSummary:
+    def look_up(self, paths: list[Path]) -> list[tuple[_Slot, os.stat_result]]:
+        """Queue ``paths``; those the index holds unchanged wait for scoring, the others are returned to decode."""
+        stated: list[tuple[_Slot, os.stat_result]] = []
+        for path in paths:
+            slot = _Slot(path)
+            self.slots.append(slot)
+            try:
+                stated.append((slot, os.stat(path)))
+            except FileNotFoundError:
+                self.fail(slot, "no such file")
+            except OSError as exc:
+                self.fail(slot, f"cannot access ({exc.strerror or exc})")
+        stored: list[np.ndarray | None] = [None] * len(stated)
+        if self.index is not None and stated:
+            stored = self.index.lookup_many(
+                [(slot.path, st.st_size, st.st_mtime_ns) for slot, st in stated], self.model_id
+            )
+        to_decode = []
+        for (slot, st), vectors in zip(stated, stored, strict=True):
+            if vectors is None:
+                to_decode.append((slot, st))
+                continue
+            self.summary.unchanged += 1
+            self.ready.append((slot, vectors))
+            if len(self.ready) >= SCORE_CHUNK:
+                self.score_ready(force=False)
+        return to_decode
+
+    def results(self) -> Iterator[TagResult]:
+        """Run the pipeline, yielding each result in input order; ``summary`` is complete at the end.
+
+        Closing the iterator early (or an exception, Ctrl-C included) still commits the finished batches.
+        """
         start = time.perf_counter()
         workers = self.options.decode_threads or os.cpu_count() or 2
         window = max(2 * self.options.batch_size, 4 * workers)
         known = frozenset(self.index.known_hashes(self.model_id)) if self.index is not None else frozenset()
         self.pool = pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdltag-decode")
+        decode = (self.spec, self.options.max_megapixels, self.index is not None, known, self.options.thumbnail_size)
         try:
             for first in range(0, len(self.files), LOOKUP_CHUNK):
-                stated: list[tuple[_Slot, os.stat_result]] = []
-                for path in self.files[first : first + LOOKUP_CHUNK]:
-                    slot = _Slot(path)
-                    self.slots.append(slot)
-                    try:
-                        stated.append((slot, os.stat(path)))
-                    except FileNotFoundError:
-                        self.fail(slot, "no such file")
-                    except OSError as exc:
-                        self.fail(slot, f"cannot access ({exc.strerror or exc})")
-                stored: list[np.ndarray | None] = [None] * len(stated)
-                if self.index is not None and stated:
-                    stored = self.index.lookup_many(
-                        [(slot.path, st.st_size, st.st_mtime_ns) for slot, st in stated], self.model_id
-                    )
-                for (slot, st), vectors in zip(stated, stored, strict=True):
-                    if vectors is not None:
-                        self.summary.unchanged += 1
-                        self.ready.append((slot, vectors))
-                        if len(self.ready) >= SCORE_CHUNK:
-                            self.score_ready(force=False)
-                        continue
-                    future = pool.submit(
-                        _prepare,
-                        slot.path,
-                        st.st_size,
-                        self.spec,
-                        self.options.max_megapixels,
-                        self.index is not None,
-                        known,
-                        self.options.thumbnail_size,
-                    )
-                    self.inflight.append((slot, future, st))
+                for slot, st in self.look_up(self.files[first : first + LOOKUP_CHUNK]):
+                    self.inflight.append((slot, pool.submit(_prepare, slot.path, st.st_size, *decode), st))
                     while len(self.inflight) >= window:
                         self.drain_one()
                         self.flush()
+                        yield from self.take()
+                self.flush()
+                yield from self.take()
             while self.inflight:
                 self.drain_one()
+                self.flush()
+                yield from self.take()
             self.run_batch()
             self.score_ready()
             self.flush()
+            yield from self.take()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             if self.index is not None and self.index_writable:
                 self.index.commit()
             self.summary.seconds = time.perf_counter() - start
-        return self.summary
 
 
-def tag_files(
+def iter_tags(
     files: list[Path],
     *,
     model: ModelFolder,
-    labels: LabelSpace | Future,
+    labels: LabelSet | Future,
     image_model: Callable[[], ImageModelLike],
-    on_result: Callable[[TagResult], None],
     on_problem: Callable[[Problem], None],
     options: TagOptions | None = None,
     index: ImageIndex | None = None,
     index_writable: bool = True,
     on_progress: Callable[[int], None] | None = None,
-) -> TagSummary:
-    """Tag ``files`` in order; results go to ``on_result`` in input order, failures to ``on_problem``.
+    summary: TagSummary | None = None,
+) -> Iterator[TagResult]:
+    """Tag ``files``, yielding their results in input order; failures go to ``on_problem``.
 
     ``image_model`` is a zero-argument factory returning an object with
     ``run((B, 3, H, W)) -> (B, M, d)`` (``sdltag.runtime.ImageModel``); it is called
     only once an image has been decoded, so a pure re-tag never loads onnxruntime. It is
     first called from a decode thread (to overlap the session's start-up), so it must
     be thread-safe and return the same object every time.
-    ``labels`` may be a ``Future`` of the ``LabelSpace`` (the label vectors being computed on
+    ``labels`` may be a ``Future`` of the ``LabelSet`` (the label vectors being computed on
     another thread): looking files up, decoding and running the model go on meanwhile,
     and the first scoring waits for it (its exception, if any, is raised from here).
     ``index`` (optional) supplies stored matrices and receives new ones unless
     ``index_writable`` is False (a dry run). Work is committed in batches, so an
-    interrupted call keeps what it finished.
+    interrupted run keeps what it finished. ``summary`` (optional) receives the counts.
     """
-    run = _Run(
-        files,
-        model,
-        labels,
-        options or TagOptions(),
-        index,
-        index_writable,
-        image_model,
-        on_result,
-        on_problem,
-        on_progress,
-    )
-    return run.execute()
+    run = _Run(files, model, labels, options or TagOptions(), index, index_writable, image_model, on_problem)
+    run.on_progress = on_progress
+    if summary is not None:
+        run.summary = summary
+    return run.results()
+
+
+def tag_files(
+    files: list[Path],
+    *,
+    on_result: Callable[[TagResult], None],
+    **kwargs,
+) -> TagSummary:
+    """``iter_tags`` with each result handed to ``on_result``; returns the run's summary."""
+    summary = TagSummary()
+    for result in iter_tags(files, summary=summary, **kwargs):
+        on_result(result)
+    return summary

@@ -20,53 +20,62 @@ import base64
 import csv
 import io
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from sdltag.errors import SdltagError
 from sdltag.paths import atomic_write
+from sdltag.results import SearchHit, Tag, TagResult
 
-TAG_FORMATS = ("table", "csv", "json", "jsonl", "paths", "paths0")
+__all__ = ["OutputFormat", "ReportFormat", "SearchHit", "Tag", "TagResult", "make_writer", "open_results"]
+
+
+class OutputFormat(str, Enum):
+    """``-f/--format`` of ``sdltag tag`` and ``sdltag search`` (a Typer choice: listed in --help, checked first)."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+    jsonl = "jsonl"
+    paths = "paths"  # newline-terminated
+    paths0 = "paths0"  # NUL-terminated, for xargs -0
+    html = "html"  # a contact sheet
+
+
+class ReportFormat(str, Enum):
+    """``-f/--format`` of ``sdltag eval``: its report as a table or as JSON."""
+
+    table = "table"
+    json = "json"
+
+
+FORMATS = tuple(f.value for f in OutputFormat)
+TAG_FORMATS = FORMATS
+# --output's extension -> the format, when --format is not given
+EXTENSION_FORMATS = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".txt": "paths",
+    ".html": "html",
+    ".htm": "html",
+}
 CSV_HEADER = ("path", "rank", "label", "score", "kind", "path_bytes")
 SEARCH_CSV_HEADER = ("rank", "path", "score", "label", "kind", "path_bytes")
+logger = logging.getLogger(__name__)
 # Cells a spreadsheet would read as a formula (or, for "'", whose quote it would swallow).
 CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 SCORE_DIGITS = 4
-
-
-@dataclass(frozen=True)
-class Tag:
-    """One label of one image: ``kind`` is ``seen`` (the model was trained on it) or ``unseen``."""
-
-    label: str
-    score: float
-    kind: str
-
-
-@dataclass
-class TagResult:
-    """The tags of one image, best first."""
-
-    path: Path
-    tags: list[Tag] = field(default_factory=list)
-    thumbnail: bytes | None = field(default=None, repr=False)  # a small JPEG from the decode (HTML sheets)
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    """One image ranked by a query label's score."""
-
-    rank: int
-    path: Path
-    score: float
-    label: str
-    kind: str
 
 
 class ResultWriter(Protocol):
@@ -310,8 +319,97 @@ def open_output(path: Path | None) -> Iterator[IO[str]]:
             text.detach()
 
 
-def write_search_hits(hits: list[SearchHit], fmt: str, stream: IO[str]) -> None:
-    """Search results, best first, in ``fmt`` (table, csv, json, jsonl, paths, paths0)."""
+def choose_format(fmt: str | None, output: Path | None = None) -> str:
+    """``--format`` when given; else from ``--output``'s extension (jsonl when unknown); else table on a terminal."""
+    if fmt is not None:
+        value = fmt.value if isinstance(fmt, Enum) else fmt
+        if value not in FORMATS:
+            raise SdltagError(f"--format {value!r} is not one of {', '.join(FORMATS)}.")
+        return value
+    if output is not None and str(output) != "-":
+        return EXTENSION_FORMATS.get(Path(output).suffix.lower(), "jsonl")
+    return "table" if sys.stdout.isatty() else "jsonl"
+
+
+@dataclass
+class ResultsOutput:
+    """Where a tag run's results go: ``writer``; ``failed`` when ``--output`` could not be opened (stdout instead)."""
+
+    writer: ResultWriter
+    failed: bool = False
+
+    def problem(self, where: str | Path, reason: str) -> None:
+        """A file that could not be tagged: the contact sheet lists it (other formats have no place for it)."""
+        listed = getattr(self.writer, "problem", None)
+        if listed is not None:
+            listed(where, reason)
+
+
+@contextmanager
+def open_results(
+    fmt: str,
+    output: Path | None,
+    *,
+    dry_run: bool = False,
+    title: str = "",
+    max_megapixels: float = 100.0,
+) -> Iterator[ResultsOutput]:
+    """A writer of ``fmt`` on ``output`` (atomically, kept only when the block ends normally) or stdout.
+
+    An ``output`` that cannot be opened is one error line and the results go to stdout
+    (``failed`` is set, the run exits 1); a dry run writes no file either. An HTML contact
+    sheet puts its thumbnails beside ``output`` when too many to embed (none on stdout).
+    """
+    with ExitStack() as stack:
+        stream: IO[str] | None = None
+        failed = False
+        if output is not None and dry_run:
+            logger.info(f"--dry-run: not writing {output}; results go to stdout")
+        elif output is not None:
+            try:
+                stream = stack.enter_context(open_output(output))
+            except OSError as exc:
+                logger.error(
+                    f"{output}: cannot write the output ({exc.strerror or exc}); writing the results to stdout "
+                    "instead. Pass --output somewhere writable."
+                )
+                failed = True
+        sheet: dict[str, Any] = {}
+        if fmt == "html":
+            sheet = {"output": None if stream is None else output, "title": title}
+            sheet.update(max_megapixels=max_megapixels)
+        results = ResultsOutput(make_writer(fmt, stream or stdout_stream(), **sheet), failed)
+        yield results
+        results.writer.close()
+
+
+def sheet_title(command: str, inputs: Sequence[Path]) -> str:
+    """A contact sheet's title: the command and its first few inputs."""
+    from sdltag.contact_sheet import display_path
+
+    return f"{command} " + ", ".join(display_path(p) for p in inputs[:3]) + (", ..." if len(inputs) > 3 else "")
+
+
+def thumbnail_size(fmt: str) -> int:
+    """The contact sheet's thumbnails are made from the tagging decode; no other format needs one."""
+    if fmt != "html":
+        return 0
+    from sdltag.contact_sheet import THUMB_SIZE
+
+    return THUMB_SIZE
+
+
+def write_hits(hits: list[SearchHit], fmt: str, title: str = "") -> None:
+    """Search hits on stdout in ``fmt``; ``html`` is a contact sheet titled ``title``."""
+    if fmt == "html":
+        from sdltag.contact_sheet import write_search_sheet
+
+        write_search_sheet(hits, stdout_stream(), title=title)
+        return
+    write_search_hits(hits, fmt, stdout_stream())
+
+
+def _hit_records(hits: list[SearchHit]) -> list[dict]:
     records = []
     for h in hits:
         path, path_bytes = path_fields(h.path)
@@ -320,40 +418,53 @@ def write_search_hits(hits: list[SearchHit], fmt: str, stream: IO[str]) -> None:
             record["path_bytes"] = path_bytes
         record.update(score=_score(h.score), label=clean_text(h.label), kind=h.kind)
         records.append(record)
+    return records
+
+
+def _hits_csv(records: list[dict], stream: IO[str]) -> None:
+    rows = _CsvRows(stream)
+    rows.writerow(SEARCH_CSV_HEADER)
+    for r in records:
+        rows.writerow(
+            (
+                r["rank"],
+                csv_escape(r["path"]),
+                f"{r['score']:.{SCORE_DIGITS}f}",
+                csv_escape(r["label"]),
+                r["kind"],
+                r.get("path_bytes", ""),
+            )
+        )
+
+
+def _hits_table(hits: list[SearchHit], stream: IO[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("image", overflow="fold")
+    for hit in hits:
+        table.add_row(str(hit.rank), f"{hit.score:.3f}", _display(hit.path))
+    Console(file=stream, soft_wrap=False).print(table)
+
+
+def write_search_hits(hits: list[SearchHit], fmt: str, stream: IO[str]) -> None:
+    """Search results, best first, in ``fmt`` (table, csv, json, jsonl, paths, paths0)."""
     if fmt == "jsonl":
-        for record in records:
+        for record in _hit_records(hits):
             stream.write(json.dumps(record, ensure_ascii=False) + "\n")
     elif fmt == "json":
-        stream.write(json.dumps(records, ensure_ascii=False, indent=2) + "\n")
+        stream.write(json.dumps(_hit_records(hits), ensure_ascii=False, indent=2) + "\n")
     elif fmt == "csv":
-        rows = _CsvRows(stream)
-        rows.writerow(SEARCH_CSV_HEADER)
-        for r in records:
-            rows.writerow(
-                (
-                    r["rank"],
-                    csv_escape(r["path"]),
-                    f"{r['score']:.{SCORE_DIGITS}f}",
-                    csv_escape(r["label"]),
-                    r["kind"],
-                    r.get("path_bytes", ""),
-                )
-            )
+        _hits_csv(_hit_records(hits), stream)
     elif fmt in ("paths", "paths0"):
         terminator = "\0" if fmt == "paths0" else "\n"
         for hit in hits:
             stream.write(path_text(hit.path) + terminator)
     elif fmt == "table":
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table()
-        table.add_column("#", justify="right")
-        table.add_column("score", justify="right")
-        table.add_column("image", overflow="fold")
-        for hit in hits:
-            table.add_row(str(hit.rank), f"{hit.score:.3f}", _display(hit.path))
-        Console(file=stream, soft_wrap=False).print(table)
+        _hits_table(hits, stream)
     else:
         raise SdltagError(f"--format {fmt!r} is not one of {', '.join(TAG_FORMATS)}.")
     stream.flush()

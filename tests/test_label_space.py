@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sdltag import log
 from sdltag.errors import SdltagError
 from sdltag.label_space import LabelSet, resolve_labels
 from sdltag.labels import LabelEntry
@@ -115,11 +116,9 @@ def test_without_seen_only_the_users_labels_remain(model) -> None:
 
 
 def test_a_description_on_a_known_label_is_ignored_with_a_warning(model) -> None:
-    warnings: list[str] = []
     embedder = RecordingEmbedder(SPEC)
-    label_set = resolve_labels(
-        model, [_entry("cat", "a feline")], include_seen=False, embedder=embedder, warn=warnings.append
-    )
+    with log.collect() as warnings:
+        label_set = resolve_labels(model, [_entry("cat", "a feline")], include_seen=False, embedder=embedder)
     np.testing.assert_array_equal(label_set.vectors[0], model.label_vectors[0])
     assert embedder.calls == [] and len(warnings) == 1 and "'cat'" in warnings[0]
 

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from sdltag import matrixfile
-from sdltag.commands.search import rank_indexed
 from sdltag.index import ImageIndex
+from sdltag.label_space import LabelSet
 from sdltag.scoring import sdl_scores
-from sdltag.tagger import LabelSpace
+from sdltag.search import rank_indexed
 
 M, D = 3, 8
 
@@ -145,8 +145,8 @@ def test_rank_matches_the_row_by_row_search_and_checks_only_shown_files(
                 Image.new("RGB", (4, 4)).save(path)
             matrices[path] = rng.normal(size=(m, d)).astype(np.float32)
             index.put(path, 1, 1, str(i), tiny_model.model_id, matrices[path])
-    own = LabelSpace.from_model(tiny_model)
-    label = LabelSpace(own.names[:1], own.vectors[:1], own.unseen_mask[:1])
+    own = LabelSet.from_model(tiny_model)
+    label = LabelSet(own.names[:1], own.vectors[:1], own.unseen_mask[:1])
     real_exists = Path.exists
     checked: list[Path] = []
 
@@ -176,7 +176,7 @@ def test_retag_writes_each_images_best_labels(tmp_path: Path, tiny_model) -> Non
             path = tmp_path / (f"{i}.jpg" if i else 'a, "quoted" name.jpg')  # CSV quoting
             matrices[str(path)] = rng.normal(size=(m, d)).astype(np.float32)
             index.put(path, 1, 1, str(i), tiny_model.model_id, matrices[str(path)])
-        labels = LabelSpace.from_model(tiny_model)
+        labels = LabelSet.from_model(tiny_model)
         out = io.StringIO()
         assert matrixfile.retag(index, tiny_model, labels, out, top_k=3, raw_scores=True) == 50
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))

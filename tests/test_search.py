@@ -10,10 +10,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sdltag.cli import app
-from sdltag.commands.search import rank_indexed
 from sdltag.index import ImageIndex
+from sdltag.label_space import LabelSet
 from sdltag.scoring import sdl_scores
-from sdltag.tagger import LabelSpace
+from sdltag.search import rank_indexed
 
 
 def _index_with(tmp_path: Path, tiny_model, names: list[str]) -> tuple[Path, dict[str, np.ndarray]]:
@@ -34,8 +34,8 @@ def _index_with(tmp_path: Path, tiny_model, names: list[str]) -> tuple[Path, dic
 def test_rank_indexed_orders_by_the_label_score(tmp_path: Path, tiny_model) -> None:
     names = [f"lib/{i}.jpg" for i in range(6)] + ["other/x.jpg"]
     index_path, matrices = _index_with(tmp_path, tiny_model, names)
-    own = LabelSpace.from_model(tiny_model)
-    dog = LabelSpace(own.names[1:2], own.vectors[1:2], own.unseen_mask[1:2])
+    own = LabelSet.from_model(tiny_model)
+    dog = LabelSet(own.names[1:2], own.vectors[1:2], own.unseen_mask[1:2])
     with ImageIndex.open_readonly(index_path) as index:
         hits = rank_indexed(index, tiny_model, dog, [tmp_path / "lib"], top=4, raw_scores=True)
     expected = sorted(names[:6], key=lambda n: -float(sdl_scores(matrices[n][None], dog.vectors)[0, 0]))[:4]

@@ -491,9 +491,13 @@ def test_labels_as_a_future_overlap_and_match(tmp_path: Path, tiny_model) -> Non
         files, tiny_model, future, factory=Signalling(tiny_model), batch_size=2, top_k=5
     )
     assert not problems and summary.tagged == 9 and factory.images == 9
-    assert [(r.path, [(t.label, t.score, t.kind) for t in r.tags]) for r in got] == [
-        (r.path, [(t.label, t.score, t.kind) for t in r.tags]) for r in expected
+    assert [(r.path, [(t.label, t.kind) for t in r.tags]) for r in got] == [
+        (r.path, [(t.label, t.kind) for t in r.tags]) for r in expected
     ]
+    # scored in other groups (the matrices that waited for the labels together): equal up to float rounding
+    np.testing.assert_allclose(
+        [[t.score for t in r.tags] for r in got], [[t.score for t in r.tags] for r in expected], rtol=1e-5, atol=1e-7
+    )
 
 
 def test_label_error_from_the_thread_is_raised_and_indexed_work_kept(tmp_path: Path, tiny_model) -> None:

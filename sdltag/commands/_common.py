@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from pathlib import Path
+from typing import IO, ParamSpec, TypeVar
 
 import typer
 
@@ -17,6 +18,7 @@ from sdltag.errors import SdltagError
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def complete_model_dir(incomplete: str) -> list[str]:
@@ -83,6 +85,50 @@ def warn(message: str) -> None:
 
 def info(message: str) -> None:
     print(f"sdltag: {message}", file=sys.stderr, flush=True)
+
+
+def install_sigterm() -> None:
+    """``kill`` ends the run like Ctrl-C: the index keeps every finished batch."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        pass
+
+
+def read_stdin_paths(null: bool, stream: IO[bytes] | None = None) -> list[Path]:
+    """Paths from stdin, newline- (or with ``null`` NUL-) separated; bytes kept exact via ``os.fsdecode``."""
+    import os
+
+    data = (stream or sys.stdin.buffer).read()
+    paths = []
+    for part in data.split(b"\0") if null else data.split(b"\n"):
+        if not null:
+            part = part.rstrip(b"\r")
+        if part:
+            paths.append(Path(os.fsdecode(part)))
+    return paths
+
+
+def expand_stdin(paths: list[Path], null: bool) -> list[Path]:
+    """``paths`` with each ``-`` replaced by the paths read from stdin."""
+    inputs: list[Path] = []
+    for path in paths:
+        inputs.extend(read_stdin_paths(null) if str(path) == "-" else [path])
+    return inputs
+
+
+def merge_alias(value: T, alias: T | None) -> T:
+    """A hidden old spelling of an option merged into the real one: the alias's value when it is given."""
+    return value if alias is None else alias
 
 
 def cli_errors(func: Callable[P, R]) -> Callable[P, R]:
