@@ -26,13 +26,13 @@ are replaced atomically (``sdltag.paths.atomic_write``).
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from sdltag.errors import SdltagError
 from sdltag.paths import UnreadableFile, atomic_write, read_regular_file
+from sdltag.sidecars import caption_path as caption_path  # the sidecar naming lives in sdltag.sidecars
 
 MAX_BYTES = 1 << 20  # a caption is a line of words; more is not a caption file
 RECORD_SUFFIX = ".sdltag"
@@ -46,14 +46,6 @@ class CaptionError(SdltagError):
         super().__init__(f"{path}: {reason}", exit_code=1)
         self.path = path
         self.reason = reason
-
-
-def caption_path(image_path: Path) -> Path:
-    """``IMG.jpg.txt`` when it exists, else ``IMG.txt``."""
-    long_form = image_path.with_name(image_path.name + ".txt")
-    if os.path.lexists(long_form):
-        return long_form
-    return image_path.with_suffix(".txt")
 
 
 def record_path(caption: Path) -> Path:

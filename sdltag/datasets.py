@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdltag.errors import SdltagError
-from sdltag.images import IMAGE_EXTENSIONS, walk
+from sdltag.images import walk
+from sdltag.sidecars import caption_candidates, existing_file, xmp_candidates
 
 if TYPE_CHECKING:
     from sdltag.xmp import KeywordSet
@@ -84,10 +85,6 @@ def normalize_labels(raw: Iterable[str], spellings: dict[str, str] | None = None
     return tuple(out.values())
 
 
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
 def walk_images(root: Path, report: bool = True) -> list[Path]:
     """Every image file under ``root``, sorted: the walk ``sdltag tag`` makes (``sdltag.images.walk``).
 
@@ -104,17 +101,11 @@ def walk_images(root: Path, report: bool = True) -> list[Path]:
 
 
 def _sidecar_text(image: Path) -> Path | None:
-    for candidate in (image.with_name(image.name + ".txt"), image.with_suffix(".txt")):
-        if candidate.is_file():
-            return candidate
-    return None
+    return existing_file(caption_candidates(image))
 
 
 def _sidecar_xmp(image: Path) -> Path | None:
-    for candidate in (image.with_name(image.name + ".xmp"), image.with_suffix(".xmp"), image.with_suffix(".XMP")):
-        if candidate.is_file():
-            return candidate
-    return None
+    return existing_file(xmp_candidates(image))
 
 
 def detect_format(root: Path) -> str:

@@ -1,4 +1,8 @@
-"""Which tags go into sidecars (XMP keywords, caption files): a cut-off and a count.
+"""Sidecar files: what they are called, and which tags go into them (a cut-off and a count).
+
+Naming, one place for tagging (which writes sidecars) and training (which reads labels from
+them): XMP sidecars are ``IMG.jpg.xmp`` (``ext``: darktable, digiKam) or ``IMG.xmp``
+(``adobe``: Lightroom); caption files are ``IMG.jpg.txt`` or ``IMG.txt``.
 
 The output of ``sdltag tag`` lists the top-k tags at any score, for a person or a script to
 look at. Sidecars are different: photo tools show their keywords as facts, so only tags a
@@ -16,12 +20,53 @@ only an explicit ``--sidecar-threshold`` is used then (on the raw scores).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
+
+from sdltag.errors import SdltagError
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_MAX = 5
+NAMINGS = ("ext", "adobe")  # --xmp-naming
+
+
+# -- names --------------------------------------------------------------------------------------
+
+
+def sidecar_path(image_path: Path, naming: str = "ext") -> Path:
+    """The XMP sidecar to write: ``IMG.jpg.xmp`` (naming ``ext``: darktable, digiKam) or ``IMG.xmp`` (``adobe``)."""
+    if naming == "adobe":
+        return image_path.with_suffix(".xmp")
+    if naming != "ext":
+        raise SdltagError(f"--xmp-naming {naming!r} is not one of {', '.join(NAMINGS)}.")
+    return image_path.with_name(image_path.name + ".xmp")
+
+
+def xmp_candidates(image_path: Path) -> tuple[Path, ...]:
+    """The XMP sidecars an image may have, in the order they are looked for: both namings, ``IMG.XMP`` too."""
+    return (sidecar_path(image_path, "ext"), sidecar_path(image_path, "adobe"), image_path.with_suffix(".XMP"))
+
+
+def caption_candidates(image_path: Path) -> tuple[Path, Path]:
+    """The caption files an image may have: ``IMG.jpg.txt``, then ``IMG.txt``."""
+    return image_path.with_name(image_path.name + ".txt"), image_path.with_suffix(".txt")
+
+
+def caption_path(image_path: Path) -> Path:
+    """The caption file to write: ``IMG.jpg.txt`` when it exists, else ``IMG.txt``."""
+    long_form, short_form = caption_candidates(image_path)
+    return long_form if os.path.lexists(long_form) else short_form
+
+
+def existing_file(candidates: Iterable[Path]) -> Path | None:
+    """The first of ``candidates`` that is a file (a sidecar to read), or None."""
+    return next((path for path in candidates if path.is_file()), None)
+
+
+# -- which tags ---------------------------------------------------------------------------------
 
 
 class _Scored(Protocol):

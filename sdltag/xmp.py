@@ -34,6 +34,8 @@ from xml.parsers import expat
 
 from sdltag.errors import SdltagError
 from sdltag.paths import UnreadableFile, atomic_write, read_regular_file
+from sdltag.sidecars import NAMINGS as NAMINGS  # the sidecar naming lives in sdltag.sidecars
+from sdltag.sidecars import sidecar_path as sidecar_path
 
 X_NS = "adobe:ns:meta/"
 RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
@@ -55,7 +57,6 @@ LI = f"{{{RDF_NS}}}li"
 CONTAINERS = (f"{{{RDF_NS}}}Bag", f"{{{RDF_NS}}}Seq", f"{{{RDF_NS}}}Alt")
 XPACKET_BEGIN = '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
 XPACKET_END = '\n<?xpacket end="w"?>\n'
-NAMINGS = ("ext", "adobe")
 MAX_DEPTH = 200  # real sidecars nest about 10 deep; deeper is refused, never recursed into
 MAX_BYTES = 64 * 1024 * 1024
 _INDENT = " "
@@ -92,15 +93,6 @@ class XmpError(SdltagError):
 
 class _Refused(Exception):
     """Raised inside the parser's callbacks to stop on something sdltag will not read."""
-
-
-def sidecar_path(image_path: Path, naming: str = "ext") -> Path:
-    """``IMG.jpg.xmp`` (naming ``ext``: darktable, digiKam) or ``IMG.xmp`` (``adobe``: Lightroom)."""
-    if naming == "adobe":
-        return image_path.with_suffix(".xmp")
-    if naming != "ext":
-        raise SdltagError(f"--xmp-naming {naming!r} is not one of {', '.join(NAMINGS)}.")
-    return image_path.with_name(image_path.name + ".xmp")
 
 
 # --- reading the file -------------------------------------------------------------------

@@ -152,3 +152,38 @@ def test_the_bundled_photo_model_writes_few_confident_keywords(tmp_path: Path, m
     scores = {t["label"]: t["score"] for t in record["tags"]}
     assert all(scores[k] >= advice["threshold"] for k in flat)
     assert "flower" in flat
+
+
+# -- naming: one place for the tagging side (writes) and the training side (reads) ---------------------------
+
+
+def test_sidecar_names_are_defined_once_for_writing_and_reading() -> None:
+    from sdltag import captions, sidecars, xmp
+
+    image = Path("/photos/IMG_1.CR2")
+    assert xmp.sidecar_path is sidecars.sidecar_path and captions.caption_path is sidecars.caption_path
+    assert sidecars.sidecar_path(image).name == "IMG_1.CR2.xmp"
+    assert sidecars.sidecar_path(image, "adobe").name == "IMG_1.xmp"
+    assert [p.name for p in sidecars.xmp_candidates(image)] == ["IMG_1.CR2.xmp", "IMG_1.xmp", "IMG_1.XMP"]
+    assert [p.name for p in sidecars.caption_candidates(image)] == ["IMG_1.CR2.txt", "IMG_1.txt"]
+    with pytest.raises(Exception, match="--xmp-naming 'darktable'"):
+        sidecars.sidecar_path(image, "darktable")
+
+
+@pytest.mark.parametrize("naming", ["ext", "adobe"])
+def test_training_reads_the_sidecars_tagging_writes(tmp_path: Path, naming: str) -> None:
+    """An XMP sidecar and a caption file written under tagging's names are the ones training reads."""
+    from sdltag.captions import caption_path
+    from sdltag.datasets import read_labeled_dir
+    from sdltag.sidecars import sidecar_path
+    from sdltag.xmp import write_keywords
+
+    for name, word in (("a.jpg", "beach"), ("b.jpg", "forest")):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+        write_keywords(sidecar_path(tmp_path / name, naming), [word])
+    dataset = read_labeled_dir(tmp_path, "xmp", machine_keywords=True)  # sdltag's own keywords count here
+    assert {item.path.name: item.labels for item in dataset.items} == {"a.jpg": ("beach",), "b.jpg": ("forest",)}
+    for name, word in (("a.jpg", "sand"), ("b.jpg", "tree")):
+        caption_path(tmp_path / name).write_text(word, encoding="utf-8")
+    dataset = read_labeled_dir(tmp_path, "sidecar")
+    assert {item.path.name: item.labels for item in dataset.items} == {"a.jpg": ("sand",), "b.jpg": ("tree",)}
