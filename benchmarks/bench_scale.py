@@ -62,6 +62,15 @@ def _model():
     return load_model_folder(MODEL).with_precision("float")
 
 
+def _own_query(model):
+    """The model's label ``QUERY`` alone, as a ``LabelSet``."""
+    from sdltag.label_space import LabelSet
+
+    q = list(model.all_labels).index(QUERY)
+    unseen = q >= len(model.manifest.seen_labels)
+    return LabelSet([QUERY], np.asarray(model.label_vectors[q : q + 1], dtype=np.float32), np.array([unseen]))
+
+
 def _photo(work: Path, i: int) -> Path:
     return work / "photos" / f"{i // 1000:04d}" / f"{i:07d}.jpg"
 
@@ -104,11 +113,9 @@ def prepare(work: Path) -> dict:
     """The matrix file (timed) and the files of the photos a search for QUERY shows."""
     from sdltag import matrixfile
     from sdltag.index import ImageIndex
-    from sdltag.label_space import LabelSet as LabelSpace
 
     model = _model()
-    own = LabelSpace.from_model(model)
-    q = own.names.index(QUERY)
+    query = _own_query(model)
     with ImageIndex.open(work / "index.db") as index:
         current = matrixfile.MatrixFile.open(matrixfile.matrix_path(index.path, model.model_id), model.model_id)
         built = current is None or len(current) != index.count(model.model_id)
@@ -116,7 +123,7 @@ def prepare(work: Path) -> dict:
         assert matrixfile.sync(index, model.model_id)
         seconds = time.perf_counter() - started
         view = matrixfile.load(index, model.model_id, update=False)
-        scores = view.scores(own.vectors[q : q + 1])[:, 0]
+        scores = view.scores(query.vectors)[:, 0]
         best = view.rowids[np.argsort(-scores)[: 4 * SHOWN]]
         found = matrixfile.rows_by_id(index, model.model_id, best, view.state)
     for path, _ in found.values():
@@ -169,12 +176,12 @@ def retag_child(index_path: Path, out: Path, labels: int) -> None:
 
     from sdltag import matrixfile
     from sdltag.index import ImageIndex
-    from sdltag.label_space import LabelSet as LabelSpace
+    from sdltag.label_space import LabelSet
     from sdltag.scoring import l2_normalize
 
     model = _model()
     rng = np.random.default_rng(7)
-    space = LabelSpace(
+    space = LabelSet(
         [f"new label {i}" for i in range(labels)],
         l2_normalize(rng.standard_normal((labels, model.manifest.dim))),
         np.ones(labels, dtype=bool),
@@ -235,13 +242,12 @@ def agreement(work: Path) -> dict:
     model = _model()
     labels = l2_normalize(np.random.default_rng(7).standard_normal((100, model.manifest.dim)))  # the re-tag's
     weights = np.ascontiguousarray(labels.T, dtype=np.float32)
-    own = LabelSet.from_model(model)
-    q = own.names.index(QUERY)
+    one = _own_query(model)
     space = LabelSet([f"new label {i}" for i in range(100)], labels, np.ones(100, dtype=bool))
     with ImageIndex.open_readonly(work / "index.db") as index:
         started = time.perf_counter()
         ids, query, exact_labels, exact_scores = _exact_scan(
-            index, model.model_id, weights, np.ascontiguousarray(own.vectors[q : q + 1].T), 10
+            index, model.model_id, weights, np.ascontiguousarray(one.vectors.T), 10
         )
         scan_s = time.perf_counter() - started
         ranked = matrixfile.top_labels(index, model, space, top_k=10, raw_scores=True)
@@ -249,7 +255,6 @@ def agreement(work: Path) -> dict:
         view = matrixfile.load(index, model.model_id, update=False)
         picked = np.sort(np.random.default_rng(1).choice(len(view), size=min(2000, len(view)), replace=False))
         coarse = np.concatenate([view.block_scores(int(i), int(i) + 1, weights) for i in picked])
-        one = LabelSet(own.names[q : q + 1], own.vectors[q : q + 1], own.unseen_mask[q : q + 1])
         hits = matrixfile.rank(index, model, one, [], 20, raw_scores=True, threshold=None)
         paths = matrixfile.rows_by_id(index, model.model_id, ids[np.argsort(-query, kind="stable")[:20]], view.state)
     got_ids = np.concatenate([b.rowids for b in found])
