@@ -1,4 +1,4 @@
-"""The matrix file: the index's matrices as one float16 array, never used stale, never read torn."""
+"""The matrix file: the index's matrices as 8-bit rows and residuals, never used stale, never read torn."""
 
 from __future__ import annotations
 
@@ -189,7 +189,62 @@ def test_retag_writes_each_images_best_labels(tmp_path: Path, tiny_model) -> Non
         listed = [float(r["score"]) for r in mine]
         assert listed == sorted(listed, reverse=True)
         exact = {labels.names[i]: float(s) for i, s in enumerate(scores)}
-        np.testing.assert_allclose(listed, [exact[r["label"]] for r in mine], atol=0.05)  # 8-bit scores
-        assert min(listed) >= np.sort(scores)[-3] - 0.1  # no label far below the exact third best
-        agree += [r["label"] for r in mine] == [labels.names[i] for i in np.argsort(-scores, kind="stable")[:3]]
-    assert agree >= 45  # the exact top 3, in order, for nearly every image
+        np.testing.assert_allclose(listed, [exact[r["label"]] for r in mine], atol=2e-4)  # 8-bit rows + residuals
+        best = [labels.names[i] for i in np.argsort(-scores, kind="stable")[:3]]
+        assert {r["label"] for r in mine} == set(best)  # the exact three, always
+        agree += [r["label"] for r in mine] == best
+    assert agree >= 48  # in the exact order but where two are within the error bound
+
+
+def _near_ties(tmp_path: Path, n: int) -> tuple[dict[int, np.ndarray], LabelSet]:
+    """``n`` images and labels in pairs 1e-6 apart: every image's best two are closer than any 8-bit error."""
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(4, D)).astype(np.float32)
+    twins = base + rng.normal(size=(4, D)).astype(np.float32) * 1e-6
+    vectors = np.concatenate([base, twins])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    space = LabelSet([f"l{i}" for i in range(8)], vectors, np.ones(8, dtype=bool))
+    matrices = {}
+    with ImageIndex.open(tmp_path / "i.db") as index:
+        for i in range(n):
+            matrices[i] = rng.normal(size=(M, D)).astype(np.float32)
+            index.put(tmp_path / f"{i}.jpg", 1, 1, f"h{i}", "m", matrices[i])
+    return matrices, space
+
+
+def test_top_labels_are_the_exact_ones_even_when_nearly_tied(tmp_path: Path) -> None:
+    matrices, space = _near_ties(tmp_path, 300)
+
+    class Model:
+        model_id = "m"
+        manifest = type("Manifest", (), {"calibration": None})()
+
+    with ImageIndex.open(tmp_path / "i.db") as index:
+        ranked = matrixfile.top_labels(index, Model(), space, top_k=1, raw_scores=True, threads=2, block=64)
+        blocks = list(ranked)
+        view = matrixfile.load(index, "m")
+        weights = np.ascontiguousarray(space.vectors.T)
+        fine = view.block_scores(0, len(view), weights, fine=True)
+        bound = view.error_bound(0, len(view), weights)
+    exact = sdl_scores(np.stack([matrices[i] for i in range(300)]), space.vectors)
+    assert np.all(np.abs(fine - exact) <= bound[:, None] * 1.01)  # the stated bound holds
+    assert np.all(bound < 1e-3) and np.all(bound > 0)
+    labels = np.concatenate([b.labels[:, 0] for b in blocks])
+    resolved = np.concatenate([b.exact for b in blocks])
+    assert len(labels) == 300 and labels.tolist() == np.argmax(exact, axis=1).tolist()  # every one exact
+    assert resolved.mean() > 0.5  # the twins tie within the bound: those images were re-scored from SQLite
+    scores = np.concatenate([b.scores[:, 0] for b in blocks])
+    np.testing.assert_allclose(scores, exact.max(axis=1), atol=1e-6)
+
+
+def test_retag_csv_cells_of_awkward_names(tmp_path: Path, tiny_model) -> None:
+    names = ["plain.jpg", "a,b.jpg", 'q"uote.jpg', "line\nbreak.jpg", "ünï.jpg", "cr\rx.jpg"]
+    with ImageIndex.open(tmp_path / "i.db") as index:
+        m, d = tiny_model.manifest.rows, tiny_model.manifest.dim
+        for i, name in enumerate(names):
+            index.put(tmp_path / name, 1, 1, str(i), tiny_model.model_id, np.full((m, d), 0.1 * i, dtype=np.float32))
+        out = io.StringIO()
+        assert matrixfile.retag(index, tiny_model, LabelSet.from_model(tiny_model), out, top_k=1) == len(names)
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert [r["path"] for r in rows] == [str(tmp_path / n) for n in names]  # the cells quoted where needed
+    assert all(r["rank"] == "1" and r["kind"] == "seen" for r in rows)
