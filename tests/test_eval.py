@@ -158,7 +158,7 @@ def test_eval_command_table_and_json(tmp_path: Path) -> None:
     assert table.exit_code == 0
     assert "GZSL" in table.stdout and "broken.png" in table.stderr
     bad = runner.invoke(app, ["eval", str(tmp_path / "model"), str(tmp_path / "data"), "--format", "xml"])
-    assert bad.exit_code == 2 and "--format xml" in bad.stderr
+    assert bad.exit_code == 2 and "'xml' is not one of 'table', 'json'" in bad.stderr  # checked before any work
     missing = runner.invoke(app, ["eval", str(tmp_path / "nope"), str(tmp_path / "data")])
     assert missing.exit_code == 2 and "nope" in missing.stderr
 
@@ -180,3 +180,22 @@ def test_eval_does_not_import_torch(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_eval_layout_and_its_old_spelling(tmp_path: Path) -> None:
+    """`--layout` names the folder layout; `--data-format`, its old spelling, still works but is not listed."""
+    colour_model(tmp_path / "model")
+    colour_data(tmp_path / "data")
+    runner = CliRunner()
+    base = ["eval", str(tmp_path / "model"), str(tmp_path / "data"), "-f", "json", "-q"]
+    for option in ("--layout", "--data-format"):
+        good = runner.invoke(app, [*base, option, "manifest"])
+        assert good.exit_code == 0, good.output
+        assert json.loads(good.stdout)["data_format"] == "manifest"
+        # the layout is honoured: as sub-folders per label, this folder has no labeled image
+        wrong = runner.invoke(app, [*base, option, "folders"])
+        assert wrong.exit_code == 2 and "no labelled image found in the folders layout" in wrong.stderr
+    bad = runner.invoke(app, [*base, "--data-format", "flat"])
+    assert bad.exit_code == 2 and "--layout flat: choose auto, manifest, sidecar, folders or xmp." in bad.stderr
+    shown = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200"})
+    assert "--layout" in shown.stdout and "--data-format" not in shown.stdout

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from sdltag.commands._common import cli_errors, error, info
+from sdltag.commands._common import cli_errors, error, info, merge_alias
 from sdltag.errors import SdltagError
+from sdltag.writers import ReportFormat
+
+if TYPE_CHECKING:
+    from sdltag.evaluation import EvalReport
+
+LAYOUTS = ("auto", "manifest", "sidecar", "folders", "xmp")  # sdltag.datasets.FORMATS and auto-detection
 
 
 @cli_errors
@@ -22,10 +29,9 @@ def evaluate(
         "--unseen",
         help="Labels file of extra zero-shot labels to evaluate as unseen (with the model's own unseen labels).",
     ),
-    fmt: str = typer.Option("table", "--format", "-f", help="Output: table or json."),
-    data_format: str = typer.Option(
-        "auto", "--data-format", help="Folder layout: auto, manifest, sidecar, folders, xmp."
-    ),
+    fmt: ReportFormat = typer.Option(ReportFormat.table, "--format", "-f", help="Output: table or json."),
+    layout: str = typer.Option("auto", "--layout", help=f"Folder layout: {', '.join(LAYOUTS)}."),
+    layout_alias: str | None = typer.Option(None, "--data-format", hidden=True, help="Old spelling of --layout."),
     exclude: list[str] = typer.Option(
         [],
         "--exclude",
@@ -67,70 +73,54 @@ def evaluate(
     from sdltag.evaluation import evaluate as run_eval
     from sdltag.evaluation import format_table
     from sdltag.modelfolder import load_model_folder
-
-    if fmt not in ("table", "json"):
-        raise SdltagError(f"--format {fmt}: choose table or json.")
-    if empty_labels not in ("skip", "zero"):
-        raise SdltagError(f"--empty-labels {empty_labels}: choose skip or zero.")
-    if report_path is not None:
-        from sdltag.report import require_matplotlib
-
-        require_matplotlib()  # before the evaluation, not after it
+    from sdltag.progress import ProgressBar
     from sdltag.runtime import resolve_precision
 
+    layout = merge_alias(layout, layout_alias)
+    _check_options(layout, empty_labels, report_path)
     model, _ = resolve_precision(load_model_folder(model_dir), precision, device)
-    progress = None
-    bar = None
-    if not quiet:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn("evaluating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        task = bar.add_task("eval", total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        bar.start()
-    try:
+    with ProgressBar("evaluating", quiet=quiet) as bar:
         report = run_eval(
             model,
             data_dir,
             unseen_file=unseen,
-            data_format=data_format,
+            data_format=layout,
             batch_size=batch_size,
             device=device,
             threads=threads,
             embedder=embedder,
             cache_dir=cache_dir,
             empty=empty_labels,
-            progress=progress,
+            progress=lambda done, total: bar.update(completed=done, total=total),
             exclude=exclude,
         )
-    finally:
-        if bar is not None:
-            bar.stop()
-    if fmt == "json":
-        typer.echo(json.dumps(report.to_json(), indent=2))
-    else:
-        typer.echo(format_table(report))
+    typer.echo(json.dumps(report.to_json(), indent=2) if fmt is ReportFormat.json else format_table(report))
     if report_path is not None:
-        from sdltag.report import write_report
+        _write_report(report, report_path, quiet)
 
-        try:
-            write_report(report, report_path)
-        except OSError as exc:
-            error(f"{report_path}: cannot write the report ({exc.strerror or exc}). Pass --report somewhere writable.")
-            raise typer.Exit(1) from None
-        if not quiet:
-            info(f"report written to {report_path}")
+
+def _check_options(layout: str, empty_labels: str, report_path: Path | None) -> None:
+    """Refuse bad choices before the model loads; with --report, matplotlib must be there."""
+    if layout not in LAYOUTS:
+        raise SdltagError(f"--layout {layout}: choose {', '.join(LAYOUTS[:-1])} or {LAYOUTS[-1]}.")
+    if empty_labels not in ("skip", "zero"):
+        raise SdltagError(f"--empty-labels {empty_labels}: choose skip or zero.")
+    if report_path is not None:
+        from sdltag.report import require_matplotlib
+
+        require_matplotlib()  # before the evaluation, not after it
+
+
+def _write_report(report: EvalReport, report_path: Path, quiet: bool) -> None:
+    from sdltag.report import write_report
+
+    try:
+        write_report(report, report_path)
+    except OSError as exc:
+        error(f"{report_path}: cannot write the report ({exc.strerror or exc}). Pass --report somewhere writable.")
+        raise typer.Exit(1) from None
+    if not quiet:
+        info(f"report written to {report_path}")
 
 
 def register(app: typer.Typer) -> None:
