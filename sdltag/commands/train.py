@@ -226,6 +226,18 @@ def train(
         "--feature-views",
         help="With --freeze-backbone: feature vectors per training image (the image, plus augmented views).",
     ),
+    train_blocks: int = typer.Option(
+        0,
+        "--train-blocks",
+        help="Fine-tune the pretrained backbone's last K blocks (and its head convolution) with the SDL head; the "
+        "frozen part runs once per image, cached like --freeze-backbone: a CPU-sized fine-tune.",
+    ),
+    feature_cache: Path | None = typer.Option(
+        None,
+        "--feature-cache",
+        help="Folder of cached backbone features (--freeze-backbone, --train-blocks); runs on the same images "
+        "can share one (default: the run folder's features/).",
+    ),
     init: Path | None = typer.Option(
         None,
         "--init",
@@ -324,6 +336,7 @@ def train(
         pretrained=pretrained,
         freeze_backbone=freeze_backbone,
         feature_views=feature_views,
+        train_blocks=train_blocks,
         name=name,
         notes=notes,
         exclude=list(exclude),
@@ -345,6 +358,7 @@ def train(
         compile=compile,
         dist_backend=dist_backend,
         dist_timeout=dist_timeout,
+        feature_cache=feature_cache.expanduser().absolute() if feature_cache else None,
     )
     reporter = RichReporter(quiet=quiet)
     try:

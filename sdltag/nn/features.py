@@ -9,6 +9,17 @@ resized crop, flip, colour jitter and cutout, drawn from a seed derived from the
 content). A re-run, a ``--resume`` or a renamed file reuses the stored vectors; changing
 weights, input size or augmentation computes new ones.
 
+With ``blocks`` > 0 (``sdltag train --train-blocks K``) the cache holds, per image and view, the
+feature map at the input of the backbone's last K blocks (C, h, w): everything before them stays
+frozen and runs once, and training runs only those K blocks, the head convolution and the SDL
+head. The same pass also stores the pooled vectors (what ``--freeze-backbone`` reads), so a
+frozen run on the same images and folder finds them computed.
+
+The cache folder is ``<run folder>/features/`` unless ``sdltag train --feature-cache DIR``
+names another: several runs over the same images (seeds, M, lambda) then share one feature
+pass. Files are written atomically (a temporary name, then a rename), so runs writing the same
+folder at once do not corrupt each other's entries.
+
 The vectors are computed with onnxruntime on the CPU (the backbone exported once to a
 temporary ONNX graph: about 3x faster than torch on a 2-core CPU, and the very arithmetic
 tagging uses) and with torch on a GPU.
@@ -38,10 +49,16 @@ EXTRACT_BATCH = 32
 Progress = Callable[[int, int], None]
 
 
-def weights_hash(module: nn.Module) -> str:
-    """sha256 over a module's state (names, shapes, dtypes and values), first 16 hex digits."""
+def weights_hash(module: nn.Module, skip: Sequence[nn.Module] = ()) -> str:
+    """sha256 over a module's state (names, shapes, dtypes and values), first 16 hex digits.
+
+    ``skip``: sub-modules left out (the trained blocks, when hashing what stays frozen).
+    """
+    prefixes = tuple(f"{name}." for name, sub in module.named_modules() if any(sub is m for m in skip))
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if prefixes and name.startswith(prefixes):
+            continue
         value = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}\n".encode())
         digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else value.float().numpy().tobytes())
@@ -67,16 +84,58 @@ class _Pooled(nn.Module):
         return self.backbone(images).mean(dim=(2, 3))
 
 
-class FeatureStore:
-    """Pooled features of one split, (N, V, C) float32; ``ok`` marks images that decoded.
+class _Split(nn.Module):
+    """backbone -> (input of its last ``blocks`` blocks, pooled features): the graph of a ``--train-blocks`` pass."""
 
-    Read by batches of indices like ``ImageStore``: ``iter_batches`` yields (indices, (B, V, C)).
+    def __init__(self, backbone: nn.Module, blocks: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.blocks = blocks
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        maps = self.backbone.trunk(images, self.blocks)
+        return maps, self.backbone.tail(maps, self.blocks).mean(dim=(2, 3))
+
+
+def trainable_blocks(backbone: nn.Module) -> int:
+    """How many of its last blocks ``--train-blocks`` can train on ``backbone`` (0: it cannot be split)."""
+    if not all(hasattr(backbone, name) for name in ("trunk", "tail", "tail_modules", "num_blocks")):
+        return 0
+    return int(backbone.num_blocks)
+
+
+class CachedHead(nn.Module):
+    """What trains on cached features: the SDL head, after the backbone's last ``blocks`` blocks when > 0.
+
+    ``forward``: pooled features (B, C) (``blocks`` 0) or feature maps at the input of block -``blocks``
+    (B, C, h, w) -> principal vectors (B, M, d), as the whole model gives them from the images.
     """
 
-    def __init__(self, paths: Sequence[Path], features: Tensor, ok: Tensor) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, blocks: int = 0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.blocks = blocks
+
+    def forward(self, features: Tensor) -> Tensor:
+        if self.blocks:
+            return self.head(self.backbone.tail(features, self.blocks))
+        return self.head(features[:, :, None, None])
+
+
+class FeatureStore:
+    """Cached features of one split; ``ok`` marks images that decoded.
+
+    ``features``: (N, V, C) float32 pooled vectors, or with ``blocks`` > 0 the (N, V, C, h, w) feature
+    maps at the input of the backbone's last ``blocks`` blocks. Read by batches of indices like
+    ``ImageStore``: ``iter_batches`` yields (indices, (B, V, ...)).
+    """
+
+    def __init__(self, paths: Sequence[Path], features: Tensor, ok: Tensor, blocks: int = 0) -> None:
         self.paths = list(paths)
         self.features = features
         self.ok = ok
+        self.blocks = blocks
 
     @property
     def views(self) -> int:
@@ -90,7 +149,11 @@ class FeatureStore:
 
 
 class FeatureCache:
-    """The on-disk cache of one (backbone, weights, input spec, augmentation) combination."""
+    """The on-disk cache of one (backbone, weights, input spec, augmentation, blocks) combination.
+
+    ``blocks`` 0: pooled vectors (``--freeze-backbone``); K > 0: feature maps at the input of the last K
+    blocks (``--train-blocks K``), with the pooled vectors stored alongside.
+    """
 
     def __init__(
         self,
@@ -101,8 +164,12 @@ class FeatureCache:
         augment: AugmentConfig,
         device: torch.device,
         threads: int | None = None,
+        blocks: int = 0,
     ) -> None:
+        if blocks and not 0 < blocks <= trainable_blocks(backbone):
+            raise ValueError(f"{backbone_name}: cannot cache the input of its last {blocks} blocks")
         self.folder = Path(folder)
+        self.blocks = blocks
         self.backbone = backbone
         self.spec = spec
         self.augment = augment
@@ -111,11 +178,21 @@ class FeatureCache:
         base = {"backbone": backbone_name, "weights": weights_hash(backbone), "input": spec.to_json()}
         self.identity = json.dumps(base, sort_keys=True)  # view 0 is never augmented
         self.augmented_identity = json.dumps({**base, "augment": augment.to_dict()}, sort_keys=True)
+        if blocks:  # the maps' keys (they depend on the frozen part only); the pooled vectors keep the above
+            trunk = {**base, "weights": weights_hash(backbone, skip=backbone.tail_modules(blocks))}
+            self.maps_identity = json.dumps({**trunk, "maps_at_block": -blocks}, sort_keys=True)
+            self.maps_augmented_identity = json.dumps(
+                {**trunk, "maps_at_block": -blocks, "augment": augment.to_dict()}, sort_keys=True
+            )
         self._session: Any = None  # onnxruntime.InferenceSession, made on first use
         self._tmp: tempfile.TemporaryDirectory | None = None
 
-    def key(self, content: str, view: int) -> str:
-        identity = self.augmented_identity if view else self.identity
+    def key(self, content: str, view: int, pooled: bool = False) -> str:
+        """The cache key of an image's view: its feature maps (``blocks`` > 0) or its pooled vector."""
+        if self.blocks and not pooled:
+            identity = self.maps_augmented_identity if view else self.maps_identity
+        else:
+            identity = self.augmented_identity if view else self.identity
         return hashlib.sha256(f"{content}|{view}|{identity}".encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
@@ -127,7 +204,7 @@ class FeatureCache:
             value = np.load(path, allow_pickle=False)
         except (OSError, ValueError):
             return None
-        return value if value.ndim == 1 else None
+        return value if value.ndim == (3 if self.blocks else 1) else None
 
     def _write(self, key: str, value: np.ndarray) -> None:
         path = self._path(key)
@@ -139,15 +216,19 @@ class FeatureCache:
 
     # -- computing -------------------------------------------------------------------------------
 
-    def _run(self, images: Tensor) -> np.ndarray:
-        """Normalised images (B, 3, H, W) -> pooled features (B, C)."""
+    def _graph(self) -> nn.Module:
+        return _Split(self.backbone, self.blocks) if self.blocks else _Pooled(self.backbone)
+
+    def _run(self, images: Tensor) -> list[np.ndarray]:
+        """Normalised images (B, 3, H, W) -> [pooled features (B, C)], or [maps (B, C, h, w), pooled (B, C)]."""
         if self.device.type == "cuda":
-            pooled = _Pooled(self.backbone).eval().to(self.device)
+            graph = self._graph().eval().to(self.device)
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
-                return pooled(images.to(self.device)).float().cpu().numpy()
+                out = graph(images.to(self.device))
+            return [t.float().cpu().numpy() for t in (out if isinstance(out, tuple) else (out,))]
         if self._session is None:
             self._session = self._onnx_session()
-        return self._session.run(None, {"images": images.numpy()})[0]
+        return list(self._session.run(None, {"images": images.numpy()}))
 
     def _onnx_session(self):  # noqa: ANN202 - onnxruntime is imported lazily
         import onnxruntime as ort
@@ -156,8 +237,11 @@ class FeatureCache:
 
         self._tmp = tempfile.TemporaryDirectory(prefix="sdltag-features-")
         path = Path(self._tmp.name) / "backbone.onnx"
-        backbone = _Pooled(self.backbone).cpu().float().eval()
-        export_onnx(backbone, self.spec, path)
+        graph = self._graph().cpu().float().eval()
+        if self.blocks:
+            _export_split(graph, self.spec, path)
+        else:
+            export_onnx(graph, self.spec, path)
         options = ort.SessionOptions()
         # Threads that sleep between operators instead of spinning: 1.3x the images/s on a busy 2-core CPU
         # (10.6 -> 13.8, medians of 5 interleaved batches of 32), where spinning threads compete for the cores.
@@ -179,15 +263,10 @@ class FeatureCache:
             out.append(normalise(torch.cat(augmented), self.spec))
         return out
 
-    def store(self, image_store: ImageStore, views: int, progress: Progress | None = None) -> FeatureStore:
-        """Features of every image of ``image_store`` (cached ones read, the rest computed and cached)."""
-        paths = image_store.paths
-        n = len(paths)
-        contents = [content_hash(Path(p)) for p in paths]
-        features: Tensor | None = None
-        ok = torch.ones(n, dtype=torch.bool)
-        missing: list[int] = []
+    def _cached(self, contents: list[str | None], views: int) -> tuple[dict[int, list[np.ndarray]], list[int]]:
+        """The images whose every view is cached (index -> values), and the others' indices."""
         found: dict[int, list[np.ndarray]] = {}
+        missing: list[int] = []
         for i, content in enumerate(contents):
             if content is None:
                 missing.append(i)  # unreadable: the decoder reports it
@@ -198,6 +277,33 @@ class FeatureCache:
                 found[i] = present
             else:
                 missing.append(i)
+        return found, missing
+
+    def _compute(self, pixels: Tensor, contents: list[str], views: int) -> list[list[np.ndarray]]:
+        """uint8 images (B, 3, H, W) -> per image, per view, the cached value (written to the cache too).
+
+        With ``blocks`` > 0 the pooled vectors the same pass computed are written alongside the maps.
+        """
+        outputs = [self._run(images) for images in self._views(pixels, contents, views)]  # V x [main, (pooled)]
+        rows = []
+        for row, content in enumerate(contents):
+            computed = [np.asarray(out[0][row], dtype=np.float32) for out in outputs]
+            if content:
+                for view, out in enumerate(outputs):
+                    self._write(self.key(content, view), computed[view])
+                    if self.blocks:
+                        self._write(self.key(content, view, pooled=True), np.asarray(out[1][row], dtype=np.float32))
+            rows.append(computed)
+        return rows
+
+    def store(self, image_store: ImageStore, views: int, progress: Progress | None = None) -> FeatureStore:
+        """Features of every image of ``image_store`` (cached ones read, the rest computed and cached)."""
+        paths = image_store.paths
+        n = len(paths)
+        contents = [content_hash(Path(p)) for p in paths]
+        features: Tensor | None = None
+        ok = torch.ones(n, dtype=torch.bool)
+        found, missing = self._cached(contents, views)
         done = len(found)
         if progress:
             progress(done, n)
@@ -205,7 +311,7 @@ class FeatureCache:
         def put(i: int, rows: list[np.ndarray]) -> None:
             nonlocal features
             if features is None:
-                features = torch.zeros(n, views, len(rows[0]), dtype=torch.float32)
+                features = torch.zeros(n, views, *rows[0].shape, dtype=torch.float32)
             features[i] = torch.from_numpy(np.stack(rows))
 
         for i, rows in found.items():
@@ -214,14 +320,9 @@ class FeatureCache:
         for batch, (indices, pixels) in zip(batches, image_store.iter_batches(batches), strict=True):
             idx = indices.tolist()
             if idx:
-                keys = [contents[i] or "" for i in idx]
-                outputs = [self._run(images) for images in self._views(pixels, keys, views)]  # V x (B, C)
-                for row, i in enumerate(idx):
-                    computed = [np.asarray(out[row], dtype=np.float32) for out in outputs]
-                    if contents[i]:
-                        for view, value in enumerate(computed):
-                            self._write(self.key(contents[i], view), value)
-                    put(i, computed)
+                computed = self._compute(pixels, [contents[i] or "" for i in idx], views)
+                for i, rows in zip(idx, computed, strict=True):
+                    put(i, rows)
             done += len(batch)
             if progress:
                 progress(done, n)
@@ -230,11 +331,33 @@ class FeatureCache:
             if contents[i] is None:
                 ok[i] = False
         if features is None:
-            features = torch.zeros(n, views, 1, dtype=torch.float32)
-        return FeatureStore(paths, features, ok)
+            features = torch.zeros(n, views, *([1, 1, 1] if self.blocks else [1]), dtype=torch.float32)
+        return FeatureStore(paths, features, ok, self.blocks)
 
     def close(self) -> None:
         self._session = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _export_split(graph: nn.Module, spec: InputSpec, path: Path) -> None:
+    """The two-output extraction graph (maps, pooled) to ONNX, dynamic batch."""
+    import warnings
+
+    from sdltag.nn.export import INPUT_NAME, ONNX_OPSET
+
+    dummy = torch.zeros(2, 3, spec.height, spec.width)
+    names = ["maps", "pooled"]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            graph,
+            (dummy,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=names,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in names}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )

@@ -47,11 +47,11 @@ from sdltag.errors import SdltagError
 from sdltag.modelfolder import EmbedderSpec, InputSpec, ModelFolder, check_output_folder
 from sdltag.nn import distributed
 from sdltag.nn.augment import AugmentConfig, augment_batch
-from sdltag.nn.backbones import available_backbones, pretrained_source
+from sdltag.nn.backbones import available_backbones, create_backbone, pretrained_source
 from sdltag.nn.calibration import CalibrationReport, fit_calibration
 from sdltag.nn.checkpoint import load_checkpoint, save_checkpoint
 from sdltag.nn.data import ImageStore, cache_bytes, normalise
-from sdltag.nn.features import FEATURES_DIR, FeatureCache, FeatureStore
+from sdltag.nn.features import FEATURES_DIR, CachedHead, FeatureCache, FeatureStore, trainable_blocks
 from sdltag.nn.loss import sdl_loss
 from sdltag.nn.model import ModelConfig, SDLModel, sdl_scores
 from sdltag.scoring import l2_normalize
@@ -106,6 +106,7 @@ class TrainConfig:
     pretrained: bool = True  # start from the backbone's ImageNet weights where it has them
     freeze_backbone: bool = False  # train the head only, on cached features of the frozen backbone
     feature_views: int = 1  # with freeze_backbone: 1 plain + (n - 1) augmented feature vectors per image
+    train_blocks: int = 0  # > 0: train the backbone's last K blocks (+ head conv, SDL head) on cached maps at block -K
     augment: dict[str, Any] = field(default_factory=lambda: AugmentConfig().to_dict())  # AugmentConfig.off(): none
     name: str = ""
     notes: str = ""
@@ -135,6 +136,11 @@ class TrainConfig:
             (self.image_size is None or self.image_size >= 16, f"--image-size {self.image_size}: use at least 16"),
             (self.width is None or self.width >= 1, f"--width {self.width}: must be at least 1"),
             (self.feature_views >= 1, f"--feature-views {self.feature_views}: must be at least 1"),
+            (self.train_blocks >= 0, f"--train-blocks {self.train_blocks}: must be 0 or more"),
+            (
+                not (self.train_blocks and self.freeze_backbone),
+                f"--train-blocks {self.train_blocks} trains part of the backbone; leave out --freeze-backbone",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -156,6 +162,7 @@ class RuntimeOptions:
     compile: bool = False  # torch.compile the training forward/backward (~1 min compile)
     dist_backend: str = "auto"  # under torchrun: gloo (CPU) or nccl (GPU); auto picks by device
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_S  # seconds any collective may wait for the other processes
+    feature_cache: Path | None = None  # cached features (--freeze-backbone, --train-blocks); default: <run>/features
 
 
 class TrainProgress(Protocol):
@@ -320,6 +327,8 @@ def train_epoch(run: RunSetup, state: RunState, reporter: TrainProgress, sigint:
     state.model.train()
     if run.frozen:
         state.model.backbone.eval()  # frozen: batch-norm statistics stay the pretrained ones
+        for module in _trained_blocks(state.model, run.config.train_blocks):
+            module.train()  # --train-blocks: those blocks train, batch norm included
     batches = _epoch_batches(len(run.usable), run.batch_size, run.config.seed, state.epoch)
     batches = [run.usable[b].tolist() for b in batches]
     if run.ctx.enabled:  # this process's contiguous share of each global batch
@@ -366,8 +375,8 @@ def _frozen_vectors(run: RunSetup, state: RunState, indices: torch.Tensor, featu
     """Frozen backbone: the head alone, on one of each image's cached feature views drawn at random -> (B, M, d)."""
     device = run.device
     views = torch.randint(features.shape[1], (len(indices),), generator=state.generator, device=device)
-    pooled = features.to(device)[torch.arange(len(indices), device=device), views]  # (B, C)
-    return run.head_model(pooled[:, :, None, None])  # (B, M, d)
+    cached = features.to(device)[torch.arange(len(indices), device=device), views]  # (B, C) or maps (B, C, h, w)
+    return run.head_model(cached)  # (B, M, d)
 
 
 def _image_vectors(run: RunSetup, state: RunState, pixels: torch.Tensor) -> torch.Tensor:
@@ -474,14 +483,19 @@ def principal_vectors(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run every decodable image of ``store`` without augmentation -> (indices, (N, M, d) float32).
 
-    A ``FeatureStore`` (frozen backbone) holds pooled features: only the head runs, on view 0.
+    A ``FeatureStore`` holds cached features (view 0 is used): pooled ones, for the head alone, or the maps at
+    the input of the backbone's last ``store.blocks`` blocks, for those blocks and the head.
     """
     model.eval()
     if isinstance(store, FeatureStore):
         indices = torch.nonzero(store.ok).flatten()
-        pooled = store.features[indices, 0].to(device)  # (N, C)
-        vectors = model.head(pooled[:, :, None, None]).float().cpu().numpy()
-        return indices.numpy(), vectors
+        cached_head = CachedHead(model.backbone, model.head, store.blocks)
+        parts = [
+            cached_head(store.features[indices[i : i + VAL_BATCH], 0].to(device)).float().cpu()
+            for i in range(0, len(indices), VAL_BATCH)
+        ]
+        vectors = torch.cat(parts) if parts else torch.zeros(0, model.config.rows, model.config.dim)
+        return indices.numpy(), vectors.numpy()
     batches = [list(range(i, min(i + VAL_BATCH, len(store.paths)))) for i in range(0, len(store.paths), VAL_BATCH)]
     out_idx, out_vec = [], []
     for indices, pixels in store.iter_batches(batches):
@@ -544,7 +558,8 @@ class RunSetup:
 
     @property
     def frozen(self) -> bool:
-        return self.config.freeze_backbone
+        """Training reads cached features: the backbone is frozen, or all of it but its last blocks."""
+        return self.config.freeze_backbone or self.config.train_blocks > 0
 
     @property
     def batch_size(self) -> int:
@@ -686,10 +701,12 @@ def setup(
     model, weights_record = _build_model(config, model_config, init, resumed, pretrained, reporter)
     train_store: ImageStore | FeatureStore = train_images
     val_store: ImageStore | FeatureStore = val_images
-    if config.freeze_backbone:
-        if resumed is not None:  # the features are those of the run's backbone
+    if config.freeze_backbone or config.train_blocks:
+        if resumed is not None:  # the features are those of the run's backbone (its frozen part)
             model.load_state_dict(resumed["model"], strict=True)
         model.backbone.requires_grad_(False)
+        for module in _trained_blocks(model, config.train_blocks):
+            module.requires_grad_(True)
         train_store, val_store, usable = _feature_stores(
             config, model, spec, train_images, val_images, run_dir, device, options, reporter, ctx
         )
@@ -716,7 +733,7 @@ def setup(
     if resumed is not None:
         state.restore(resumed, ctx, config.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run.step_model, run.head_model = _training_forwards(model, ctx, config.freeze_backbone, options.compile)
+    run.step_model, run.head_model = _training_forwards(model, ctx, run.frozen, options.compile, config.train_blocks)
     return run, state
 
 
@@ -763,11 +780,14 @@ def _pretrained_weights(config: TrainConfig) -> tuple[dict[str, Any], dict[str, 
         )
     source = pretrained_source(config.backbone)
     if config.pretrained and source is not None:
+        if config.train_blocks:
+            _check_train_blocks(create_backbone(config.backbone), config.backbone, config.train_blocks)
         return source.read_weights(config.backbone), source.weights_provenance(config.backbone)
-    if config.freeze_backbone:
+    if config.freeze_backbone or config.train_blocks:
         reason = "has no pretrained weights" if source is None else "is not pretrained (--no-pretrained)"
+        option = "--freeze-backbone" if config.freeze_backbone else f"--train-blocks {config.train_blocks}"
         raise SdltagError(
-            f"--freeze-backbone: {config.backbone} {reason}, and a frozen untrained backbone learns nothing. "
+            f"{option}: {config.backbone} {reason}, and a frozen untrained backbone learns nothing. "
             "Use a pretrained backbone (--backbone efficientnet_lite0) or --init a trained model."
         )
     return None
@@ -833,7 +853,7 @@ def _image_stores(
         f"{len(data.train_items)} training and {len(data.val_items)} validation images, "
         f"{len(data.seen_labels)} seen and {len(data.unseen_labels)} unseen labels, {spec.height}x{spec.width}"
     )
-    if config.freeze_backbone:  # images are decoded once, by the feature pass, and not kept
+    if config.freeze_backbone or config.train_blocks:  # images are decoded once, by the feature pass, not kept
         budget = -1
     elif train_bytes <= budget:
         reporter.message(f"decoding the images into RAM ({(train_bytes + val_bytes) / 2**20:.0f} MB) ...")
@@ -922,15 +942,16 @@ def _initial_state(run: RunSetup, model: SDLModel, header: dict[str, Any]) -> Ru
 
 
 def _training_forwards(
-    model: SDLModel, ctx: distributed.DistContext, frozen: bool, compile: bool
+    model: SDLModel, ctx: distributed.DistContext, frozen: bool, compile: bool, train_blocks: int = 0
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """The model's and its head's training forward passes: DDP-wrapped under torchrun, compiled with --compile."""
+    """The model's and the cached-feature forward passes (the head, after the last ``train_blocks`` blocks):
+    DDP-wrapped under torchrun, compiled with --compile."""
     step_model: Callable[..., Any] = model
-    head_model: Callable[..., Any] = model.head
+    head_model: Callable[..., Any] = CachedHead(model.backbone, model.head, train_blocks)
     if ctx.enabled:  # gradients averaged over the processes; batch norm over the global batch
         distributed.convert_batchnorm(model)
         if frozen:
-            head_model = distributed.wrap(model.head, ctx)
+            head_model = distributed.wrap(head_model, ctx)
         else:
             step_model = distributed.wrap(model, ctx)
     if compile:
@@ -1067,7 +1088,23 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
-# ---- frozen backbone: the head trained on cached features
+# ---- frozen backbone: the head (and with --train-blocks the last blocks) trained on cached features
+
+
+def _check_train_blocks(backbone: torch.nn.Module, name: str, blocks: int) -> None:
+    available = trainable_blocks(backbone)
+    if not available:
+        raise SdltagError(f"--train-blocks {blocks}: the backbone {name} cannot be split into blocks.")
+    if blocks > available:
+        raise SdltagError(f"--train-blocks {blocks}: {name} has {available} blocks; choose 1 to {available}.")
+
+
+def _trained_blocks(model: SDLModel, blocks: int) -> list[torch.nn.Module]:
+    """--train-blocks: the backbone modules that train besides the SDL head (none without it)."""
+    if not blocks:
+        return []
+    _check_train_blocks(model.backbone, model.config.backbone, blocks)
+    return model.backbone.tail_modules(blocks)
 
 
 def _feature_stores(
@@ -1082,22 +1119,25 @@ def _feature_stores(
     reporter: TrainProgress,
     ctx: distributed.DistContext | None = None,
 ) -> tuple[FeatureStore, FeatureStore, torch.Tensor]:
-    """--freeze-backbone: the pooled features of every image, read from the run folder's cache or computed.
+    """--freeze-backbone: the pooled features of every image, read from the feature cache or computed
+    (--train-blocks K: the feature maps at the input of block -K, and the pooled ones alongside).
 
     Under torchrun each process computes the features of its share of the images into the run folder
     (shared by all machines), waits for the others at a barrier, then every process reads the whole cache.
     """
     cache = FeatureCache(
-        run_dir / FEATURES_DIR,
+        options.feature_cache or run_dir / FEATURES_DIR,
         config.backbone,
         model.backbone,
         spec,
         AugmentConfig.from_dict(config.augment),
         device,
         options.threads,
+        config.train_blocks,
     )
     views = config.feature_views
-    reporter.message(f"frozen backbone: computing {views} feature vector(s) per image once (cached in {cache.folder})")
+    what = f"the input of its last {config.train_blocks} block(s)" if config.train_blocks else "feature vector(s)"
+    reporter.message(f"frozen backbone: computing {views} x {what} per image once (cached in {cache.folder})")
     try:
         if ctx is not None and ctx.enabled:
             for images, n_views in ((train_images, views), (val_images, 1)):

@@ -230,10 +230,34 @@ class EfficientNetLite(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """images (B, 3, H, W) normalised per ``input_spec`` -> feature map (B, 1280, H/32, W/32)."""
+        return self.tail(self.trunk(x, 0), 0)
+
+    @property
+    def num_blocks(self) -> int:
+        """How many MBConv blocks there are: ``--train-blocks`` can train 1 to this many of the last ones."""
+        return len(self._blocks)
+
+    def _split(self, blocks: int) -> int:
+        if not 0 <= blocks <= len(self._blocks):
+            raise ValueError(f"{self.variant_name} has {len(self._blocks)} blocks, not {blocks}")
+        return len(self._blocks) - blocks
+
+    def trunk(self, x: Tensor, blocks: int) -> Tensor:
+        """Images -> the input of the last ``blocks`` blocks (the part that stays frozen; 0: all blocks run)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[: self._split(blocks)]:
+            x = block(x)
+        return x
+
+    def tail(self, x: Tensor, blocks: int) -> Tensor:
+        """The input of the last ``blocks`` blocks -> the (B, 1280, h, w) feature map: those blocks + head conv."""
+        for block in self._blocks[self._split(blocks) :]:
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
+
+    def tail_modules(self, blocks: int) -> list[nn.Module]:
+        """The modules ``tail(x, blocks)`` runs: what ``--train-blocks`` trains besides the SDL head."""
+        return [*self._blocks[self._split(blocks) :], self._conv_head, self._bn1]
 
     def pooled(self, x: Tensor) -> Tensor:
         """Global-average-pooled features (B, 1280)."""
