@@ -4,9 +4,10 @@ Decoding is the single definition of "image file -> model input" for tagging and
 training alike: EXIF orientation applied, JPEGs decoded with ``draft()`` at the
 smallest scale still at least the model's input size, other formats decoded whole and
 at once reduced (block averages, band by band) to that scale, every mode converted to
-RGB (alpha flattened onto white), then resized and normalised exactly as the model
-folder's ``InputSpec`` says. Imports Pillow (and numpy); pillow-heif and rawpy only
-when a HEIC or RAW file is met.
+RGB (alpha flattened onto white), then resized (``resize_pixels``: uint8 pixels) and
+normalised (``normalise``: float32) exactly as the model folder's ``InputSpec`` says;
+``load_image`` is both steps, ``load_pixels`` the first alone. Imports Pillow (and
+numpy); pillow-heif and rawpy only when a HEIC or RAW file is met.
 
 Memory: the decoded pixels of all images being decoded at once (by any number of
 threads) stay within one budget (``decode_budget()``, 1 GiB unless
@@ -542,11 +543,12 @@ def open_image(
         raise ImageError(path, f"cannot decode: {reason}") from None
 
 
-def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
-    """An RGB image -> the model's (3, H, W) float32 input: resize per ``spec.resize``, [0, 1], (x - mean) / std.
+def resize_pixels(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """An RGB image -> the model's input size as (H, W, 3) uint8 pixels, resized per ``spec.resize``.
 
     ``squash`` resizes to H x W ignoring aspect; ``shorter_center_crop`` scales the
-    shorter side to fit, then takes the centre H x W.
+    shorter side to fit, then takes the centre H x W. The array is Pillow's buffer, read-only
+    (copy it to change it in place).
     """
     resample = _RESAMPLE.get(spec.interpolation, Image.Resampling.BILINEAR)
     if image.mode != "RGB":
@@ -561,7 +563,11 @@ def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
         image = image.crop((left, top, left + spec.width, top + spec.height))
     elif image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), resample, reducing_gap=REDUCING_GAP)
-    pixels = np.asarray(image)  # (H, W, 3) uint8
+    return np.asarray(image)  # (H, W, 3) uint8
+
+
+def normalise(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(H, W, 3) uint8 pixels -> the model's (3, H, W) float32 input: [0, 1], then (x - mean) / std."""
     scale = np.divide(1.0, 255.0 * np.asarray(spec.std, dtype=np.float32))
     offset = np.asarray(spec.mean, dtype=np.float32) / np.asarray(spec.std, dtype=np.float32)
     # ((x / 255) - mean) / std, one channel plane at a time straight into the (3, H, W) array:
@@ -573,10 +579,27 @@ def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
     return out
 
 
-def load_image(path: Path, spec: InputSpec, max_megapixels: float = 100.0, data: bytes | None = None) -> np.ndarray:
-    """Decode ``path`` (or its bytes ``data``) and return the model input (3, H, W) float32; raises ``ImageError``."""
+def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """An RGB image -> the model's (3, H, W) float32 input: ``normalise(resize_pixels(image, spec), spec)``."""
+    return normalise(resize_pixels(image, spec), spec)
+
+
+def load_pixels(path: Path, spec: InputSpec, max_megapixels: float = 100.0, data: bytes | None = None) -> np.ndarray:
+    """Decode ``path`` (or its bytes ``data``) to the model's input size: (H, W, 3) uint8; raises ``ImageError``.
+
+    The first half of ``load_image``, for whoever keeps pixels before normalising them (training
+    caches and augments uint8 pixels, a quarter of the memory of the float input).
+    """
     image = open_image(path, max_megapixels=max_megapixels, target=(spec.height, spec.width), data=data)
-    return preprocess(image, spec)
+    return resize_pixels(image, spec)
+
+
+def load_image(path: Path, spec: InputSpec, max_megapixels: float = 100.0, data: bytes | None = None) -> np.ndarray:
+    """Decode ``path`` (or its bytes ``data``) and return the model input (3, H, W) float32; raises ``ImageError``.
+
+    ``normalise(load_pixels(...), spec)``: the same decode, resize and normalisation as training.
+    """
+    return normalise(load_pixels(path, spec, max_megapixels, data), spec)
 
 
 # ---------------------------------------------------------------------------------------------

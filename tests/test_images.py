@@ -12,7 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdltag.images import REDUCING_GAP, ImageError, discover, load_image, open_image, preprocess
+from sdltag.images import (
+    REDUCING_GAP,
+    ImageError,
+    discover,
+    load_image,
+    load_pixels,
+    normalise,
+    open_image,
+    preprocess,
+    resize_pixels,
+)
 from sdltag.modelfolder import InputSpec
 
 
@@ -104,6 +114,35 @@ def test_preprocess_matches_the_manifest_rule() -> None:
     np.testing.assert_allclose(crop, centre.transpose(2, 0, 1), atol=1e-6)
     squash = preprocess(image, InputSpec(10, 10))
     assert squash.shape == (3, 10, 10)
+
+
+PHOTOS = Path(__file__).parent / "data" / "photos"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        InputSpec(224, 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        InputSpec(96, 128, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resize="shorter_center_crop"),
+        InputSpec(300, 200, interpolation="bicubic"),
+    ],
+)
+def test_load_image_is_load_pixels_then_normalise_bit_for_bit(spec: InputSpec) -> None:
+    """Training keeps the uint8 pixels and normalises later: the same float input to the last bit as tagging's."""
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    assert len(photos) >= 4
+    for path in photos:
+        pixels = load_pixels(path, spec)
+        assert pixels.shape == (spec.height, spec.width, 3) and pixels.dtype == np.uint8
+        tagged = load_image(path, spec)
+        assert tagged.dtype == np.float32 and tagged.tobytes() == normalise(pixels, spec).tobytes()
+        data = path.read_bytes()
+        assert load_pixels(path, spec, data=data).tobytes() == pixels.tobytes()
+        image = open_image(path, target=(spec.height, spec.width))
+        assert resize_pixels(image, spec).tobytes() == pixels.tobytes()
+        assert preprocess(image, spec).tobytes() == tagged.tobytes()
+        expected = (pixels / 255.0 - np.array(spec.mean)) / np.array(spec.std)  # float64, (H, W, 3)
+        np.testing.assert_allclose(tagged, expected.transpose(2, 0, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_big_downscale_stays_close_to_one_antialiased_pass() -> None:
