@@ -37,6 +37,7 @@ from SQLite.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -50,6 +51,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -451,6 +453,18 @@ def _rebuild(index, model_id: str, path: Path, on_build: Callable[[int], None] |
     return _write_new(path, model_id, state, chunks(), count, rows, dim)
 
 
+def _remove_debris(path: Path) -> None:
+    """Remove the half-written files of rebuilds whose process was killed (gigabytes at a million photos)."""
+    from sdltag.paths import pid_alive
+
+    prefix = f".{path.name}.sdltag-tmp-"
+    for leftover in path.parent.glob(glob_escape(prefix) + "*"):
+        pid = leftover.name[len(prefix) :]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
 def _write_new(
     path: Path,
     model_id: str,
@@ -463,6 +477,7 @@ def _write_new(
     """Write ``chunks`` to a new file beside ``path`` and rename it over ``path`` (room for a quarter more)."""
     capacity = max(1024, expected + expected // 4)
     size = _layout(capacity, rows, dim)[4]
+    _remove_debris(path)
     tmp = path.with_name(f".{path.name}.sdltag-tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -248,3 +248,21 @@ def test_retag_csv_cells_of_awkward_names(tmp_path: Path, tiny_model) -> None:
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert [r["path"] for r in rows] == [str(tmp_path / n) for n in names]  # the cells quoted where needed
     assert all(r["rank"] == "1" and r["kind"] == "seen" for r in rows)
+
+
+def test_a_killed_rebuilds_half_written_file_is_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    db = tmp_path / "i.db"
+    path = matrixfile.matrix_path(db, "m")
+    leftover = path.with_name(f".{path.name}.sdltag-tmp-{dead}")
+    live = path.with_name(f".{path.name}.sdltag-tmp-{os.getppid()}")  # a running rebuild's file stays
+    leftover.write_bytes(b"x" * 100)
+    live.write_bytes(b"x")
+    with ImageIndex.open(db) as index:
+        _fill(index, tmp_path, range(3))
+        assert matrixfile.sync(index, "m")
+    assert not leftover.exists() and live.exists()
