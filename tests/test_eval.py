@@ -199,3 +199,10 @@ def test_eval_layout_and_its_old_spelling(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--layout flat: choose auto, manifest, sidecar, folders or xmp." in bad.stderr
     shown = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200"})
     assert "--layout" in shown.stdout and "--data-format" not in shown.stdout
+
+
+def test_the_cli_lists_the_layouts_the_reader_knows() -> None:
+    from sdltag.commands._common import LAYOUTS
+    from sdltag.datasets import FORMATS
+
+    assert LAYOUTS == ("auto", *FORMATS)

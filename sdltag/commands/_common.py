@@ -55,6 +55,9 @@ def complete_model_dir(incomplete: str) -> list[str]:
 
 
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a tool a closed pipe ended
+# `--layout` of train and eval: the folder layouts of sdltag.datasets.FORMATS and auto-detection (written out here
+# so that starting the CLI does not import the dataset readers; a test checks the two agree)
+LAYOUTS = ("auto", "manifest", "sidecar", "folders", "xmp")
 
 
 def _discard_stdout() -> None:

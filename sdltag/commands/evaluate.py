@@ -8,14 +8,12 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from sdltag.commands._common import cli_errors, error, info, merge_alias
+from sdltag.commands._common import LAYOUTS, cli_errors, error, info, merge_alias
 from sdltag.errors import SdltagError
 from sdltag.writers import ReportFormat
 
 if TYPE_CHECKING:
     from sdltag.evaluation import EvalReport
-
-LAYOUTS = ("auto", "manifest", "sidecar", "folders", "xmp")  # sdltag.datasets.FORMATS and auto-detection
 
 
 @cli_errors
