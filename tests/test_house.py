@@ -285,3 +285,15 @@ def test_changelog_releases_have_one_heading_of_each_kind() -> None:
         assert len(kinds) == len(set(kinds)), f"{title}: repeated headings {kinds}"
         assert all(k in order for k in kinds), f"{title}: unknown heading in {kinds}"
         assert kinds == sorted(kinds, key=order.index), f"{title}: headings out of order {kinds}"
+
+
+def test_tests_read_nothing_outside_the_repository() -> None:
+    """Fixtures live under tests/, so a clean clone runs (not skips) every test."""
+    outside = re.compile(r"\.\./shared|/work/shared")
+    found = [
+        f"{rel(path)}:{number}"
+        for path in sorted((ROOT / "tests").glob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if outside.search(line) and path.name != "test_house.py"
+    ]
+    assert not found, "tests that read files outside the repository:\n" + "\n".join(found)
