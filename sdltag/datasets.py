@@ -125,51 +125,67 @@ def detect_format(root: Path) -> str:
     )
 
 
-def _read_manifest(root: Path, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
+def _manifest_csv_rows(csv_path: Path) -> list[tuple[Path, list[str]]]:
+    """``labels.csv``: (path as written, labels) per row; a row without a path is one warning."""
     rows: list[tuple[Path, list[str]]] = []
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not {"path", "labels"} <= {f.strip() for f in reader.fieldnames}:
+                raise SdltagError(
+                    f"{csv_path}: needs a header row with columns `path,labels` (labels separated by `;`)."
+                )
+            for line_no, row in enumerate(reader, start=2):
+                row = {(k or "").strip(): v for k, v in row.items()}
+                path_text = (row.get("path") or "").strip()
+                if not path_text:
+                    logger.warning(f"{csv_path}:{line_no}: no path, row skipped")
+                    continue
+                rows.append((Path(path_text), (row.get("labels") or "").split(";")))
+    except UnicodeDecodeError as exc:
+        raise SdltagError(f"{csv_path}: not UTF-8 text ({exc.reason}). Save it as UTF-8.") from None
+    return rows
+
+
+def _manifest_jsonl_row(jsonl_path: Path, line_no: int, line: str) -> tuple[Path, list[str]] | None:
+    """One ``labels.jsonl`` line as (path as written, labels); None (after one warning) when it is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        logger.warning(f"{jsonl_path}:{line_no}: not valid JSON ({exc.msg}), line skipped")
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        logger.warning(f'{jsonl_path}:{line_no}: needs an object with a string "path", line skipped')
+        return None
+    labels = record.get("labels", [])
+    if isinstance(labels, str):
+        labels = labels.split(";")
+    if not isinstance(labels, list):
+        logger.warning(f'{jsonl_path}:{line_no}: "labels" must be a list of strings, line skipped')
+        return None
+    return Path(record["path"]), [str(v) for v in labels]
+
+
+def _manifest_jsonl_rows(jsonl_path: Path) -> list[tuple[Path, list[str]]]:
+    """``labels.jsonl``: (path as written, labels) per line; a line that is not a record is one warning."""
+    try:
+        lines = jsonl_path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise SdltagError(f"{jsonl_path}: not UTF-8 text ({exc.reason}). Save it as UTF-8.") from None
+    rows = [
+        _manifest_jsonl_row(jsonl_path, line_no, line)
+        for line_no, line in enumerate(lines, start=1)
+        if line.strip()  # blank lines are allowed
+    ]
+    return [row for row in rows if row is not None]
+
+
+def _read_manifest(root: Path, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
     csv_path, jsonl_path = root / "labels.csv", root / "labels.jsonl"
     if csv_path.is_file():
-        source = csv_path
-        try:
-            with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-                reader = csv.DictReader(handle)
-                if reader.fieldnames is None or not {"path", "labels"} <= {f.strip() for f in reader.fieldnames}:
-                    raise SdltagError(
-                        f"{csv_path}: needs a header row with columns `path,labels` (labels separated by `;`)."
-                    )
-                for line_no, row in enumerate(reader, start=2):
-                    row = {(k or "").strip(): v for k, v in row.items()}
-                    path_text = (row.get("path") or "").strip()
-                    if not path_text:
-                        logger.warning(f"{csv_path}:{line_no}: no path, row skipped")
-                        continue
-                    rows.append((Path(path_text), (row.get("labels") or "").split(";")))
-        except UnicodeDecodeError as exc:
-            raise SdltagError(f"{csv_path}: not UTF-8 text ({exc.reason}). Save it as UTF-8.") from None
+        source, rows = csv_path, _manifest_csv_rows(csv_path)
     elif jsonl_path.is_file():
-        source = jsonl_path
-        try:
-            lines = jsonl_path.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError as exc:
-            raise SdltagError(f"{jsonl_path}: not UTF-8 text ({exc.reason}). Save it as UTF-8.") from None
-        for line_no, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                logger.warning(f"{jsonl_path}:{line_no}: not valid JSON ({exc.msg}), line skipped")
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get("path"), str):
-                logger.warning(f'{jsonl_path}:{line_no}: needs an object with a string "path", line skipped')
-                continue
-            labels = record.get("labels", [])
-            if isinstance(labels, str):
-                labels = labels.split(";")
-            if not isinstance(labels, list):
-                logger.warning(f'{jsonl_path}:{line_no}: "labels" must be a list of strings, line skipped')
-                continue
-            rows.append((Path(record["path"]), [str(v) for v in labels]))
+        source, rows = jsonl_path, _manifest_jsonl_rows(jsonl_path)
     else:
         raise SdltagError(f"{root}: no labels.csv or labels.jsonl. Write one, or pick another --format.")
     # A path listed on several rows (one row per label, as many exports write) gets all their labels.

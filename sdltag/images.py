@@ -472,21 +472,9 @@ def open_image(
     files, which rawpy reads itself).
     """
     path = Path(path)
-    suffix = path.suffix.lower()
+    raw = path.suffix.lower() in RAW_EXTENSIONS
     try:
-        if suffix in RAW_EXTENSIONS:
-            image = _open_raw_preview(path)
-        else:
-            if suffix in HEIF_EXTENSIONS:
-                _register_heif()
-            if (len(data) if data is not None else path.stat().st_size) == 0:
-                raise ImageError(path, "empty file (0 bytes)")
-            _allow_pixels(max_megapixels)
-            if ImageFile.LOAD_TRUNCATED_IMAGES:  # turned on by another library: never tag half a picture
-                ImageFile.LOAD_TRUNCATED_IMAGES = False
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data) if data is not None else path)
+        image = _open_raw_preview(path) if raw else _open_header(path, max_megapixels, data)
         width, height = image.size
         megapixels = width * height / 1e6
         if megapixels > max_megapixels:
@@ -500,47 +488,70 @@ def open_image(
             if _orientation(image) in _TRANSPOSED_ORIENTATIONS:  # a JPEG's EXIF is read with its header
                 want_h, want_w = want_w, want_h
             image.draft("RGB", (want_w, want_h))
-        if suffix not in RAW_EXTENSIONS:
-            damage = _damage(image, path, data)
-            if damage:
-                raise ImageError(path, damage)
-        width, height = image.size  # after draft
-        # Decoded pixels, plus the RGB copy (4 bytes a pixel) at the reduced size (the orientation,
-        # which may only be known once a PNG is loaded, does not matter: the smaller factor of the two).
-        least = min(_reduction(image.size, target, 1), _reduction(image.size, target, 6))
-        cost = width * height * _bytes_per_pixel(image.mode) + 4 * (-(-width // least)) * (-(-height // least))
-        with decode_budget().reserve(cost):
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)
-            image.load()
-            orientation = _orientation(image)  # a PNG's eXIf chunk may follow its pixels: only now
-            image = _reduced_rgb(image, _reduction(image.size, target, orientation))  # frees the full size
-            if cost >= _TRIM_BYTES:
-                _release_memory()
-        if orientation in _ORIENT:
-            image = image.transpose(_ORIENT[orientation])
-        return image
+        damage = None if raw else _damage(image, path, data)
+        if damage:
+            raise ImageError(path, damage)
+        return _decode_reduced(image, target)
     except ImageError:
         raise
-    except Image.DecompressionBombError:
-        raise ImageError(
+    except Exception as exc:  # noqa: BLE001 - Pillow and codecs raise anything on corrupt data
+        raise _decode_error(path, exc, max_megapixels) from None
+
+
+def _open_header(path: Path, max_megapixels: float, data: bytes | None) -> Image.Image:
+    """Pillow's lazy open of a (non-RAW) file or its bytes: the header is read, the pixels are not."""
+    if path.suffix.lower() in HEIF_EXTENSIONS:
+        _register_heif()
+    if (len(data) if data is not None else path.stat().st_size) == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+    _allow_pixels(max_megapixels)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # turned on by another library: never tag half a picture
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data) if data is not None else path)
+
+
+def _decode_reduced(image: Image.Image, target: tuple[int, int] | None) -> Image.Image:
+    """Decode an opened image within the decode budget: RGB, reduced to cover ``target``, EXIF-oriented."""
+    width, height = image.size  # after draft
+    # Decoded pixels, plus the RGB copy (4 bytes a pixel) at the reduced size (the orientation,
+    # which may only be known once a PNG is loaded, does not matter: the smaller factor of the two).
+    least = min(_reduction(image.size, target, 1), _reduction(image.size, target, 6))
+    cost = width * height * _bytes_per_pixel(image.mode) + 4 * (-(-width // least)) * (-(-height // least))
+    with decode_budget().reserve(cost):
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        image.load()
+        orientation = _orientation(image)  # a PNG's eXIf chunk may follow its pixels: only now
+        image = _reduced_rgb(image, _reduction(image.size, target, orientation))  # frees the full size
+        if cost >= _TRIM_BYTES:
+            _release_memory()
+    if orientation in _ORIENT:
+        image = image.transpose(_ORIENT[orientation])
+    return image
+
+
+def _decode_error(path: Path, exc: Exception, max_megapixels: float) -> ImageError:
+    """The one-line ``ImageError`` for whatever opening or decoding ``path`` raised."""
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageError(
             path,
             f"image is far over the {max_megapixels:g} MP cap (a decompression bomb?); "
             "raise --max-megapixels if the file is genuine",
-        ) from None
-    except Image.UnidentifiedImageError:
-        raise ImageError(path, "not an image Pillow can read (wrong extension, or corrupt)") from None
-    except PermissionError:
-        raise ImageError(path, "permission denied (cannot read the file)") from None
-    except FileNotFoundError:
-        raise ImageError(path, "no such file") from None
-    except MemoryError:
-        raise ImageError(path, "out of memory while decoding (lower --max-megapixels or --batch-size)") from None
-    except Exception as exc:  # noqa: BLE001 - Pillow and codecs raise anything on corrupt data
-        reason = _one_line(exc)
-        if "truncated" in reason.lower():
-            reason = f"truncated or incomplete file ({reason})"
-        raise ImageError(path, f"cannot decode: {reason}") from None
+        )
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return ImageError(path, "not an image Pillow can read (wrong extension, or corrupt)")
+    if isinstance(exc, PermissionError):
+        return ImageError(path, "permission denied (cannot read the file)")
+    if isinstance(exc, FileNotFoundError):
+        return ImageError(path, "no such file")
+    if isinstance(exc, MemoryError):
+        return ImageError(path, "out of memory while decoding (lower --max-megapixels or --batch-size)")
+    reason = _one_line(exc)
+    if "truncated" in reason.lower():
+        reason = f"truncated or incomplete file ({reason})"
+    return ImageError(path, f"cannot decode: {reason}")
 
 
 def resize_pixels(image: Image.Image, spec: InputSpec) -> np.ndarray:

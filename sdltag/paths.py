@@ -204,18 +204,23 @@ def remove_stale_temps(path: Path, now: float | None = None, *, listed_once: boo
 _UMASK: int | None = None
 
 
+def _umask_from_proc() -> int | None:
+    """The umask Linux reports in /proc/self/status; None where it does not."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _umask() -> int:
     """The process umask (read from /proc where possible: setting it to read it is not thread-safe)."""
     global _UMASK
     if _UMASK is None:
-        try:
-            with open("/proc/self/status", encoding="ascii") as status:
-                for line in status:
-                    if line.startswith("Umask:"):
-                        _UMASK = int(line.split()[1], 8)
-                        break
-        except (OSError, ValueError):
-            pass
+        _UMASK = _umask_from_proc()
         if _UMASK is None:
             _UMASK = os.umask(0o022)
             os.umask(_UMASK)

@@ -147,6 +147,19 @@ def _is_debris(entry: os.DirEntry, pattern: re.Pattern, allowed: Callable[[str],
     return age > DEBRIS_DEAD_SECONDS and int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
+def _optimise_debris(fast_path: str, now: float) -> list[Path]:
+    """The staging folders of killed optimisations inside one fast-path folder."""
+    try:
+        with os.scandir(fast_path) as inside:
+            return [
+                Path(e.path)
+                for e in inside
+                if _is_debris(e, _OPTIMISE_STAGING, lambda n: _OPTIMISED_FILE.fullmatch(n) is not None, now)
+            ]
+    except OSError:
+        return []
+
+
 def remove_debris(directory: Path, now: float | None = None) -> list[Path]:
     """Remove the staging folders killed exports and optimisations left in ``directory``/text-models.
 
@@ -165,15 +178,7 @@ def remove_debris(directory: Path, now: float | None = None) -> list[Path]:
         if _is_debris(entry, _EXPORT_STAGING, _EXPORT_FILES.__contains__, now):
             found.append(Path(entry.path))
         elif not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
-            try:
-                with os.scandir(entry.path) as inside:
-                    found.extend(
-                        Path(e.path)
-                        for e in inside
-                        if _is_debris(e, _OPTIMISE_STAGING, lambda n: _OPTIMISED_FILE.fullmatch(n) is not None, now)
-                    )
-            except OSError:
-                continue
+            found.extend(_optimise_debris(entry.path, now))
     removed = []
     for folder in found:
         shutil.rmtree(folder, ignore_errors=True)
