@@ -61,3 +61,28 @@ def test_search_cli(tmp_path: Path, tiny_model) -> None:
         app, ["search", "tree", "--model", str(tiny_model.path), "--index", str(tmp_path / "none.db")]
     )
     assert result.exit_code == 2 and "Run `sdltag tag" in result.stderr
+
+
+def test_top_k_and_its_hidden_old_spellings(tmp_path: Path, tiny_model) -> None:
+    """-k/--top-k as in `sdltag tag`; --top and -n (the old spellings) still work and are hidden from --help."""
+    index_path, _ = _index_with(tmp_path, tiny_model, [f"lib/{i}.jpg" for i in range(5)])
+    base = ["search", "tree", "--model", str(tiny_model.path), "--index", str(index_path), "-f", "jsonl"]
+    for option in (["--top-k", "2"], ["-k", "3"], ["--top", "2"], ["-n", "3"]):
+        result = CliRunner().invoke(app, [*base, *option])
+        assert result.exit_code == 0, result.stderr
+        assert len(result.stdout.splitlines()) == int(option[1]), option
+    assert len(CliRunner().invoke(app, base).stdout.splitlines()) == 5  # default 20: all of them
+    help_text = CliRunner().invoke(app, ["search", "--help"]).stdout
+    assert "--top-k" in help_text and "--top " not in help_text and "-n" not in help_text.split()
+
+
+def test_format_is_a_choice_listed_in_help_and_checked_first(tmp_path: Path) -> None:
+    """A bad --format is a usage error before anything is opened (here: a model folder that does not exist)."""
+    for command in ("tag", "search"):
+        help_text = CliRunner().invoke(app, [command, "--help"], terminal_width=200).stdout
+        assert "table|csv|json|jsonl|paths|paths0|html" in help_text, command
+    missing = str(tmp_path / "no-model")
+    for args in (["tag", str(tmp_path), "-m", missing], ["search", "cat", "-m", missing]):
+        result = CliRunner().invoke(app, [*args, "-f", "xml"])
+        assert result.exit_code == 2 and "'xml' is not one of" in result.stderr, result.stderr
+        assert "no-model" not in result.stderr
