@@ -11,7 +11,7 @@ from sdltag.commands._common import cli_errors, info
 
 labels_app = typer.Typer(
     name="labels",
-    help="Labels files, the label-vector cache and a model's labels.",
+    help="Labels files, the label-vector cache, the exported text encoder and a model's labels.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -70,13 +70,20 @@ def export_embedder(
         "Tagging looks there and in this Python environment's share/sdltag/text-models.",
     ),
     force: bool = typer.Option(False, "--force", help="Export again over an earlier export of the same embedder."),
-    cache_dir: Path = typer.Option(None, "--cache-dir", metavar="DIR", help=CACHE_DIR_HELP),
+    cache_dir: Path = typer.Option(
+        None, "--cache-dir", metavar="DIR", help="Cache folder, where the weights' hash is kept (as in `labels embed`)."
+    ),
 ) -> None:
     """Export a text embedder to ONNX (graph + tokenizer), so new labels are embedded without torch.
 
     The export is checked against sentence-transformers (same token ids; vectors within 1e-5,
     the largest difference is reported). Any failure is one error line and exit code 1.
-    Nothing is downloaded. Example: sdltag labels export-embedder all-MiniLM-L6-v2
+    Nothing is downloaded. `make venv` exports the default embedder.
+
+    Example:
+
+    \b
+        sdltag labels export-embedder all-MiniLM-L6-v2
     """
     from sdltag.embedding.cache import LabelVectorCache
     from sdltag.embedding.locate import embedding_dim, locate_text_model, make_spec
