@@ -25,9 +25,10 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 T = TypeVar("T")
+IsolationLevel = Literal["DEFERRED", "EXCLUSIVE", "IMMEDIATE"] | None
 
 Migration = tuple[int, str, Callable[[sqlite3.Connection], None]]  # (version, name, step)
 SIDE_FILES = ("-journal", "-wal", "-shm")
@@ -37,14 +38,15 @@ def connect(
     path: Path | str,
     *,
     timeout: float,
-    isolation_level: str | None = "",
+    isolation_level: IsolationLevel = "DEFERRED",
     readonly: bool = False,
     shared: bool = False,
 ) -> sqlite3.Connection:
     """A connection to ``path`` waiting up to ``timeout`` s on another program's lock.
 
     ``readonly``: opened ``mode=ro`` (nothing is created); ``shared``: usable from several threads
-    (the caller serialises them); ``isolation_level`` as ``sqlite3.connect`` takes it (None: autocommit).
+    (the caller serialises them); ``isolation_level`` as ``sqlite3.connect`` takes it (None: autocommit;
+    the others begin a transaction before a data-changing statement, the default one ``DEFERRED``).
     """
     target, uri = (f"{Path(path).absolute().as_uri()}?mode=ro", True) if readonly else (str(path), False)
     return sqlite3.connect(
