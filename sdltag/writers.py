@@ -450,21 +450,34 @@ def _hits_table(hits: list[SearchHit], stream: IO[str]) -> None:
     Console(file=stream, soft_wrap=False).print(table)
 
 
+def _hits_jsonl(hits: list[SearchHit], stream: IO[str]) -> None:
+    for record in _hit_records(hits):
+        stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _hits_json(hits: list[SearchHit], stream: IO[str]) -> None:
+    stream.write(json.dumps(_hit_records(hits), ensure_ascii=False, indent=2) + "\n")
+
+
+def _hits_paths(hits: list[SearchHit], stream: IO[str], terminator: str = "\n") -> None:
+    for hit in hits:
+        stream.write(path_text(hit.path) + terminator)
+
+
+_HIT_WRITERS = {
+    "jsonl": _hits_jsonl,
+    "json": _hits_json,
+    "csv": lambda hits, stream: _hits_csv(_hit_records(hits), stream),
+    "paths": _hits_paths,
+    "paths0": lambda hits, stream: _hits_paths(hits, stream, "\0"),
+    "table": _hits_table,
+}
+
+
 def write_search_hits(hits: list[SearchHit], fmt: str, stream: IO[str]) -> None:
     """Search results, best first, in ``fmt`` (table, csv, json, jsonl, paths, paths0)."""
-    if fmt == "jsonl":
-        for record in _hit_records(hits):
-            stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-    elif fmt == "json":
-        stream.write(json.dumps(_hit_records(hits), ensure_ascii=False, indent=2) + "\n")
-    elif fmt == "csv":
-        _hits_csv(_hit_records(hits), stream)
-    elif fmt in ("paths", "paths0"):
-        terminator = "\0" if fmt == "paths0" else "\n"
-        for hit in hits:
-            stream.write(path_text(hit.path) + terminator)
-    elif fmt == "table":
-        _hits_table(hits, stream)
-    else:
-        raise SdltagError(f"--format {fmt!r} is not one of {', '.join(TAG_FORMATS)}.")
+    write = _HIT_WRITERS.get(fmt)
+    if write is None:
+        raise SdltagError(f"--format {fmt!r} is not one of {', '.join(_HIT_WRITERS)}.")
+    write(hits, stream)
     stream.flush()
