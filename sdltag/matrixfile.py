@@ -304,9 +304,11 @@ def _quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     vectors = np.nan_to_num(np.asarray(vectors, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     peak = np.abs(vectors).max(axis=2) if vectors.size else np.zeros(vectors.shape[:2], dtype=np.float32)
     scales = np.where(peak > 0, peak / 127.0, 1.0).astype("<f4")
-    scaled = vectors.astype(np.float64) / scales[..., None]
+    scaled = vectors / scales[..., None]  # float32: rounding moves a value by 0.2% of its 1/508 at most
     q = np.clip(np.rint(scaled), -127, 127)
-    residuals = np.clip(np.rint((scaled - q) * 254), -127, 127)
+    scaled -= q
+    scaled *= 254
+    residuals = np.clip(np.rint(scaled, out=scaled), -127, 127, out=scaled)
     return q.astype(np.int8), residuals.astype(np.int8), scales
 
 
