@@ -95,8 +95,19 @@ def log(text: str) -> None:
 
 
 def make_reporter(every: int = 100):
-    """A plain-text ``TrainReporter``: a line every ``every`` steps and one per epoch."""
+    """A plain-text ``TrainReporter``: a line every ``every`` steps and one per epoch; sdltag's log lines too."""
+    import logging
+
     from sdltag.nn.train import TrainReporter
+
+    class LogLines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            log(("warning: " if record.levelno >= logging.WARNING else "") + record.getMessage())
+
+    sdltag_logger = logging.getLogger("sdltag")
+    if not any(type(h).__name__ == "LogLines" for h in sdltag_logger.handlers):  # once per process
+        sdltag_logger.addHandler(LogLines())
+        sdltag_logger.setLevel(logging.INFO)
 
     class LogReporter(TrainReporter):
         def __init__(self) -> None:
@@ -104,12 +115,6 @@ def make_reporter(every: int = 100):
             self.started = time.perf_counter()
             self.first_step = 0
             self.rates: list[float] = []
-
-        def message(self, text: str) -> None:
-            log(text)
-
-        def warn(self, text: str) -> None:
-            log(f"warning: {text}")
 
         def start(self, total_steps: int, done_steps: int, steps_per_epoch: int) -> None:
             self.total, self.first_step = total_steps, done_steps

@@ -261,7 +261,7 @@ def _features(paths: list[Path], work: Path, spec: Any, net: Any, label: str) ->
     from sdltag.nn.features import FeatureCache
 
     cache = FeatureCache(work / "features", BACKBONE, net, spec, AugmentConfig.off(), torch.device("cpu"))
-    store = ImageStore(paths, spec, cache=False, workers=0, warn=log)
+    store = ImageStore(paths, spec, cache=False, workers=0)
     last = [0.0]
 
     def progress(done: int, total: int) -> None:

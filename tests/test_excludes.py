@@ -100,7 +100,7 @@ def test_train_exclude(tmp_path: Path) -> None:
 
     data = make_scenes(tmp_path / "data", 12)
     config = tiny_config(data, tmp_path / "m", exclude=["img00[0-3].png"], val_split=0.0)
-    prepared = prepare_data(config, lambda message: None)
+    prepared = prepare_data(config)
     names = sorted(item.path.name for item in prepared.train_items)
     assert names == [f"img{i:03d}.png" for i in range(4, 12)]
     assert config.to_dict()["exclude"] == ["img00[0-3].png"]  # recorded in the checkpoint's settings

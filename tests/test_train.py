@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdltag import log
 from sdltag.errors import SdltagError
 from sdltag.modelfolder import EmbedderSpec
 from sdltag.nn.augment import AugmentConfig
@@ -43,12 +44,8 @@ class HashEmbedder:
 class Recorder(TrainReporter):
     def __init__(self, stop_at: int | None = None) -> None:
         self.losses: list[float] = []
-        self.warnings: list[str] = []
         self.epochs: list[tuple[int, dict | None, bool]] = []
         self.stop_at = stop_at
-
-    def warn(self, text: str) -> None:
-        self.warnings.append(text)
 
     def step(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> None:
         self.losses.append(loss)
@@ -233,16 +230,16 @@ def test_undecodable_images_are_reported_and_skipped(tmp_path: Path) -> None:
     (data / "empty.png").write_bytes(b"")
     with open(data / "labels.csv", "a", encoding="utf-8") as handle:
         handle.write("broken.png,red\nempty.png,blue\n")
-    recorder = Recorder()
-    result = train(
-        tiny_config(data, tmp_path / "model", epochs=1, val_split=0.0),
-        RuntimeOptions(**OPTIONS),
-        embedder=HashEmbedder(),
-        reporter=recorder,
-    )
+    with log.collect() as warnings:  # the sdltag logger's warnings (the CLI prints them as `sdltag: warning:`)
+        result = train(
+            tiny_config(data, tmp_path / "model", epochs=1, val_split=0.0),
+            RuntimeOptions(**OPTIONS),
+            embedder=HashEmbedder(),
+            reporter=Recorder(),
+        )
     assert result.model_folder.path.is_dir()
-    assert sum("broken.png" in w for w in recorder.warnings) == 1
-    assert sum("empty.png" in w for w in recorder.warnings) == 1
+    assert sum("broken.png" in w for w in warnings) == 1
+    assert sum("empty.png" in w for w in warnings) == 1
 
 
 def test_bad_settings_and_data_are_refused(tmp_path: Path) -> None:

@@ -70,8 +70,9 @@ def test_train_then_eval_with_minilm(tmp_path: Path) -> None:
 def test_train_help_and_refusals(tmp_path: Path) -> None:
     runner = CliRunner()
     help_text = runner.invoke(app, ["train", "--help"]).stdout
-    for option in ("--val-split", "--unseen", "--init", "--resume", "--rows", "--lambda", "--no-sigma", "--workers"):
+    for option in ("--val-split", "--unseen", "--init", "--resume", "--rows", "--lambda", "--no-sigma", "--layout"):
         assert option in help_text
+    assert "--format" not in help_text  # the old spelling of --layout still works, unlisted
     assert "--empty-labels" in runner.invoke(app, ["eval", "--help"]).stdout
     data = make_scenes(tmp_path / "data", 8)
     bad = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "m"), "--epochs", "0", *TINY])
@@ -80,6 +81,10 @@ def test_train_help_and_refusals(tmp_path: Path) -> None:
     empty.mkdir()
     refused = runner.invoke(app, ["train", str(empty), "--out", str(tmp_path / "m"), *TINY])
     assert refused.exit_code == 2 and "empty" in refused.stderr
+    for spelling in ("--layout", "--format"):  # --format: the old name, merged into --layout
+        wrong = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "m"), spelling, "sidecars", *TINY])
+        assert wrong.exit_code == 2 and "--layout sidecars: choose auto, manifest, sidecar" in wrong.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.train").exists()
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
@@ -122,7 +127,7 @@ def test_progress_lines_in_a_log_file(monkeypatch, capsys) -> None:
     import sdltag.commands.train as command
 
     monkeypatch.setattr(command, "LOG_EVERY_S", 0.0)
-    reporter = command.RichReporter()
+    reporter = command.TrainDisplay()
     reporter.start(total_steps=10, done_steps=4, steps_per_epoch=5)  # resumed at step 4; stderr is not a terminal
     reporter.step(5, 0, 2.5, 1e-3, 120.0)
     reporter.epoch_end(1, 2.5, {"gzsl": {"f1": {"3": 12.5}, "map": 7.25}}, True)

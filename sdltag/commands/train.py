@@ -6,97 +6,67 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 
 from sdltag.commands._common import cli_errors, error, info
-
-if TYPE_CHECKING:
-    from rich.progress import Progress, TaskID
+from sdltag.errors import SdltagError
+from sdltag.progress import ProgressBar
 
 LOG_EVERY_S = 60.0  # when stderr is not a terminal (a log file), one progress line this often
+LAYOUTS = ("auto", "manifest", "sidecar", "folders", "xmp")
 
 
-class RichReporter:
-    """Training progress on stderr: a Rich bar with loss, lr, images/s and ETA, one line per epoch.
+class TrainDisplay:
+    """Training progress on stderr: a bar with loss, lr, images/s and time left, one line per epoch.
 
     When stderr is not a terminal (redirected to a log), the bar becomes a plain progress
-    line every ``LOG_EVERY_S`` seconds, so long epochs still show signs of life.
+    line every ``LOG_EVERY_S`` seconds, so long epochs still show signs of life. Messages and
+    warnings come through the ``sdltag`` logger (the CLI prints them above the bar).
     """
 
     def __init__(self, quiet: bool = False) -> None:
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
         self.quiet = quiet
-        self.progress: Any = None
-        self.task: Any = None
+        self.terminal = sys.stderr.isatty()
+        self.bar: ProgressBar | None = None
+        self.features_bar: ProgressBar | None = None
+        self.features_split: str | None = None  # the split the features bar shows
         self.rate = 0.0
         self.loss = float("nan")
-        self.started = time.perf_counter()
-        self.total = 0
-        self.first_step = 0
-        self.last_log = self.started
-        self._feature_split: str | None = None  # the split the feature bar shows
-        self._feature_bar: Progress | None = None
-        self._feature_task: TaskID | None = None
-
-    def message(self, text: str) -> None:
-        if not self.quiet:
-            self._line(f"sdltag: {text}")
-
-    def warn(self, text: str) -> None:
-        self._line(f"sdltag: warning: {text}")
+        self.started = self.last_log = time.perf_counter()
+        self.total = self.first_step = 0
 
     def _line(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        if self.bar is not None:
+            self.bar.print(text)
         else:
             print(text, file=sys.stderr, flush=True)
 
     def start(self, total_steps: int, done_steps: int, steps_per_epoch: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.total, self.first_step = total_steps, done_steps
         self.started = self.last_log = time.perf_counter()
-        if self.quiet or not self.console.is_terminal:
-            return
-        self.progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]} img/s"),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
-        self.progress.start()
-        self.steps_per_epoch = steps_per_epoch
-        self.task = self.progress.add_task(
-            "train",
+        self.bar = ProgressBar(
+            "epoch {task.fields[epoch]}",
             total=total_steps,
             completed=done_steps,
+            fields="loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]} img/s",
+            eta_label="ETA",
+            transient=False,
+            quiet=self.quiet,
             epoch=1 + done_steps // max(steps_per_epoch, 1),
             loss="-",
             lr="-",
             rate="-",
-        )
+        ).start()
 
     def step(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> None:
         if math.isfinite(loss):
             self.loss = loss if not math.isfinite(self.loss) else 0.9 * self.loss + 0.1 * loss
         self.rate = images_per_s if self.rate == 0 else 0.9 * self.rate + 0.1 * images_per_s
-        if self.progress is not None:
-            self.progress.update(
-                self.task,
-                completed=step,
-                epoch=epoch + 1,
-                loss=f"{self.loss:.4f}",
-                lr=f"{lr:.2e}",
-                rate=f"{self.rate:.0f}",
-            )
+        if self.bar is not None and self.bar.shown:
+            loss_text, rate_text = f"{self.loss:.4f}", f"{self.rate:.0f}"
+            self.bar.update(completed=step, epoch=epoch + 1, loss=loss_text, lr=f"{lr:.2e}", rate=rate_text)
         elif not self.quiet and time.perf_counter() - self.last_log >= LOG_EVERY_S:
             self.last_log = now = time.perf_counter()
             per_step = (now - self.started) / max(step - self.first_step, 1)
@@ -123,49 +93,42 @@ class RichReporter:
         """The frozen-backbone feature pass (phase 1 of 2): its own bar, or a log line a minute."""
         if self.quiet:
             return
-        if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            bar, task = self._feature_bar, self._feature_task
-            if bar is None or task is None or self._feature_split != split:
-                self._end_features()
-                self._feature_split = split
-                bar = self._feature_bar = Progress(
-                    TextColumn(f"features ({split})"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TextColumn("images  ETA"),
-                    TimeRemainingColumn(),
-                    console=self.console,
-                )
-                bar.start()
-                task = self._feature_task = bar.add_task(split, total=total, completed=done)
-            bar.update(task, completed=done, total=total)
-            if done >= total:
-                self._end_features()
-        elif done >= total or time.perf_counter() - self.last_log >= LOG_EVERY_S:
-            self.last_log = time.perf_counter()
-            self._line(f"sdltag: features ({split}): {done}/{total} images")
+        if not self.terminal:
+            if done >= total or time.perf_counter() - self.last_log >= LOG_EVERY_S:
+                self.last_log = time.perf_counter()
+                self._line(f"sdltag: features ({split}): {done}/{total} images")
+            return
+        if self.features_bar is None or self.features_split != split:
+            self._end_features()
+            self.features_split = split
+            self.features_bar = ProgressBar(
+                f"features ({split})", total=total, completed=done, eta_label="images  ETA", transient=False
+            ).start()
+        self.features_bar.update(completed=done, total=total)
+        if done >= total:
+            self._end_features()
 
     def _end_features(self) -> None:
-        if self._feature_bar is not None:
-            self._feature_bar.stop()
-            self._feature_bar = None
+        if self.features_bar is not None:
+            self.features_bar.stop()
+            self.features_bar = None
 
     def finish(self) -> None:
         self._end_features()
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
+# long: the Typer signature declares every option; the body builds the settings and calls the library
 @cli_errors
 def train(
     data_dir: Path = typer.Argument(
         ..., help="Labeled image folder (labels.csv/jsonl, IMG.txt or XMP sidecars, or one sub-folder per label)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write at the end (replaced atomically)."),
-    format: str = typer.Option("auto", "--format", help="Folder layout: auto, manifest, sidecar, folders, xmp."),
+    layout: str = typer.Option("auto", "--layout", help=f"Folder layout: {', '.join(LAYOUTS)}."),
+    layout_alias: str | None = typer.Option(None, "--format", hidden=True, help="Old spelling of --layout."),
     exclude: list[str] = typer.Option(
         [],
         "--exclude",
@@ -308,14 +271,18 @@ def train(
     Launched as `torchrun --nproc_per_node N -m sdltag train ...` it trains data-parallel on N processes
     (several machines: torchrun's --nnodes and rendezvous options); --batch-size stays the global batch.
     """
+    from sdltag.log import set_quiet
     from sdltag.nn.augment import AugmentConfig
     from sdltag.nn.train import RuntimeOptions, TrainConfig, TrainingInterrupted
     from sdltag.nn.train import train as run_training
 
+    set_quiet(quiet)  # -q: no progress or informational lines (warnings, errors and the summary stay)
+    if workers < 0:
+        raise SdltagError(f"--workers {workers}: must be 0 or more.")
     config = TrainConfig(
         data=str(data_dir.expanduser().absolute()),
         out=str(out.expanduser().absolute()),
-        format=format,
+        layout=layout_alias or layout,  # --format: the hidden old spelling
         val=str(val.expanduser().absolute()) if val else None,
         val_split=val_split,
         unseen=str(unseen.expanduser().absolute()) if unseen else None,
@@ -343,9 +310,6 @@ def train(
         machine_keywords=machine_keywords,
         augment=((AugmentConfig() if flip else AugmentConfig(flip=0.0)) if augment else AugmentConfig.off()).to_dict(),
     )
-    if workers < 0:
-        error(f"--workers {workers}: must be 0 or more.")
-        raise typer.Exit(2)
     options = RuntimeOptions(
         device=device,
         workers=workers,
@@ -360,29 +324,16 @@ def train(
         dist_timeout=dist_timeout,
         feature_cache=feature_cache.expanduser().absolute() if feature_cache else None,
     )
-    reporter = RichReporter(quiet=quiet)
+    display = TrainDisplay(quiet=quiet)
     try:
-        result = run_training(config, options, reporter=reporter)
+        result = run_training(config, options, reporter=display)
     except TrainingInterrupted as exc:
         error(f"interrupted; a resumable checkpoint is in {exc.checkpoint}. Run the same command with --resume.")
         raise typer.Exit(130) from None
     finally:
-        reporter.finish()
-    if result.model_folder is None:  # a torchrun process other than rank 0: rank 0 wrote the model
-        return
-    summary = f"wrote {result.model_folder.path} (best epoch {result.best_epoch}"
-    gzsl = result.metrics.get("gzsl")
-    if gzsl:
-        summary += f"; validation GZSL F1@3 {gzsl['f1']['3']:.2f}, mAP {gzsl['map']:.2f}"
-    zsl = result.metrics.get("zsl")
-    if zsl:
-        summary += f"; ZSL F1@3 {zsl['f1']['3']:.2f}, mAP {zsl['map']:.2f}"
-    cal = result.calibration
-    if cal.ece_seen is not None:
-        summary += f"; calibration ECE seen {cal.ece_seen:.4f}"
-        if cal.ece_unseen is not None:
-            summary += f", unseen {cal.ece_unseen:.4f}"
-    info(summary + ")")
+        display.finish()
+    if result.model_folder is not None:  # None on a torchrun process other than rank 0: rank 0 wrote the model
+        info(result.summary())
 
 
 def register(app: typer.Typer) -> None:

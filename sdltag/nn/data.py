@@ -1,19 +1,20 @@
 """Image loading for training: decode once through the tagging path, keep uint8 pixels.
 
 Every image is decoded and resized exactly as ``sdltag tag`` does it
-(``sdltag.images.load_image`` with the model's ``InputSpec``), then stored as uint8
-(3, H, W). Small datasets (the default budget is a few GB, e.g. 40k images of 96x96
+(``sdltag.images.load_pixels`` with the model's ``InputSpec``: tagging's decode before its
+normalisation) and stored as uint8 (3, H, W). Small datasets (the default budget is a few GB, e.g. 40k images of 96x96
 need 1.1 GB) are decoded once, by ``--workers`` DataLoader processes, into one RAM
 tensor; larger ones are decoded on the fly by the workers each epoch. Augmentation
 happens afterwards on whole batches (``sdltag.nn.augment``).
 
-An image that cannot be decoded is reported once (one line naming it and why) and
-left out; it never stops training.
+An image that cannot be decoded is reported once (a warning on the ``sdltag`` logger
+naming it and why) and left out; it never stops training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +24,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from sdltag.modelfolder import InputSpec
 
-Warn = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 def decode_uint8(path: Path, spec: InputSpec) -> np.ndarray:
     """Decode and resize one image as tagging does -> uint8 (3, H, W) in [0, 255]."""
-    from sdltag.images import load_image
+    from sdltag.images import load_pixels
 
-    normalised = np.asarray(load_image(path, spec), dtype=np.float32)  # (3, H, W), (x - mean) / std
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
-    unit = normalised * std + mean  # back to [0, 1]
-    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(load_pixels(path, spec).transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
 
 
 class DecodeDataset(Dataset):
@@ -85,13 +82,10 @@ class ImageStore:
     count as fine until tried).
     """
 
-    def __init__(
-        self, paths: Sequence[Path], spec: InputSpec, *, cache: bool, workers: int = 0, warn: Warn | None = None
-    ) -> None:
+    def __init__(self, paths: Sequence[Path], spec: InputSpec, *, cache: bool, workers: int = 0) -> None:
         self.paths = list(paths)
         self.spec = spec
         self.workers = workers
-        self.warn = warn or (lambda message: None)
         self.dataset = DecodeDataset(self.paths, spec)
         self.ok = torch.ones(len(self.paths), dtype=torch.bool)
         self._reported: set[int] = set()
@@ -109,7 +103,7 @@ class ImageStore:
                 self.ok[index] = False
                 if index not in self._reported:
                     self._reported.add(index)
-                    self.warn(f"{self.paths[index]}: cannot decode ({reason}), skipped")
+                    logger.warning(f"{self.paths[index]}: cannot decode ({reason}), skipped")
 
     def _fill_cache(self) -> None:
         pixels = torch.empty(len(self.paths), 3, self.spec.height, self.spec.width, dtype=torch.uint8)

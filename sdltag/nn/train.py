@@ -26,15 +26,17 @@ Under torchrun every process runs the same loop on its share of each global batc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import functools
 import hashlib
+import logging
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,7 +44,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from sdltag.datasets import LabeledDataset, LabeledImage, read_labeled_dir
+from sdltag.datasets import FORMATS, LabeledDataset, LabeledImage, read_labeled_dir
 from sdltag.errors import SdltagError
 from sdltag.modelfolder import EmbedderSpec, InputSpec, ModelFolder, check_output_folder
 from sdltag.nn import distributed
@@ -56,12 +58,15 @@ from sdltag.nn.loss import sdl_loss
 from sdltag.nn.model import ModelConfig, SDLModel, sdl_scores
 from sdltag.scoring import l2_normalize
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_IMAGE_SIZE = {"smallcnn": 96}  # others: 224
 FALLBACK_IMAGE_SIZE = 224
 # Mean/std recorded in the manifest; ImageNet statistics work for photos and drawings alike.
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
 OPTIMIZERS = ("adam", "adamw")
+LAYOUTS = ("auto", *FORMATS)
 RUN_SUFFIX = ".train"
 LAST, BEST = "last.pt", "best.pt"
 MODEL_CHECKPOINT = "checkpoint.pt"
@@ -83,7 +88,7 @@ class TrainConfig:
 
     data: str
     out: str
-    format: str = "auto"
+    layout: str = "auto"  # the folder layout: auto or one of sdltag.datasets.FORMATS
     val: str | None = None
     val_split: float = 0.1
     unseen: str | None = None
@@ -119,6 +124,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
+        if "format" in data and "layout" not in data:  # the checkpoint of an earlier version
+            data = {**data, "layout": data["format"]}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def validate(self) -> None:
@@ -133,6 +140,7 @@ class TrainConfig:
             (0 <= self.val_split < 1, f"--val-split {self.val_split}: must be in [0, 1)"),
             (0 <= self.warmup < 1, f"warmup {self.warmup}: must be in [0, 1)"),
             (self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer}: choose {' or '.join(OPTIMIZERS)}"),
+            (self.layout in LAYOUTS, f"--layout {self.layout}: choose {', '.join(LAYOUTS[:-1])} or {LAYOUTS[-1]}"),
             (self.image_size is None or self.image_size >= 16, f"--image-size {self.image_size}: use at least 16"),
             (self.width is None or self.width >= 1, f"--width {self.width}: must be at least 1"),
             (self.feature_views >= 1, f"--feature-views {self.feature_views}: must be at least 1"),
@@ -168,10 +176,6 @@ class RuntimeOptions:
 class TrainProgress(Protocol):
     """What ``train`` reports progress to: a ``TrainReporter`` or any object with its methods (the CLI's display)."""
 
-    def message(self, text: str) -> None: ...
-
-    def warn(self, text: str) -> None: ...
-
     def start(self, total_steps: int, done_steps: int, steps_per_epoch: int) -> None: ...
 
     def step(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> None: ...
@@ -185,12 +189,6 @@ class TrainProgress(Protocol):
 
 class TrainReporter:
     """Progress hooks; the CLI draws a Rich display, tests may raise KeyboardInterrupt in ``step``."""
-
-    def message(self, text: str) -> None:
-        """An informational line."""
-
-    def warn(self, text: str) -> None:
-        """A problem with one input (an image, a label); training goes on."""
 
     def start(self, total_steps: int, done_steps: int, steps_per_epoch: int) -> None:
         """Called once before the first step (``done_steps`` > 0 after a resume)."""
@@ -224,6 +222,21 @@ class TrainResult:
     metrics: dict[str, Any]
     calibration: CalibrationReport
     history: list[dict[str, Any]]
+
+    def summary(self) -> str:
+        """One line: where the model went, its best epoch, validation metrics and calibration error."""
+        where = self.model_folder.path if self.model_folder is not None else self.run_dir
+        text = f"wrote {where} (best epoch {self.best_epoch}"
+        gzsl, zsl, cal = self.metrics.get("gzsl"), self.metrics.get("zsl"), self.calibration
+        if gzsl:
+            text += f"; validation GZSL F1@3 {gzsl['f1']['3']:.2f}, mAP {gzsl['map']:.2f}"
+        if zsl:
+            text += f"; ZSL F1@3 {zsl['f1']['3']:.2f}, mAP {zsl['map']:.2f}"
+        if cal.ece_seen is not None:
+            text += f"; calibration ECE seen {cal.ece_seen:.4f}"
+            if cal.ece_unseen is not None:
+                text += f", unseen {cal.ece_unseen:.4f}"
+        return text + ")"
 
 
 @dataclass
@@ -259,10 +272,12 @@ def train(
     options = options or RuntimeOptions()
     reporter = reporter or TrainReporter()
     context = distributed.setup(options.device, options.dist_backend, options.dist_timeout)
-    if context is not None and not context.is_main:
+    follower = context is not None and not context.is_main
+    if follower:
         reporter = TrainReporter()  # rank 0 alone reports
     try:
-        return _train(config, options, embedder, reporter, context or distributed.DistContext())
+        with _errors_only() if follower else contextlib.nullcontext():
+            return _train(config, options, embedder, reporter, context or distributed.DistContext())
     except Exception as exc:
         if context is None or not distributed.is_collective_failure(exc):
             raise
@@ -676,7 +691,7 @@ def setup(
     ctx: distributed.DistContext,
 ) -> tuple[RunSetup, RunState]:
     """Settings (a resumed run's own), data, label vectors, images, model and optimizer; bad input refused first."""
-    config, resumed, run_dir = _settings(config, options, reporter, ctx)
+    config, resumed, run_dir = _settings(config, options, ctx)
     if options.threads:
         torch.set_num_threads(options.threads)
     device = ctx.device if ctx.enabled else resolve_device(options.device)
@@ -687,18 +702,18 @@ def setup(
         from sdltag.embedding import get_text_embedder
 
         embedder = get_text_embedder(config.embedder)
-    data = prepare_data(config, reporter.warn)
+    data = prepare_data(config)
     if resumed is not None and resumed.get("data_fingerprint") != data.fingerprint:
         raise SdltagError(
             f"{config.data}: the images or labels changed since the run started, so it cannot resume exactly. "
             "Restore the folder, or start a new run."
         )
     init = _load_init(config.init) if config.init else None
-    model_config, spec = _architecture(config, embedder.spec, init, resumed, reporter)
+    model_config, spec = _architecture(config, embedder.spec, init, resumed)
     all_vectors = _label_vectors(embedder, data, model_config.dim)  # (L, d)
-    train_images, val_images = _image_stores(config, options, data, spec, reporter)
+    train_images, val_images = _image_stores(config, options, data, spec)
     usable = _decodable(train_images, config)  # (N_ok,)
-    model, weights_record = _build_model(config, model_config, init, resumed, pretrained, reporter)
+    model, weights_record = _build_model(config, model_config, init, resumed, pretrained)
     train_store: ImageStore | FeatureStore = train_images
     val_store: ImageStore | FeatureStore = val_images
     if config.freeze_backbone or config.train_blocks:
@@ -738,7 +753,7 @@ def setup(
 
 
 def _settings(
-    config: TrainConfig, options: RuntimeOptions, reporter: TrainProgress, ctx: distributed.DistContext
+    config: TrainConfig, options: RuntimeOptions, ctx: distributed.DistContext
 ) -> tuple[TrainConfig, dict[str, Any] | None, Path]:
     """-> (the run's settings, the checkpoint it resumes or None, the run folder); impossible settings refused."""
     check_output_folder(config.out)  # a folder that is not ours is refused now, not after every epoch
@@ -750,7 +765,7 @@ def _settings(
             raise SdltagError(f"{last}: nothing to resume (no checkpoint). Start the run without --resume.")
         resumed = load_checkpoint(last)
         config = TrainConfig.from_dict(resumed["train_config"])
-        reporter.message(
+        logger.info(
             f"resuming {last} at epoch {resumed['epoch'] + 1}, step {resumed['step']} with the "
             "run's saved settings (training options given now are ignored)"
         )
@@ -764,7 +779,7 @@ def _settings(
     if ctx.enabled:
         distributed.check_batch(ctx, config.batch_size, resumed_world if resumed_world != ctx.world_size else None)
     if resumed_world is not None and resumed_world != ctx.world_size:
-        reporter.message(
+        logger.info(
             f"the run was started with {resumed_world} process(es) and goes on with {ctx.world_size}: the global "
             "batches, weights and optimizer state are the same; each process's share of the batches and the "
             "augmentation draws of the processes after the first are new"
@@ -798,7 +813,6 @@ def _architecture(
     embedder: EmbedderSpec,
     init: dict[str, Any] | None,
     resumed: dict[str, Any] | None,
-    reporter: TrainProgress,
 ) -> tuple[ModelConfig, InputSpec]:
     """The model's architecture and input: the resumed run's, --init's (fine-tuning), or from the settings."""
     if init is not None:
@@ -813,7 +827,7 @@ def _architecture(
     if init is not None:
         model_config = ModelConfig.from_dict(init["model_config"])
         spec = InputSpec.from_json(init["input"])
-        reporter.message(
+        logger.info(
             f"fine-tuning {config.init}: {model_config.backbone}, M={model_config.rows}, "
             f"{spec.height}x{spec.width} (architecture and input size come from --init)"
         )
@@ -843,37 +857,33 @@ def _label_vectors(embedder: Embedder, data: PreparedData, dim: int) -> torch.Te
 
 
 def _image_stores(
-    config: TrainConfig, options: RuntimeOptions, data: PreparedData, spec: InputSpec, reporter: TrainProgress
+    config: TrainConfig, options: RuntimeOptions, data: PreparedData, spec: InputSpec
 ) -> tuple[ImageStore, ImageStore]:
     """The training and validation images, decoded once into RAM when they fit --cache-mb."""
     budget = options.cache_mb * 2**20
     train_bytes = cache_bytes(len(data.train_items), spec)
     val_bytes = cache_bytes(len(data.val_items), spec)
-    reporter.message(
+    logger.info(
         f"{len(data.train_items)} training and {len(data.val_items)} validation images, "
         f"{len(data.seen_labels)} seen and {len(data.unseen_labels)} unseen labels, {spec.height}x{spec.width}"
     )
     if config.freeze_backbone or config.train_blocks:  # images are decoded once, by the feature pass, not kept
         budget = -1
     elif train_bytes <= budget:
-        reporter.message(f"decoding the images into RAM ({(train_bytes + val_bytes) / 2**20:.0f} MB) ...")
+        logger.info(f"decoding the images into RAM ({(train_bytes + val_bytes) / 2**20:.0f} MB) ...")
     else:
-        reporter.message(
-            f"images need {train_bytes / 2**20:.0f} MB > --cache-mb {options.cache_mb}: decoding each epoch"
-        )
+        logger.info(f"images need {train_bytes / 2**20:.0f} MB > --cache-mb {options.cache_mb}: decoding each epoch")
     train_images = ImageStore(
         [i.path for i in data.train_items],
         spec,
         cache=train_bytes <= budget,
         workers=options.workers,
-        warn=reporter.warn,
     )
     val_images = ImageStore(
         [i.path for i in data.val_items],
         spec,
         cache=train_bytes + val_bytes <= budget,
         workers=options.workers,
-        warn=reporter.warn,
     )
     return train_images, val_images
 
@@ -892,7 +902,6 @@ def _build_model(
     init: dict[str, Any] | None,
     resumed: dict[str, Any] | None,
     pretrained: tuple[dict[str, Any], dict[str, Any]] | None,
-    reporter: TrainProgress,
 ) -> tuple[SDLModel, dict[str, Any] | None]:
     """The model with its starting weights (--init's, ImageNet's, or random from the seed) -> (model, the
     provenance record of its backbone's weights, or None)."""
@@ -904,7 +913,7 @@ def _build_model(
     if pretrained is not None:
         weights, record = pretrained
         pretrained_source(config.backbone).load_state_strict(model.backbone, weights, record["file"])
-        reporter.message(f"starting from the ImageNet weights of {config.backbone} ({record['source']})")
+        logger.info(f"starting from the ImageNet weights of {config.backbone} ({record['source']})")
     if resumed is not None:
         record = resumed.get("provenance", {}).get("backbone_weights")
     elif init is not None:
@@ -947,11 +956,12 @@ def _training_forwards(
     """The model's and the cached-feature forward passes (the head, after the last ``train_blocks`` blocks):
     DDP-wrapped under torchrun, compiled with --compile."""
     step_model: Callable[..., Any] = model
-    head_model: Callable[..., Any] = CachedHead(model.backbone, model.head, train_blocks)
+    cached_head = CachedHead(model.backbone, model.head, train_blocks)
+    head_model: Callable[..., Any] = cached_head
     if ctx.enabled:  # gradients averaged over the processes; batch norm over the global batch
         distributed.convert_batchnorm(model)
         if frozen:
-            head_model = distributed.wrap(head_model, ctx)
+            head_model = distributed.wrap(cached_head, ctx)
         else:
             step_model = distributed.wrap(model, ctx)
     if compile:
@@ -980,29 +990,29 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _read_unseen(path: str | None, warn: Callable[[str], None]) -> tuple[list[str], list[str]]:
+def _read_unseen(path: str | None) -> tuple[list[str], list[str]]:
     """Labels (and the texts to embed) of an --unseen labels file."""
     if not path:
         return [], []
     from sdltag.labels import build_vocabulary
 
-    entries = build_vocabulary([Path(path)], [], warn)
+    entries = build_vocabulary([Path(path)], [])
     return [e.label for e in entries], [e.text for e in entries]
 
 
-def prepare_data(config: TrainConfig, warn: Callable[[str], None]) -> PreparedData:
+def prepare_data(config: TrainConfig) -> PreparedData:
     """Read the folders, split train/validation, hold out the unseen labels, fix the label order."""
     from sdltag.labels import label_key
 
     dataset = read_labeled_dir(
-        config.data, config.format, exclude=config.exclude, machine_keywords=config.machine_keywords
+        config.data, config.layout, exclude=config.exclude, machine_keywords=config.machine_keywords
     )
-    unseen, unseen_texts = _read_unseen(config.unseen, warn)
+    unseen, unseen_texts = _read_unseen(config.unseen)
     unseen_keys = {label_key(label) for label in unseen}
     val_dataset: LabeledDataset | None = None
     if config.val:
         val_dataset = read_labeled_dir(
-            config.val, config.format, exclude=config.exclude, machine_keywords=config.machine_keywords
+            config.val, config.layout, exclude=config.exclude, machine_keywords=config.machine_keywords
         )
         train_items, val_items = list(dataset.items), list(val_dataset.items)
     else:
@@ -1021,7 +1031,7 @@ def prepare_data(config: TrainConfig, warn: Callable[[str], None]) -> PreparedDa
             held.append(LabeledImage(item.path, kept))
     dropped = len(train_items) - len(held)
     if dropped:
-        warn(f"{dropped} training image(s) carry only --unseen labels; they are left out of training")
+        logger.warning(f"{dropped} training image(s) carry only --unseen labels; they are left out of training")
     seen_labels = sorted({label for item in held for label in item.labels}, key=lambda s: (label_key(s), s))
     if len(seen_labels) < 2:
         raise SdltagError(
@@ -1104,7 +1114,7 @@ def _trained_blocks(model: SDLModel, blocks: int) -> list[torch.nn.Module]:
     if not blocks:
         return []
     _check_train_blocks(model.backbone, model.config.backbone, blocks)
-    return model.backbone.tail_modules(blocks)
+    return model.backbone.tail_modules(blocks)  # type: ignore[operator]  # a backbone with blocks (checked above)
 
 
 def _feature_stores(
@@ -1137,12 +1147,12 @@ def _feature_stores(
     )
     views = config.feature_views
     what = f"the input of its last {config.train_blocks} block(s)" if config.train_blocks else "feature vector(s)"
-    reporter.message(f"frozen backbone: computing {views} x {what} per image once (cached in {cache.folder})")
+    logger.info(f"frozen backbone: computing {views} x {what} per image once (cached in {cache.folder})")
     try:
         if ctx is not None and ctx.enabled:
             for images, n_views in ((train_images, views), (val_images, 1)):
                 share = [p for i, p in enumerate(images.paths) if i % ctx.world_size == ctx.rank]
-                part = ImageStore(share, images.spec, cache=False, workers=images.workers, warn=images.warn)
+                part = ImageStore(share, images.spec, cache=False, workers=images.workers)
                 cache.store(part, n_views)
             distributed.barrier(ctx)
         train_store = cache.store(train_images, views, lambda done, total: reporter.features("training", done, total))
@@ -1328,7 +1338,19 @@ def _model_card_md(card: dict[str, Any], name: str) -> str:
     return "\n".join(lines)
 
 
-# ---- RNG state and Ctrl-C
+# ---- RNG state, Ctrl-C, logging
+
+
+@contextlib.contextmanager
+def _errors_only() -> Iterator[None]:
+    """Under torchrun the processes after the first log errors only: rank 0 reports (same images, same lines)."""
+    sdltag_logger = logging.getLogger("sdltag")
+    level = sdltag_logger.level
+    sdltag_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        sdltag_logger.setLevel(level)
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
