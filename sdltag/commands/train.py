@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from sdltag.commands._common import cli_errors, error, info
+from sdltag.commands._common import cli_errors, error, info, merge_alias
 from sdltag.errors import SdltagError
 from sdltag.progress import ProgressBar
 
@@ -282,7 +282,7 @@ def train(
     config = TrainConfig(
         data=str(data_dir.expanduser().absolute()),
         out=str(out.expanduser().absolute()),
-        layout=layout_alias or layout,  # --format: the hidden old spelling
+        layout=merge_alias(layout, layout_alias),
         val=str(val.expanduser().absolute()) if val else None,
         val_split=val_split,
         unseen=str(unseen.expanduser().absolute()) if unseen else None,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
 import functools
 import hashlib
 import logging
@@ -1181,6 +1180,7 @@ def _feature_stores(
 def calibrate_and_export(run: RunSetup, model: SDLModel, history: list[dict[str, Any]]) -> TrainResult:
     """Best weights -> calibration -> model folder with model card and checkpoint.pt."""
     from sdltag.nn.export import export_model
+    from sdltag.nn.model_card import model_card, model_card_md
 
     best_state = load_checkpoint(run.run_dir / BEST)
     model.load_state_dict(best_state["model"], strict=True)
@@ -1189,7 +1189,7 @@ def calibrate_and_export(run: RunSetup, model: SDLModel, history: list[dict[str,
     model = model.cpu().float().eval()
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # torch's stubs omit memory_format
     config, data = run.config, run.data
-    card = _model_card(config, data, run.spec, run.embedder, metrics, report, best_epoch, calibrated_on, history)
+    card = model_card(config, data, run.spec, run.embedder, metrics, report, best_epoch, calibrated_on, history)
     folder = export_model(
         model,
         Path(config.out),
@@ -1207,7 +1207,7 @@ def calibrate_and_export(run: RunSetup, model: SDLModel, history: list[dict[str,
             **best_state.get("provenance", {}),
         },
         model_card=card,
-        model_card_md=_model_card_md(card, Path(config.out).name if not config.name else config.name),
+        model_card_md=model_card_md(card, Path(config.out).name if not config.name else config.name),
     )
     weights = {k: v for k, v in best_state.items() if k not in ("format", "format_version")}
     weights["calibration"] = calibration
@@ -1234,108 +1234,6 @@ def _calibrate(run: RunSetup, model: SDLModel) -> tuple[dict[str, Any], dict[str
     metrics = _metrics_json(zsl_gzsl_metrics(scores, targets, run.unseen_mask)) if run.data.val_items else {}
     calibration, report = fit_calibration(scores, targets, run.unseen_mask)
     return metrics, calibration, report, calibrated_on
-
-
-def _model_card(
-    config: TrainConfig,
-    data: PreparedData,
-    spec: InputSpec,
-    embedder: EmbedderSpec,
-    metrics: dict[str, Any],
-    report: CalibrationReport,
-    best_epoch: int,
-    calibrated_on: str,
-    history: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """The manifest's ``model_card``: data, labels, settings, metrics."""
-    counts = data.train_dataset.label_counts()
-    return {
-        "trained_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "data": {
-            "train": str(config.data),
-            "format": data.train_dataset.format,
-            "validation": str(config.val) if config.val else f"{config.val_split:g} of the training folder",
-            "train_images": len(data.train_items),
-            "validation_images": len(data.val_items),
-            "skipped": len(data.train_dataset.skipped) + (len(data.val_dataset.skipped) if data.val_dataset else 0),
-            "fingerprint": data.fingerprint,
-        },
-        "labels": {
-            "seen": len(data.seen_labels),
-            "unseen": len(data.unseen_labels),
-            "unseen_file": config.unseen,
-            "most_common": [[label, n] for label, n in counts.most_common(10)],
-        },
-        "settings": {k: v for k, v in config.to_dict().items() if k not in ("data", "out", "val", "notes")},
-        "input": spec.to_json(),
-        "embedder": embedder.id,
-        "best_epoch": best_epoch,
-        "metrics": metrics,
-        "metrics_note": "validation set; percentages; images with >= 1 label in the evaluated set; "
-        "labels without a positive skipped from mAP",
-        "calibration": {**report.to_json(), "fitted_on": calibrated_on},
-        "history": history,
-        "notes": config.notes,
-    }
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _model_card_md(card: dict[str, Any], name: str) -> str:
-    """MODEL_CARD.md from the card dict."""
-    data, labels, settings = card["data"], card["labels"], card["settings"]
-    lines = [
-        f"# {name}",
-        "",
-        "An SDL (Semantic Diversity Learning, ICCV 2021) zero-shot multi-label image tagger trained with "
-        "`sdltag train`.",
-        "",
-        "## Data",
-        "",
-        f"- training images: {data['train_images']} from `{data['train']}` ({data['format']} layout)",
-        f"- validation images: {data['validation_images']} ({data['validation']})",
-        f"- skipped files: {data['skipped']}",
-        f"- labels: {labels['seen']} seen, {labels['unseen']} unseen (held out of training)",
-        "",
-        "## Settings",
-        "",
-        "| setting | value |",
-        "| --- | --- |",
-    ]
-    lines += [f"| {key} | {_fmt(value)} |" for key, value in settings.items() if key != "augment"]
-    lines += [
-        f"| input | {card['input']['size'][0]}x{card['input']['size'][1]} ({card['input']['resize']}) |",
-        f"| embedder | {card['embedder']} |",
-        "",
-    ]
-    lines += ["## Metrics (validation, best epoch " + str(card["best_epoch"]) + ")", ""]
-    if card["metrics"]:
-        lines += [
-            "| protocol | images | labels | mAP | P@3 | R@3 | F1@3 | P@5 | R@5 | F1@5 |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for proto, m in card["metrics"].items():
-            lines.append(
-                f"| {proto.upper()} | {m['images']} | {m['labels']} | {m['map']:.2f} | "
-                + " | ".join(f"{m[key][k]:.2f}" for k in ("3", "5") for key in ("precision", "recall", "f1"))
-                + " |"
-            )
-        lines += ["", card["metrics_note"] + ".", ""]
-    else:
-        lines += ["No validation set.", ""]
-    cal = card["calibration"]
-    lines += [
-        "## Calibration",
-        "",
-        f"Platt scaling fitted on {cal['fitted_on']}; expected calibration error "
-        f"(15 bins): seen {_fmt(cal['ece_seen'])}, unseen {_fmt(cal['ece_unseen'])}.",
-        "",
-    ]
-    if card.get("notes"):
-        lines += ["## Notes", "", card["notes"], ""]
-    return "\n".join(lines)
 
 
 # ---- RNG state, Ctrl-C, logging
