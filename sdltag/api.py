@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from sdltag.index import ImageIndex
     from sdltag.runtime import ImageModel
+    from sdltag.sidecars import SidecarPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class Tagger:
         self._lock = threading.Lock()  # the pipeline warms the session up from a decode thread
         self._runs: list[Iterator[TagResult]] = []
 
-    def _sidecar_policy(self):  # -> sdltag.sidecars.SidecarPolicy
+    def _sidecar_policy(self) -> SidecarPolicy:
         from sdltag.sidecars import sidecar_policy
 
         manifest = self.model.manifest
@@ -211,7 +212,7 @@ class Tagger:
         from sdltag.runtime import available_providers, choose_providers
 
         choose_providers(self.device, available_providers())  # refuse an impossible device before any work
-        if (self.sidecars.xmp or self.sidecars.txt) and self.policy is not None:
+        if self.sidecars.xmp or self.sidecars.txt:
             logger.info(self.policy.describe())
         inputs = [Path(p) for p in paths]
         found = discover(inputs, recursive=recursive, include_hidden=include_hidden, exclude=exclude)

@@ -70,8 +70,11 @@ def existing_file(candidates: Iterable[Path]) -> Path | None:
 
 
 class _Scored(Protocol):
-    label: str
-    score: float
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def score(self) -> float: ...
 
 
 @dataclass(frozen=True)
