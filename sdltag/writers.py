@@ -58,7 +58,6 @@ class ReportFormat(str, Enum):
 
 
 FORMATS = tuple(f.value for f in OutputFormat)
-TAG_FORMATS = FORMATS
 # --output's extension -> the format, when --format is not given
 EXTENSION_FORMATS = {
     ".csv": "csv",
@@ -288,7 +287,7 @@ def make_writer(fmt: str, stream: IO[str], title: str = "", output: Path | None 
         return PathsWriter(stream, "\0")
     if fmt == "table":
         return TableWriter(stream, title=title)
-    raise SdltagError(f"--format {fmt!r} is not one of {', '.join(TAG_FORMATS)}.")
+    raise SdltagError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}.")
 
 
 def stdout_stream() -> IO[str]:
