@@ -94,6 +94,8 @@ class Tagger:
         threads: int | None = None,
     ) -> None:
         folder = load_model(model)
+        if isinstance(labels, str):
+            labels = [labels]  # one label, not its characters
         self.embedder, self.cache_dir = embedder, cache_dir
         options = options or TagOptions()
         thresholds: dict[str, float] = {}
@@ -197,7 +199,7 @@ class Tagger:
 
     def tag(
         self,
-        paths: Iterable[str | os.PathLike[str]],
+        paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
         *,
         recursive: bool = True,
         include_hidden: bool = False,
@@ -214,7 +216,7 @@ class Tagger:
         choose_providers(self.device, available_providers())  # refuse an impossible device before any work
         if self.sidecars.xmp or self.sidecars.txt:
             logger.info(self.policy.describe())
-        inputs = [Path(p) for p in paths]
+        inputs = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
         found = discover(inputs, recursive=recursive, include_hidden=include_hidden, exclude=exclude)
         for where, reason in found.problems:
             logger.error(f"{where}: {reason}")

@@ -134,6 +134,9 @@ def test_labels_as_a_ready_label_set(tmp_path: Path, tiny_model) -> None:
     with Tagger(tiny_model.path, own.rows(0, 2)) as tagger:
         (result,) = list(tagger.tag(files))
     assert {t.label for t in result.tags} == {"cat", "dog"}
+    with Tagger(tiny_model.path, "Tree", include_seen=False) as tagger:  # one label and one path, as strings
+        (result,) = list(tagger.tag(str(files[0])))
+    assert [t.label for t in result.tags] == ["tree"]
 
 
 def test_import_sdltag_stays_cheap() -> None:
