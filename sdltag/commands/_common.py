@@ -134,6 +134,16 @@ def merge_alias(value: T, alias: T | None) -> T:
     return value if alias is None else alias
 
 
+def human_size(size: int) -> str:
+    """Bytes as people read them: ``512 B``, ``1.5 KiB``, ``2.0 GiB``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
 def cli_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn ``SdltagError`` into one stderr line and its exit code; Ctrl-C into exit 130."""
 

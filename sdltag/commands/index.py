@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from sdltag.commands._common import cli_errors, info, warn
+from sdltag.commands._common import cli_errors, human_size, info, warn
 from sdltag.errors import SdltagError
 
 index_app = typer.Typer(
@@ -102,7 +102,6 @@ def stats(
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of the table."),
 ) -> None:
     """Photos per model, the file's size on disk, and the oldest and newest entries."""
-    from sdltag.commands.labels import _human
     from sdltag.index import ImageIndex, file_size_on_disk
 
     path = _index_file(index_path)
@@ -133,12 +132,12 @@ def stats(
         typer.echo(json.dumps(payload, ensure_ascii=False))
         return
     typer.echo(f"index: {path}")
-    typer.echo(f"size: {_human(size)} (schema version {schema})")
+    typer.echo(f"size: {human_size(size)} (schema version {schema})")
     typer.echo(f"photos: {photos}")
     for s in per_model:
         name = names.get(s.model_id)
         typer.echo(f"model {s.model_id[:16]}{f' ({name})' if name else ''}:")
-        typer.echo(f"  photos: {s.photos}, vectors: {_human(s.vector_bytes)}")
+        typer.echo(f"  photos: {s.photos}, vectors: {human_size(s.vector_bytes)}")
         typer.echo(f"  oldest: {_when(s.oldest)}, newest: {_when(s.newest)}")
 
 

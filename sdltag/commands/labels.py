@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from sdltag.commands._common import cli_errors, info
+from sdltag.commands._common import cli_errors, human_size, info
 
 labels_app = typer.Typer(
     name="labels",
@@ -93,7 +93,7 @@ def export_embedder(
     files = locate_text_model(name)
     spec = make_spec(files, LabelVectorCache(cache_dir), embedding_dim(files.folder) or 0)
     result = export_encoder(files.folder, spec.id, out if out is not None else user_encoders_dir(), force=force)
-    size = _human(result.bytes)
+    size = human_size(result.bytes)
     if result.max_abs_diff is None:
         info(f"{spec.id}: already exported in {result.folder} ({size}); --force exports it again")
         return
@@ -156,7 +156,7 @@ def cache(
         return
     stats = store.stats()
     typer.echo(f"location: {store.directory}")
-    typer.echo(f"size: {_human(stats.bytes)}")
+    typer.echo(f"size: {human_size(stats.bytes)}")
     typer.echo(f"entries: {stats.entries}")
     for embedder_id, count in sorted(stats.per_embedder.items()):
         typer.echo(f"  {embedder_id}: {count}")
@@ -172,15 +172,6 @@ def _exported_encoders() -> list[Path]:
         if root.is_dir():
             found.extend(p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith("."))
     return found
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
 
 
 def register(app: typer.Typer) -> None:
