@@ -592,8 +592,7 @@ class IndexView:
         out = np.empty((len(self), weights.shape[1]), dtype=np.float32)
 
         def score(span: tuple[int, int]) -> None:
-            out[span[0] : span[1]] = self.block_scores(*span, weights)
-            self.file.release(span[0], min(span[1], len(self.file)))
+            out[span[0] : span[1]] = self.block_scores(*span, weights)  # pages kept: releasing them costs 20% here
 
         run_blocks(score, self.blocks(), threads)
         return out
