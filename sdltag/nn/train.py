@@ -5,8 +5,9 @@ Read ``_train`` first: the epoch loop, one screen. Around it, top to bottom:
 - ``train_epoch`` / ``train_step``: one optimizer step is augment -> forward -> SDL loss -> clipped
   update, Adam with plain L2 weight decay on weights only (the official recipe; ``optimizer="adamw"``
   for decoupled decay) at the learning rate of ``one_cycle`` (warm-up, then cosine decay), mixed
-  precision on CUDA. A frozen backbone (``--freeze-backbone``) runs the head alone on cached
-  features (``_frozen_vectors``); everything else runs the whole model on pixels (``_image_vectors``).
+  precision on CUDA. A frozen backbone (``--freeze-backbone``), or one that trains its last K blocks
+  only (``--train-blocks K``), reads features cached once per image (``_frozen_vectors``: the head, after
+  those blocks); everything else runs the whole model on pixels (``_image_vectors``).
 - ``validate``: ``@torch.no_grad`` GZSL/ZSL metrics after each epoch; the best epoch by GZSL F1@3 is kept.
 - ``RunState``: what changes while training (weights, optimizer, RNG, counters, history). It saves
   itself as a checkpoint and restores itself from one. Checkpoints (``sdltag.nn.checkpoint`` format)
@@ -386,7 +387,7 @@ def train_step(
 
 
 def _frozen_vectors(run: RunSetup, state: RunState, indices: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Frozen backbone: the head alone, on one of each image's cached feature views drawn at random -> (B, M, d)."""
+    """Cached features: the head (after the trained blocks) on one view per image drawn at random -> (B, M, d)."""
     device = run.device
     views = torch.randint(features.shape[1], (len(indices),), generator=state.generator, device=device)
     cached = features.to(device)[torch.arange(len(indices), device=device), views]  # (B, C) or maps (B, C, h, w)
