@@ -232,6 +232,21 @@ def test_architecture_table_parsing() -> None:
     )
 
 
+def test_names_in_the_architecture_exist_in_the_code() -> None:
+    """Functions, classes and options that docs/ARCHITECTURE.md names in backticks are found in sdltag/."""
+    sources = [p.read_text(encoding="utf-8") for p in modules()]
+    words = set(re.findall(r"\w+", "\n".join(sources))) | {p.stem for p in modules()}
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    stale = []
+    for item in re.findall(r"`([^`]+)`", text):
+        name = re.fullmatch(r"([A-Za-z_][\w.]*?)\.?(\(.*\))?", item)
+        if name and name.group(1).split(".")[-1] not in words:
+            stale.append(item)
+    options = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", text))
+    stale += sorted(o for o in options if not any(f'"{o}"' in source for source in sources))
+    assert not stale, "docs/ARCHITECTURE.md names what the code no longer has: " + ", ".join(stale)
+
+
 # ---- documents the code and the docs point at
 
 
