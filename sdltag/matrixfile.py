@@ -740,7 +740,7 @@ def rank(index, model, label_space, folders: list[Path], top: int, *, raw_scores
     are re-scored exactly from their float32 rows in SQLite and ranked by that (ties by path), and
     only the files about to be shown are checked for existence.
     """
-    from sdltag.writers import SearchHit
+    from sdltag.results import SearchHit
 
     view = load(index, model.model_id)
     if view is None:
