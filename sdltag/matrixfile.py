@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import mmap
 import os
 import re
@@ -72,6 +73,7 @@ _NEEDS_CARE = re.compile(r"""[,"\r\n\ud800-\udfff]|^[=+\-@\t']""")
 _NEEDS_CARE_ANYWHERE = re.compile(r"""[,"\r\n\ud800-\udfff]|(?:^|(?<=\0))[=+\-@\t']""")
 BLOCK = 1024  # images per block a thread scores
 STEP = 256  # images cast and multiplied at once: 7 x 384 float32 = 2.7 MB, in cache (twice as fast as 1024 here)
+AHEAD = 32  # blocks scored ahead of the one being written (room for the caller's own work meanwhile)
 READ_CHUNK = 2048  # SQLite rows read per query while building
 
 
@@ -701,7 +703,7 @@ def paths_by_id(index, model_id: str) -> tuple[np.ndarray, list[str]]:
         if not rows:
             return ids, []
         # one decode of all the names (they hold no NUL), not a million
-        paths = b"\0".join(bytes(p) for _, p in rows).decode("utf-8", "surrogateescape").split("\0")
+        paths = b"\0".join(p for _, p in rows).decode("utf-8", "surrogateescape").split("\0")
         order = np.argsort(ids, kind="stable")
         return ids[order], [paths[i] for i in order.tolist()]
 
@@ -896,7 +898,7 @@ def _ranked(ranker: _Ranker, spans: list[tuple[int, int]], index, model_id: str,
         try:
             for span in spans:
                 pending.append(pool.submit(ranker.block, span))
-                if len(pending) > 2 * threads:  # a few blocks ahead, not the whole index in memory
+                if len(pending) > AHEAD:  # blocks ahead (half a MB each), not the whole index in memory
                     yield ranker.settle(*pending.popleft().result(), index, model_id)
             while pending:
                 yield ranker.settle(*pending.popleft().result(), index, model_id)
@@ -952,11 +954,24 @@ class _CsvText:
         return "".join(pieces.ravel().tolist()), n
 
 
+def _may_need_care(text: str) -> bool:
+    """Whether any of the NUL-joined names might need CSV care: a few C-speed scans instead of a regex (2 s at a
+    million names), which then runs only when one of them finds something."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: undecodable bytes in a name
+            return True
+    return text.startswith(tuple("=+-@\t'")) or any(
+        c in text for c in (",", '"', "\r", "\n", *("\0" + c for c in "=+-@\t'"))
+    )
+
+
 def _path_cells(index, model_id: str) -> tuple[np.ndarray, np.ndarray]:
     """(sorted rowids, their ``path,`` CSV cells as objects) of every row of the model."""
     ids, paths = paths_by_id(index, model_id)
     text = "\0".join(paths)
-    hits = [m.start() for m in _NEEDS_CARE_ANYWHERE.finditer(text)]  # rare: names to quote
+    hits = [m.start() for m in _NEEDS_CARE_ANYWHERE.finditer(text)] if _may_need_care(text) else []
     starts = np.cumsum(np.fromiter((len(p) + 1 for p in paths), dtype=np.int64, count=len(paths))) if hits else []
     for i in set(np.searchsorted(starts, hits, side="right").tolist()):
         paths[i] = _csv_cell(paths[i])
@@ -989,9 +1004,10 @@ def retag(
     stream.write("path,rank,label,score,kind\n")
     if k == 0:
         return 0
-    text = _CsvText(index, model.model_id, label_space, k)
+    first = next(ranked, None)  # the threads start scoring ...
+    text = _CsvText(index, model.model_id, label_space, k)  # ... while the paths are read
     written = 0
-    for best in ranked:
+    for best in itertools.chain([first] if first is not None else [], ranked):
         chunk, images = text.lines(best)
         stream.write(chunk)
         written += images
