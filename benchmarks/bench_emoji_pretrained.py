@@ -151,8 +151,8 @@ def cmd_features(args: argparse.Namespace) -> None:
     out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
 
-def run_name(mode: str, variant: str, seed: int) -> str:
-    return f"emoji-pretrained-{mode}-{variant}-s{seed}"
+def run_name(mode: str, variant: str, seed: int, tag: str = "") -> str:
+    return f"emoji-pretrained-{mode}-{variant}{tag}-s{seed}"
 
 
 def train_command(args: argparse.Namespace, name: str, resume: bool) -> list[str]:
@@ -219,7 +219,7 @@ def evaluate_cached(work: Path, model_dir: Path, size: int, blocks: int) -> dict
     model = SDLModel(ModelConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     model.eval()
-    dataset = read_labeled_dir(work / "data" / "zsl-test", "auto", lambda m: None)
+    dataset = read_labeled_dir(work / "data" / "zsl-test", "auto")
     cache = _cache(work, size, blocks, 2)
     store = cache.store(ImageStore([i.path for i in dataset.items], cache.spec, cache=False, workers=0), 1)
     cache.close()
@@ -247,7 +247,7 @@ def evaluate_cached(work: Path, model_dir: Path, size: int, blocks: int) -> dict
 def cmd_run(args: argparse.Namespace) -> None:
     """Train one row's seed (resumable), then score zsl-test from the cache; results/<name>.json."""
     work = Path(args.work)
-    name = run_name(args.mode, args.variant, args.seed)
+    name = run_name(args.mode, args.variant, args.seed, args.tag)
     out = Path(args.results) / f"{name}.json"
     if out.exists():
         _log(f"{name}: done already ({out})")
@@ -349,6 +349,80 @@ def cmd_check(args: argparse.Namespace) -> None:
     print(json.dumps(rows, indent=1))
 
 
+COLUMNS = (("zsl", "map"), ("zsl", "3"), ("gzsl", "map"), ("gzsl", "3"), ("seen", "map"))
+HEADER = "| row | training | seeds | ZSL mAP | ZSL F1@3 | GZSL mAP | GZSL F1@3 | seen-only mAP |"
+SCRATCH = {  # the from-scratch rows of RESULTS.md (smallcnn, all-train): result files and their budget
+    ("sdl", 3): "zsl-sdl-lam0.1-s{seed}.json",
+    ("m1", 3): "zsl-m1-lam0.1-s{seed}.json",
+    ("sdl", 10): "zsl-sdl-lam0.1-e10-s{seed}.json",
+    ("m1", 10): "zsl-m1-lam0.1-e10-s{seed}.json",
+}
+NAMES = {"sdl": "SDL (M=7, sigma, lambda 0.1)", "m1": "M=1"}
+
+
+def _value(metrics: dict[str, Any], group: str, what: str) -> float:
+    block = metrics[group]
+    return float(block["map"]) if what == "map" else float(block["f1"][what])
+
+
+def _cells(runs: list[dict[str, Any]]) -> tuple[list[str], list[float]]:
+    import statistics
+
+    cells, means = [], []
+    for group, what in COLUMNS:
+        values = [_value(r["metrics"], group, what) for r in runs]
+        mean = statistics.fmean(values)
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        cells.append(f"{mean:.2f} +/- {std:.2f}" if len(values) > 1 else f"{mean:.2f}")
+        means.append(mean)
+    return cells, means
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    """The markdown table of RESULTS.md: pretrained rows (seeds pooled), the from-scratch rows, SDL / M=1."""
+    results = Path(args.results)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in sorted(results.glob("emoji-pretrained-*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        groups.setdefault((record["mode"], record["variant"], record["epochs"]), []).append(record)
+    scratch_dir = ROOT / "benchmarks" / "results"
+    rows, means = [HEADER, "| --- " * 8 + "|"], {}
+    for (variant, epochs), pattern in SCRATCH.items():
+        runs = []
+        for seed in range(3):
+            path = scratch_dir / pattern.format(seed=seed)
+            if path.exists():
+                runs.append({"seed": seed, **json.loads(path.read_text(encoding="utf-8"))})
+        if runs:
+            cells, means[("scratch", epochs, variant)] = _cells(runs)
+            seeds = ",".join(str(r["seed"]) for r in runs)
+            budget = f"smallcnn from scratch, 96 px, all-train, {epochs} epochs"
+            rows.append(f"| {NAMES[variant]} | {budget} | {seeds} | " + " | ".join(cells) + " |")
+    for mode, epochs in sorted({(m, e) for m, _, e in groups}, key=lambda k: (k[0] != "frozen", k[1])):
+        for variant in VARIANTS:
+            runs = sorted(groups.get((mode, variant, epochs), []), key=lambda r: r["seed"])
+            if not runs:
+                continue
+            first = runs[0]
+            cells, means[(mode, epochs, variant)] = _cells(runs)
+            what = "frozen (head only)" if mode == "frozen" else f"last {first['blocks']} block(s) + head conv + head"
+            size, scenes = first["image_size"], first["train_scenes"]
+            budget = f"Lite0 {what}, {size} px, first {scenes} scenes, {first['epochs']} epochs"
+            seeds = ",".join(str(r["seed"]) for r in runs)
+            rows.append(f"| {NAMES[variant]} | {budget} | {seeds} | " + " | ".join(cells) + " |")
+    rows.append("")
+    for key in sorted({(m, e) for m, e, _ in means}, key=str):
+        sdl, m1 = means.get((*key, "sdl")), means.get((*key, "m1"))
+        if sdl and m1:
+            label = f"{key[0]}, {key[1]} epochs"
+            ratios = ", ".join(
+                f"{group.upper() if group != 'seen' else 'seen'} {'mAP' if what == 'map' else 'F1@3'} {a / b:.2f}x"
+                for (group, what), a, b in zip(COLUMNS, sdl, m1, strict=True)
+            )
+            rows.append(f"- SDL / M=1, {label}: {ratios}")
+    print("\n".join(rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -368,11 +442,13 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--epochs", type=int, default=5)
     run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--train-threads", type=int, default=1)
+    run.add_argument("--tag", default="", help="appended to the row's name (another budget of the same row)")
     check = sub.add_parser("check", parents=[common], help="sdltag eval (ONNX) vs the cached scoring")
     check.add_argument("--name", required=True)
     check.add_argument("--count", type=int, default=500)
+    sub.add_parser("table", parents=[common], help="the RESULTS.md table from the result files")
     args = parser.parse_args(argv)
-    {"features": cmd_features, "run": cmd_run, "check": cmd_check}[args.command](args)
+    {"features": cmd_features, "run": cmd_run, "check": cmd_check, "table": cmd_table}[args.command](args)
 
 
 if __name__ == "__main__":

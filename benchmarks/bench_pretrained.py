@@ -140,6 +140,19 @@ def speed(train_dir: Path, work: Path, count: int) -> dict:
     }
 
 
+def _blocks_row(train_dir: Path, test_dir: Path, work: Path, common: list[str], blocks: int, epochs: int) -> dict:
+    """``--train-blocks K`` from a fresh run folder (its own feature pass included in the time)."""
+    model = work / "model-blocks"
+    for path in (model, model.with_name(model.name + ".train")):
+        shutil.rmtree(path, ignore_errors=True)
+    cmd = [SDLTAG, "train", str(train_dir), "--out", str(model), "--backbone", "efficientnet_lite0"]
+    cmd += ["--train-blocks", str(blocks), "--epochs", str(epochs), *common]
+    seconds = _run(cmd, work / "blocks.log")
+    row = {"command": " ".join(cmd[1:]), "train_s": round(seconds, 1), "load_after": os.getloadavg()}
+    row.update(_eval(model, test_dir, work / "blocks-eval.log"))
+    return {f"efficientnet_lite0 last {blocks} block(s) fine-tuned, {epochs} epoch(s)": row}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("work/bench-pretrained"))
@@ -150,14 +163,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-images", type=int, default=200)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rows",
+        default="frozen,scratch",
+        help="comma list of frozen, blocks (--train-blocks), scratch; rows not run keep their figures in the results",
+    )
+    parser.add_argument("--blocks", type=int, default=1, help="K of the blocks row's --train-blocks K")
+    parser.add_argument("--blocks-epochs", type=int, default=1, help="epochs of the blocks row")
     args = parser.parse_args(argv)
+    rows = set(args.rows.split(","))
     from benchmarks.tuxpaint_scenes import LICENCE, generate
 
     work = args.work.absolute()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    generate(args.stamps, work / "scenes-train", args.train, 100 + args.seed)
-    generate(args.stamps, work / "scenes-test", args.test, 200 + args.seed)
+    if not (work / "scenes-train").is_dir():
+        generate(args.stamps, work / "scenes-train", args.train, 100 + args.seed)
+    if not (work / "scenes-test").is_dir():
+        generate(args.stamps, work / "scenes-test", args.test, 200 + args.seed)
     generation_s = time.perf_counter() - t0
     train_dir = _labels_folder(work / "scenes-train", work / "train")
     test_dir = _labels_folder(work / "scenes-test", work / "test")
@@ -176,8 +199,21 @@ def main(argv: list[str] | None = None) -> int:
         result["speed"] = speed(train_dir, work, args.speed_images)
         print(json.dumps(result["speed"]), flush=True)
 
-    runs = {}
+    previous = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {}
+    runs = dict(previous.get("runs", {}))
     common = ["--unseen", str(work / "unseen.txt"), "--seed", str(args.seed), "-q", "--no-keep-weights"]
+    if "blocks" in rows:
+        runs.update(_blocks_row(train_dir, test_dir, work, common, args.blocks, args.blocks_epochs))
+        print(json.dumps(runs), flush=True)
+    if not rows & {"frozen", "scratch"}:
+        result["runs"] = runs
+        for key in ("speed", "ratios"):
+            if key in previous:
+                result[key] = previous[key]
+        result["machine"]["load_after"] = os.getloadavg()
+        RESULTS.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps(result, indent=1))
+        return 0
     frozen = work / "model-frozen"
     for path in (frozen, frozen.with_name(frozen.name + ".train")):
         shutil.rmtree(path, ignore_errors=True)

@@ -33,7 +33,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -84,6 +84,19 @@ class _Pooled(nn.Module):
         return self.backbone(images).mean(dim=(2, 3))
 
 
+class SplitBackbone(Protocol):
+    """A backbone ``--train-blocks`` can split: ``tail(trunk(x, k), k)`` is its forward pass."""
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    def trunk(self, x: Tensor, blocks: int) -> Tensor: ...
+
+    def tail(self, x: Tensor, blocks: int) -> Tensor: ...
+
+    def tail_modules(self, blocks: int) -> list[nn.Module]: ...
+
+
 class _Split(nn.Module):
     """backbone -> (input of its last ``blocks`` blocks, pooled features): the graph of a ``--train-blocks`` pass."""
 
@@ -93,15 +106,16 @@ class _Split(nn.Module):
         self.blocks = blocks
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        maps = self.backbone.trunk(images, self.blocks)
-        return maps, self.backbone.tail(maps, self.blocks).mean(dim=(2, 3))
+        backbone = cast(SplitBackbone, self.backbone)
+        maps = backbone.trunk(images, self.blocks)
+        return maps, backbone.tail(maps, self.blocks).mean(dim=(2, 3))
 
 
 def trainable_blocks(backbone: nn.Module) -> int:
     """How many of its last blocks ``--train-blocks`` can train on ``backbone`` (0: it cannot be split)."""
     if not all(hasattr(backbone, name) for name in ("trunk", "tail", "tail_modules", "num_blocks")):
         return 0
-    return int(backbone.num_blocks)
+    return cast(SplitBackbone, backbone).num_blocks
 
 
 class CachedHead(nn.Module):
@@ -119,7 +133,7 @@ class CachedHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         if self.blocks:
-            return self.head(self.backbone.tail(features, self.blocks))
+            return self.head(cast(SplitBackbone, self.backbone).tail(features, self.blocks))
         return self.head(features[:, :, None, None])
 
 
@@ -179,7 +193,8 @@ class FeatureCache:
         self.identity = json.dumps(base, sort_keys=True)  # view 0 is never augmented
         self.augmented_identity = json.dumps({**base, "augment": augment.to_dict()}, sort_keys=True)
         if blocks:  # the maps' keys (they depend on the frozen part only); the pooled vectors keep the above
-            trunk = {**base, "weights": weights_hash(backbone, skip=backbone.tail_modules(blocks))}
+            tail = cast(SplitBackbone, backbone).tail_modules(blocks)
+            trunk = {**base, "weights": weights_hash(backbone, skip=tail)}
             self.maps_identity = json.dumps({**trunk, "maps_at_block": -blocks}, sort_keys=True)
             self.maps_augmented_identity = json.dumps(
                 {**trunk, "maps_at_block": -blocks, "augment": augment.to_dict()}, sort_keys=True
