@@ -121,7 +121,7 @@ def detect_format(root: Path) -> str:
         return "folders"
     raise SdltagError(
         f"{root}: cannot tell how the images are labelled (no labels.csv/labels.jsonl, no IMG.txt or IMG.xmp "
-        "sidecars, no label sub-folders). See `sdltag train --help` for the layouts, or pass --format."
+        "sidecars, no label sub-folders). See `sdltag train --help` for the layouts, or pass --layout."
     )
 
 
@@ -187,7 +187,7 @@ def _read_manifest(root: Path, skipped: list[tuple[Path, str]]) -> list[tuple[Pa
     elif jsonl_path.is_file():
         source, rows = jsonl_path, _manifest_jsonl_rows(jsonl_path)
     else:
-        raise SdltagError(f"{root}: no labels.csv or labels.jsonl. Write one, or pick another --format.")
+        raise SdltagError(f"{root}: no labels.csv or labels.jsonl. Write one, or pick another --layout.")
     # A path listed on several rows (one row per label, as many exports write) gets all their labels.
     resolved: dict[Path, list[str]] = {}
     for rel, labels in rows:
@@ -326,7 +326,7 @@ def read_labeled_dir(
     if format == "auto":
         format = detect_format(root)
     if format not in _READERS:
-        raise SdltagError(f"unknown --format {format!r}; choose auto, {', '.join(FORMATS)}")
+        raise SdltagError(f"unknown --layout {format!r}; choose auto, {', '.join(FORMATS)}")
     skipped: list[tuple[Path, str]] = []
     items: list[LabeledImage] = []
     spellings: dict[str, str] = {}
@@ -355,6 +355,6 @@ def read_labeled_dir(
     if not items:
         raise SdltagError(
             f"{root}: no labelled image found in the {format} layout ({len(skipped)} skipped). "
-            "Check the labels files or pass another --format."
+            "Check the labels files or pass another --layout."
         )
     return LabeledDataset(root=root, format=format, items=items, skipped=skipped)

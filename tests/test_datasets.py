@@ -141,7 +141,7 @@ def test_format_can_be_forced(tmp_path: Path) -> None:
     (tmp_path / "cat" / "1.png.txt").write_text("tabby")
     assert read_labeled_dir(tmp_path).format == "sidecar"
     assert _labels(read_labeled_dir(tmp_path, format="folders")) == {"cat/1.png": ("cat",)}
-    with pytest.raises(SdltagError, match="--format"):
+    with pytest.raises(SdltagError, match="--layout"):
         read_labeled_dir(tmp_path, format="exif")
 
 
