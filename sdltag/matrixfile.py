@@ -715,7 +715,7 @@ def vectors_by_id(index, model_id: str, rowids: np.ndarray, state: State) -> np.
     were removed or replaced since ``state``."""
     wanted = [int(r) for r in rowids]
 
-    def work(conn: sqlite3.Connection) -> dict[int, bytes] | None:
+    def work(conn: sqlite3.Connection) -> dict[int, tuple[int, int, bytes]] | None:
         now = read_state(conn, model_id)
         if now is None or now.epoch != state.epoch or now.removals != state.removals:
             return None
@@ -899,9 +899,11 @@ def _ranked(ranker: _Ranker, spans: list[tuple[int, int]], index, model_id: str,
             for span in spans:
                 pending.append(pool.submit(ranker.block, span))
                 if len(pending) > AHEAD:  # blocks ahead (half a MB each), not the whole index in memory
-                    yield ranker.settle(*pending.popleft().result(), index, model_id)
+                    best, unsure = pending.popleft().result()
+                    yield ranker.settle(best, unsure, index, model_id)
             while pending:
-                yield ranker.settle(*pending.popleft().result(), index, model_id)
+                best, unsure = pending.popleft().result()
+                yield ranker.settle(best, unsure, index, model_id)
         finally:
             for future in pending:
                 future.cancel()
@@ -972,7 +974,8 @@ def _path_cells(index, model_id: str) -> tuple[np.ndarray, np.ndarray]:
     ids, paths = paths_by_id(index, model_id)
     text = "\0".join(paths)
     hits = [m.start() for m in _NEEDS_CARE_ANYWHERE.finditer(text)] if _may_need_care(text) else []
-    starts = np.cumsum(np.fromiter((len(p) + 1 for p in paths), dtype=np.int64, count=len(paths))) if hits else []
+    sizes = np.fromiter((len(p) + 1 for p in paths), dtype=np.int64, count=len(paths)) if hits else np.zeros(0, int)
+    starts = np.cumsum(sizes)
     for i in set(np.searchsorted(starts, hits, side="right").tolist()):
         paths[i] = _csv_cell(paths[i])
     cells = np.array(",\0".join(paths).split("\0"), dtype=object) if paths else np.zeros(0, dtype=object)
