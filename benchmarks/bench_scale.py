@@ -155,7 +155,7 @@ def _run(argv: list[str]) -> tuple[float, int, str, float]:
 
 def measure_search(work: Path) -> dict:
     argv = [sys.executable, "-c", WRAPPER, "search", QUERY, "--index", str(work / "index.db")]
-    argv += ["--model", str(MODEL), "--precision", "float", "--top", "20", "--format", "jsonl"]
+    argv += ["--model", str(MODEL), "--precision", "float", "--top-k", "20", "--format", "jsonl"]
     _run(argv)  # warm the file cache
     load = os.getloadavg()[0]
     runs = [_run(argv) for _ in range(3)]

@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from sdltag.errors import SdltagError
 from sdltag.label_space import LabelSet, labels_for, query_labels, warn_unknown_blocked
@@ -237,6 +237,59 @@ class Tagger:
         if self.index is not None:  # opened now: an unusable index stops the run before any output
             logger.debug(f"index {self.index_path}")
         return TagRun(self, inputs, found.files, [Problem(str(w), r) for w, r in found.problems], summary)
+
+    # ---- re-tagging from the index
+
+    def retag_from_index(self, folders: Sequence[str | os.PathLike[str]], stream: IO[str]) -> int:
+        """Score the photos the index holds in or under ``folders`` against the labels, from the index's matrix
+        file (the photos are not opened, the image model never runs), and write their top-k tags to ``stream``
+        as CSV ``path,rank,label,score,kind``; returns how many photos were written.
+
+        It reports what the index holds: photos never tagged are missing and deleted ones are still there
+        (``sdltag tag`` them first; ``sdltag index prune``). Scores are within about 2e-4 of ``tag``'s, with
+        the same best labels in the same order. Per-kind or per-label thresholds and blocked labels are refused.
+        """
+        from sdltag import matrixfile
+        from sdltag.index import ImageIndex
+
+        o = self.options
+        if o.blocked or o.threshold_seen is not None or o.threshold_unseen is not None:
+            raise SdltagError(
+                "--from-index supports --threshold but not --threshold-seen, --threshold-unseen or --block."
+            )
+        path = self.index_path
+        if path is None or not path.is_file():
+            shown = path if path is not None else "the index"
+            raise SdltagError(f"{shown}: no index yet. Run `sdltag tag FOLDER` first (or pass --index FILE).")
+        labels = self.labels
+        if self.options.label_thresholds:
+            raise SdltagError("--from-index does not support per-label thresholds (a labels file's `label<TAB>0.4`).")
+        where = [Path(os.path.abspath(f)) for f in folders]
+        with ImageIndex.open_readonly(path) as index:
+            written = matrixfile.retag(
+                index,
+                self.model,
+                labels,
+                stream,
+                top_k=o.top_k,
+                raw_scores=o.raw_scores,
+                threads=self.threads,
+                folders=where,
+                threshold=o.threshold,
+            )
+            held = matrixfile.rowids_under(index, where, self.model.model_id) if written is None else None
+            if held is not None and not len(held):
+                stream.write("path,rank,label,score,kind\n")  # the index holds none of this model there
+                written = 0
+        if written is None:
+            raise SdltagError(
+                f"{path}: cannot use the index's matrix file (the index's folder must be writable); "
+                "run `sdltag tag` without --from-index instead."
+            )
+        if written == 0:
+            shown = ", ".join(str(f) for f in folders)
+            logger.warning(f"the index holds no photos of this model under {shown}; run `sdltag tag` on them first")
+        return written
 
     # ---- search
 

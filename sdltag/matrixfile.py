@@ -874,13 +874,15 @@ def top_labels(
     raw_scores: bool = False,
     threads: int | None = None,
     block: int = 4 * BLOCK,
+    rowids: np.ndarray | None = None,
 ) -> Iterator[BestLabels] | None:
     """Every indexed image of ``model`` scored against ``label_space`` from the matrix file (the image model
     never runs): the ``top_k`` labels of each, in blocks in rowid order; None when there is no usable file.
 
     The labels and their order are those of the exact float32 scores: scores come from the 8-bit rows and
     their residuals (within ``MatrixFile.error_bound``), and an image whose best labels are within twice
-    that of each other (or of the next label) is re-scored from its float32 row in SQLite.
+    that of each other (or of the next label) is re-scored from its float32 row in SQLite. With ``rowids``
+    (sorted), only the blocks holding one of them are scored (they may hold other images too).
     """
     view = load(index, model.model_id)
     if view is None:
@@ -888,7 +890,11 @@ def top_labels(
     k = max(0, min(top_k, len(label_space.names)))
     calibration = None if raw_scores else model.manifest.calibration
     ranker = _Ranker(view, label_space, calibration, k)
-    return _ranked(ranker, view.blocks(block), index, model.model_id, threads) if k else iter(())
+    spans = view.blocks(block)
+    if rowids is not None:
+        held = np.isin(view.rowids, rowids, assume_unique=True)
+        spans = [(lo, hi) for lo, hi in spans if held[lo:hi].any()]
+    return _ranked(ranker, spans, index, model.model_id, threads) if k else iter(())
 
 
 def _ranked(ranker: _Ranker, spans: list[tuple[int, int]], index, model_id: str, threads: int | None):
@@ -914,14 +920,25 @@ class _CsvText:
     (the path cell, the rank and label cells, the score and kind cells) joined, so the work per line is a
     few table look-ups rather than formatting."""
 
-    def __init__(self, index, model_id: str, label_space, k: int) -> None:
+    def __init__(
+        self,
+        index,
+        model_id: str,
+        label_space,
+        k: int,
+        wanted: np.ndarray | None = None,
+        threshold: float | None = None,
+    ) -> None:
         names = [_csv_cell(n) for n in label_space.names]
         self.unseen = np.asarray(label_space.unseen_mask, dtype=np.int64)
         self.ranks = np.arange(k) * len(names)
         self.rank_label = np.array([f"{r},{n}," for r in range(1, k + 1) for n in names], dtype=object)
         self.low, self.score_kind = 0, np.zeros(0, dtype=object)
         ids, cells = _path_cells(index, model_id)
-        self.ids, self.cells = ids, cells
+        if wanted is not None:  # the other images have no path here, so no lines
+            keep = np.isin(ids, wanted, assume_unique=True)
+            ids, cells = ids[keep], cells[keep]
+        self.ids, self.cells, self.threshold = ids, cells, threshold
 
     def _scores_table(self, low: int, high: int) -> None:
         """``score_kind[2 * (fixed - low) + unseen]`` = ``"0.1234,seen\\n"`` for ``fixed`` (score * 10^4) in range."""
@@ -953,6 +970,8 @@ class _CsvText:
         pieces[:, :, 0] = self.cells[at[keep]][:, None]
         pieces[:, :, 1] = self.rank_label[self.ranks + labels]
         pieces[:, :, 2] = self.score_kind[2 * (fixed - self.low) + self.unseen[labels]]
+        if self.threshold is not None:  # best first: the tags left out are each image's last ones
+            return "".join(pieces[scores >= self.threshold].ravel().tolist()), n
         return "".join(pieces.ravel().tolist()), n
 
 
@@ -993,22 +1012,28 @@ def retag(
     top_k: int = 10,
     raw_scores: bool = False,
     threads: int | None = None,
+    folders: list[Path] | None = None,
+    threshold: float | None = None,
 ) -> int | None:
     """Score every indexed image of ``model`` against ``label_space`` from the matrix file (the image model
     never runs) and write the ``top_k`` labels of each as CSV ``path,rank,label,score,kind`` (see
     ``top_labels``: the exact labels in the exact order; scores within ``MatrixFile.error_bound``).
+    ``folders``: only the images in or under these (``rowids_under``); ``threshold``: no tag scoring below it.
 
     Returns how many images were written, or None when there is no usable matrix file.
     """
     k = max(0, min(top_k, len(label_space.names)))
-    ranked = top_labels(index, model, label_space, top_k=k, raw_scores=raw_scores, threads=threads)
+    wanted = None if folders is None else rowids_under(index, folders, model.model_id)
+    if folders is not None and wanted is None:
+        return None
+    ranked = top_labels(index, model, label_space, top_k=k, raw_scores=raw_scores, threads=threads, rowids=wanted)
     if ranked is None:
         return None
     stream.write("path,rank,label,score,kind\n")
     if k == 0:
         return 0
     first = next(ranked, None)  # the threads start scoring ...
-    text = _CsvText(index, model.model_id, label_space, k)  # ... while the paths are read
+    text = _CsvText(index, model.model_id, label_space, k, wanted, threshold)  # ... while the paths are read
     written = 0
     for best in itertools.chain([first] if first is not None else [], ranked):
         chunk, images = text.lines(best)
