@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--blocks", type=int, default=1, help="K of the blocks row's --train-blocks K")
     parser.add_argument("--blocks-epochs", type=int, default=1, help="epochs of the blocks row")
+    parser.add_argument(
+        "--results", type=Path, default=None, help="result file (default: results/pretrained.json, -sN for seed N)"
+    )
     args = parser.parse_args(argv)
     rows = set(args.rows.split(","))
     from benchmarks.tuxpaint_scenes import LICENCE, generate
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         result["speed"] = speed(train_dir, work, args.speed_images)
         print(json.dumps(result["speed"]), flush=True)
 
-    previous = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {}
+    out = args.results or (RESULTS if args.seed == 0 else RESULTS.with_name(f"pretrained-s{args.seed}.json"))
+    previous = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}
     runs = dict(previous.get("runs", {}))
     common = ["--unseen", str(work / "unseen.txt"), "--seed", str(args.seed), "-q", "--no-keep-weights"]
     if "blocks" in rows:
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             if key in previous:
                 result[key] = previous[key]
         result["machine"]["load_after"] = os.getloadavg()
-        RESULTS.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(json.dumps(result, indent=1))
         return 0
     frozen = work / "model-frozen"
@@ -247,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         "gzsl_map": round(a["gzsl_map"] / max(b["gzsl_map"], 1e-9), 2),
         "zsl_map": round(a["zsl_map"] / max(b["zsl_map"], 1e-9), 2) if a["zsl_map"] and b["zsl_map"] else None,
     }
+    result["seed"] = args.seed
     result["machine"]["load_after"] = os.getloadavg()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=1))
     return 0
 
