@@ -725,23 +725,28 @@ def _serialize(document: _Document) -> str:
         element, scope = todo.pop()
         if isinstance(scope, str):
             out.append(scope)
-        elif element.tag is ET.Comment:
-            out.append(f"<!--{element.text or ''}-->")
-        elif element.tag is ET.ProcessingInstruction:
-            out.append(f"<?{element.text or ''}?>")
         else:
-            inner, name, opening = _start_tag(element, document, scope)
-            if len(element) or element.text:
-                out.append(f"{opening}>")
-                if element.text:
-                    out.append(_escape_text(element.text))
-                todo.append((element, f"</{name}>"))
+            opening, closing, inner = _opening(element, document, scope)
+            out.append(opening)
+            if closing is not None:
+                todo.append((element, closing))
                 todo.extend((child, inner) for child in reversed(element))
                 continue
-            out.append(f"{opening}/>")
         if element.tail and element is not document.root:
             out.append(_escape_text(element.tail))
     return "".join(out)
+
+
+def _opening(element: ET.Element, document: _Document, scope: _Scope) -> tuple[str, str | None, _Scope]:
+    """(what opens ``element`` with its text, its closing tag or None when nothing is left to close, inner scope)."""
+    if element.tag is ET.Comment:
+        return f"<!--{element.text or ''}-->", None, scope
+    if element.tag is ET.ProcessingInstruction:
+        return f"<?{element.text or ''}?>", None, scope
+    inner, name, start = _start_tag(element, document, scope)
+    if not len(element) and not element.text:
+        return f"{start}/>", None, inner
+    return f"{start}>" + (_escape_text(element.text) if element.text else ""), f"</{name}>", inner
 
 
 def _start_tag(element: ET.Element, document: _Document, scope: _Scope) -> tuple[_Scope, str, str]:
