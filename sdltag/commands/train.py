@@ -10,12 +10,11 @@ from typing import Any
 
 import typer
 
-from sdltag.commands._common import cli_errors, error, info, merge_alias
+from sdltag.commands._common import LAYOUTS, cli_errors, error, info, merge_alias
 from sdltag.errors import SdltagError
 from sdltag.progress import ProgressBar
 
 LOG_EVERY_S = 60.0  # when stderr is not a terminal (a log file), one progress line this often
-LAYOUTS = ("auto", "manifest", "sidecar", "folders", "xmp")
 
 
 class TrainDisplay:
