@@ -1043,10 +1043,10 @@ def retag(
 
 
 def _csv_cell(value: str) -> str:
-    """One CSV cell: a spreadsheet formula start defused (``writers.csv_escape``), quoted when it must be."""
+    """One CSV cell: a spreadsheet formula start defused (``cells.csv_escape``), quoted when it must be."""
     if not _NEEDS_CARE.search(value):
         return value  # the common case, a million times over: nothing to do
-    from sdltag.writers import clean_text, csv_escape
+    from sdltag.cells import clean_text, csv_escape
 
     value = csv_escape(clean_text(value))
     if any(c in value for c in ',"\r\n'):

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -31,6 +30,7 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from sdltag.cells import clean_text, csv_escape
 from sdltag.errors import SdltagError
 from sdltag.paths import atomic_write
 from sdltag.results import SearchHit, Tag, TagResult
@@ -71,9 +71,6 @@ EXTENSION_FORMATS = {
 CSV_HEADER = ("path", "rank", "label", "score", "kind", "path_bytes")
 SEARCH_CSV_HEADER = ("rank", "path", "score", "label", "kind", "path_bytes")
 logger = logging.getLogger(__name__)
-# Cells a spreadsheet would read as a formula (or, for "'", whose quote it would swallow).
-CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 SCORE_DIGITS = 4
 
 
@@ -105,21 +102,6 @@ def path_fields(path: Path | str) -> tuple[str, str | None]:
 def path_from_fields(path: str, path_bytes: str | None) -> bytes:
     """The exact bytes of a file name from a record's ``path`` and ``path_bytes``."""
     return base64.b64decode(path_bytes, validate=True) if path_bytes else path.encode("utf-8")
-
-
-def clean_text(text: str) -> str:
-    """``text`` without lone surrogates (U+FFFD instead), so a UTF-8 stream can always hold it."""
-    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
-
-
-def csv_escape(cell: str) -> str:
-    """A text cell a spreadsheet shows as text: a formula-like start gets one ``'`` in front."""
-    return "'" + cell if cell.startswith(CSV_FORMULA_START) else cell
-
-
-def csv_unescape(cell: str) -> str:
-    """The original text of a cell ``csv_escape`` wrote."""
-    return cell[1:] if cell.startswith("'") else cell
 
 
 class _CsvRows:

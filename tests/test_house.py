@@ -23,7 +23,7 @@ SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
 LONG_MARK = re.compile(r"#\s*long:\s*\S")
 
 # The tagging pipeline: turns paths into results; the output layer (writers) sits on top of it.
-PIPELINE = ("tagger.py", "api.py", "results.py", "search.py")
+PIPELINE = ("tagger.py", "api.py", "results.py", "search.py", "matrixfile.py", "cells.py")
 
 
 def modules() -> list[Path]:

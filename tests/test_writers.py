@@ -13,13 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sdltag.cells import csv_unescape
 from sdltag.errors import SdltagError
 from sdltag.writers import (
     CSV_HEADER,
     SearchHit,
     Tag,
     TagResult,
-    csv_unescape,
     make_writer,
     open_output,
     path_from_fields,
