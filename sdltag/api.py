@@ -243,7 +243,8 @@ class Tagger:
     def retag_from_index(self, folders: Sequence[str | os.PathLike[str]], stream: IO[str]) -> int:
         """Score the photos the index holds in or under ``folders`` against the labels, from the index's matrix
         file (the photos are not opened, the image model never runs), and write their top-k tags to ``stream``
-        as CSV ``path,rank,label,score,kind``; returns how many photos were written.
+        as CSV ``path,rank,label,score,kind,path_bytes`` (``sdltag tag -f csv``'s columns); returns how many
+        photos were written.
 
         It reports what the index holds: photos never tagged are missing and deleted ones are still there
         (``sdltag tag`` them first; ``sdltag index prune``). Scores are within about 2e-4 of ``tag``'s, with
@@ -279,7 +280,7 @@ class Tagger:
             )
             held = matrixfile.rowids_under(index, where, self.model.model_id) if written is None else None
             if held is not None and not len(held):
-                stream.write("path,rank,label,score,kind\n")  # the index holds none of this model there
+                stream.write(matrixfile.RETAG_CSV_HEADER)  # the index holds none of this model there
                 written = 0
         if written is None:
             raise SdltagError(

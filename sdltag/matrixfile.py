@@ -37,6 +37,7 @@ from SQLite.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import itertools
@@ -69,6 +70,8 @@ _HEADER = struct.Struct("<8sIIIqqqqqq32s")  # magic, version, rows M, dim d, cou
 _CRC = struct.Struct("<I")
 # What makes a CSV cell need care: a separator, quote or line break, a lone surrogate, a formula-like start
 _NEEDS_CARE = re.compile(r"""[,"\r\n\ud800-\udfff]|^[=+\-@\t']""")
+# the columns of `sdltag tag -f csv` (writers.CSV_HEADER)
+RETAG_CSV_HEADER = "path,rank,label,score,kind,path_bytes\n"
 # The same anywhere in names joined by NULs (a start is the text's start or just after a NUL)
 _NEEDS_CARE_ANYWHERE = re.compile(r"""[,"\r\n\ud800-\udfff]|(?:^|(?<=\0))[=+\-@\t']""")
 BLOCK = 1024  # images per block a thread scores
@@ -916,9 +919,10 @@ def _ranked(ranker: _Ranker, spans: list[tuple[int, int]], index, model_id: str,
 
 
 class _CsvText:
-    """CSV lines ``path,rank,label,score,kind`` of many images at once: each line is three ready-made pieces
-    (the path cell, the rank and label cells, the score and kind cells) joined, so the work per line is a
-    few table look-ups rather than formatting."""
+    """CSV lines ``path,rank,label,score,kind,path_bytes`` of many images at once (the columns of ``sdltag tag -f
+    csv``): each line is three ready-made pieces (the path cell, the rank and label cells, the score and kind
+    cells with an empty ``path_bytes``) joined, so the work per line is a few table look-ups rather than
+    formatting. Only when some name is not valid UTF-8 does a fourth piece per line carry ``path_bytes``."""
 
     def __init__(
         self,
@@ -934,11 +938,13 @@ class _CsvText:
         self.ranks = np.arange(k) * len(names)
         self.rank_label = np.array([f"{r},{n}," for r in range(1, k + 1) for n in names], dtype=object)
         self.low, self.score_kind = 0, np.zeros(0, dtype=object)
-        ids, cells = _path_cells(index, model_id)
+        ids, cells, ends = _path_cells(index, model_id)
         if wanted is not None:  # the other images have no path here, so no lines
             keep = np.isin(ids, wanted, assume_unique=True)
             ids, cells = ids[keep], cells[keep]
+            ends = None if ends is None else ends[keep]
         self.ids, self.cells, self.threshold = ids, cells, threshold
+        self.ends = ends  # per image: "<path_bytes>\n", or None when every name is UTF-8 (the line ends ",\n")
 
     def _scores_table(self, low: int, high: int) -> None:
         """``score_kind[2 * (fixed - low) + unseen]`` = ``"0.1234,seen\\n"`` for ``fixed`` (score * 10^4) in range."""
@@ -952,7 +958,8 @@ class _CsvText:
         for fixed in range(low, high + 1):
             size = abs(fixed)
             text = f"{'-' if fixed < 0 else ''}{size // 10_000}.{size % 10_000:04d}"
-            texts += [f"{text},seen\n", f"{text},unseen\n"]
+            end = "," if self.ends is not None else ",\n"  # path_bytes: the fourth piece, or empty
+            texts += [f"{text},seen{end}", f"{text},unseen{end}"]
         self.low, self.score_kind = low, np.array(texts, dtype=object)
 
     def lines(self, best: BestLabels) -> tuple[str, int]:
@@ -966,10 +973,12 @@ class _CsvText:
             return "", n
         fixed = np.rint(scores.astype(np.float64) * 10_000).astype(np.int64)  # 4 decimals
         self._scores_table(int(fixed.min()), int(fixed.max()))
-        pieces = np.empty((n, k, 3), dtype=object)
+        pieces = np.empty((n, k, 3 if self.ends is None else 4), dtype=object)
         pieces[:, :, 0] = self.cells[at[keep]][:, None]
         pieces[:, :, 1] = self.rank_label[self.ranks + labels]
         pieces[:, :, 2] = self.score_kind[2 * (fixed - self.low) + self.unseen[labels]]
+        if self.ends is not None:
+            pieces[:, :, 3] = self.ends[at[keep]][:, None]
         if self.threshold is not None:  # best first: the tags left out are each image's last ones
             return "".join(pieces[scores >= self.threshold].ravel().tolist()), n
         return "".join(pieces.ravel().tolist()), n
@@ -988,19 +997,26 @@ def _may_need_care(text: str) -> bool:
     )
 
 
-def _path_cells(index, model_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted rowids, their ``path,`` CSV cells as objects) of every row of the model."""
+def _path_cells(index, model_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(sorted rowids, their ``path,`` CSV cells as objects, and their ``path_bytes\n`` line ends when some name
+    is not valid UTF-8, else None) of every row of the model."""
     ids, paths = paths_by_id(index, model_id)
     text = "\0".join(paths)
     hits = [m.start() for m in _NEEDS_CARE_ANYWHERE.finditer(text)] if _may_need_care(text) else []
     sizes = np.fromiter((len(p) + 1 for p in paths), dtype=np.int64, count=len(paths)) if hits else np.zeros(0, int)
     starts = np.cumsum(sizes)
+    ends = None
     for i in set(np.searchsorted(starts, hits, side="right").tolist()):
+        raw = paths[i].encode("utf-8", "surrogateescape")  # os.fsencode: the name's bytes
+        if raw.decode("utf-8", "replace") != paths[i]:  # undecodable bytes: kept exactly, as `tag -f csv` does
+            if ends is None:
+                ends = np.full(len(paths), "\n", dtype=object)
+            ends[i] = base64.b64encode(raw).decode("ascii") + "\n"
         paths[i] = _csv_cell(paths[i])
     cells = np.array(",\0".join(paths).split("\0"), dtype=object) if paths else np.zeros(0, dtype=object)
     if len(cells):
         cells[-1] += ","
-    return ids, cells
+    return ids, cells, ends
 
 
 def retag(
@@ -1016,7 +1032,7 @@ def retag(
     threshold: float | None = None,
 ) -> int | None:
     """Score every indexed image of ``model`` against ``label_space`` from the matrix file (the image model
-    never runs) and write the ``top_k`` labels of each as CSV ``path,rank,label,score,kind`` (see
+    never runs) and write the ``top_k`` labels of each as CSV ``path,rank,label,score,kind,path_bytes`` (see
     ``top_labels``: the exact labels in the exact order; scores within ``MatrixFile.error_bound``).
     ``folders``: only the images in or under these (``rowids_under``); ``threshold``: no tag scoring below it.
 
@@ -1029,7 +1045,7 @@ def retag(
     ranked = top_labels(index, model, label_space, top_k=k, raw_scores=raw_scores, threads=threads, rowids=wanted)
     if ranked is None:
         return None
-    stream.write("path,rank,label,score,kind\n")
+    stream.write(RETAG_CSV_HEADER)
     if k == 0:
         return 0
     first = next(ranked, None)  # the threads start scoring ...

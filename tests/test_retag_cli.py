@@ -3,8 +3,10 @@ model, the real onnxruntime (for the first tagging) and SQLite."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -58,7 +60,7 @@ def test_from_index_gives_the_labels_of_a_normal_retag(library: tuple[Path, Path
     assert normal.exit_code == 0, normal.stderr
     fast = _sdltag("tag", root, "--index", index, "--from-index", *_labels_args(), *options)
     assert fast.exit_code == 0, fast.stderr
-    assert fast.stdout.splitlines()[0] == "path,rank,label,score,kind"
+    assert fast.stdout.splitlines()[0] == "path,rank,label,score,kind,path_bytes"  # tag -f csv's columns
     expected, got = _tags(normal.stdout), _tags(fast.stdout)
     assert sorted(got) == sorted(expected) and len(got) == 4
     for path, tags in expected.items():
@@ -81,7 +83,7 @@ def test_from_index_only_the_given_folders_and_to_a_file(library: tuple[Path, Pa
     assert list(tmp_path.glob("retag.csv?*")) == [] and list(tmp_path.glob(".retag.csv*")) == []  # no leftovers
     elsewhere = _sdltag("tag", tmp_path / "nothing-here", "--index", index, "--from-index", "-q")
     assert elsewhere.exit_code == 0
-    assert elsewhere.stdout == "path,rank,label,score,kind\n"
+    assert elsewhere.stdout == "path,rank,label,score,kind,path_bytes\n"
     assert "holds no photos of this model under" in elsewhere.stderr
 
 
@@ -127,3 +129,28 @@ def test_from_index_without_an_index_says_to_tag_first(tmp_path: Path) -> None:
     result = _sdltag("tag", PHOTOS, "--index", tmp_path / "none.db", "--from-index")
     assert result.exit_code == 2
     assert "no index yet. Run `sdltag tag FOLDER` first" in result.stderr
+
+
+def test_from_index_keeps_names_that_are_not_utf8_exactly(tmp_path: Path) -> None:
+    """A name with bytes that are not UTF-8: the same `path` (U+FFFD) and `path_bytes` (base64) cells as `tag -f csv`;
+    the other names' `path_bytes` stay empty."""
+    root = tmp_path / "library"
+    root.mkdir()
+    odd = os.fsdecode(b"caf\xe9 apple.jpg")  # Latin-1 bytes, as an old camera or a Windows copy leaves them
+    shutil.copy(PHOTOS / "apple.jpg", root / odd)
+    shutil.copy(PHOTOS / "baboon.jpg", root / "baboon.jpg")
+    index = tmp_path / "index.db"
+    assert _sdltag("tag", root, "--index", index, "-f", "jsonl", "-q").exit_code == 0
+    normal = _sdltag("tag", root, "--index", index, "-f", "csv", "-k", "2", *_labels_args(), "-q")
+    fast = _sdltag("tag", root, "--index", index, "--from-index", "-k", "2", *_labels_args(), "-q")
+    assert normal.exit_code == 0 and fast.exit_code == 0, (normal.stderr, fast.stderr)
+    assert fast.stdout.splitlines()[0] == normal.stdout.splitlines()[0]
+
+    def cells(text: str) -> set[tuple[str, str, str]]:
+        return {(r["path"], r["label"], r["path_bytes"]) for r in csv.DictReader(io.StringIO(text))}
+
+    got = cells(fast.stdout)
+    assert got == cells(normal.stdout)
+    raw = {base64.b64decode(b) for _, _, b in got if b}
+    assert raw == {os.fsencode(root / odd)}
+    assert {b for p, _, b in got if p.endswith("baboon.jpg")} == {""}

@@ -106,7 +106,7 @@ def tag(
         "--from-index",
         help="Re-score the photos the index already holds under PATHS (folders) against the labels, from the "
         "index alone: the photos are not opened and the image model does not run (a million photos in about "
-        "half a minute). CSV only (path,rank,label,score,kind; scores within about 2e-4, the same best labels). "
+        "half a minute). CSV only (the columns of -f csv; scores within about 2e-4, the same best labels). "
         "It reports what the index holds: run `sdltag tag` on new photos first, `sdltag index prune` for "
         "deleted ones. Not with --xmp, --txt, --dry-run, --no-index, --exclude, --block or the per-kind thresholds.",
     ),
