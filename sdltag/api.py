@@ -445,31 +445,28 @@ def _sidecar_files(files: list[Path], naming: str) -> dict[Path, Path]:
     """Each image's XMP sidecar; a sidecar two images would share goes to the first."""
     from sdltag.xmp import sidecar_path
 
-    owners: dict[Path, Path] = {}
-    for path in files:
-        sidecar = sidecar_path(path, naming)
-        if sidecar in owners:
-            logger.warning(
-                f"{path} and {owners[sidecar]} would share the sidecar {sidecar.name}; writing it for "
-                f"{owners[sidecar].name} only (use --xmp-naming ext to give each its own)"
-            )
-            continue
-        owners[sidecar] = path
-    return {image: sidecar for sidecar, image in owners.items()}
+    return _claim(
+        files, lambda path: sidecar_path(path, naming), "sidecar", " (use --xmp-naming ext to give each its own)"
+    )
 
 
 def _caption_files(files: list[Path]) -> dict[Path, Path]:
     """Each image's caption file (``sdltag.captions.caption_path``); a file two images would share goes to the first."""
     from sdltag.captions import caption_path
 
+    return _claim(files, caption_path, "caption file", "")
+
+
+def _claim(files: list[Path], name_of: Callable[[Path], Path], what: str, hint: str) -> dict[Path, Path]:
+    """image -> its file ``name_of(image)``; a file two images would share goes to the first, with a warning."""
     owners: dict[Path, Path] = {}
     for path in files:
-        caption = caption_path(path)
-        if caption in owners:
+        target = name_of(path)
+        if target in owners:
             logger.warning(
-                f"{path} and {owners[caption]} would share the caption file {caption.name}; writing it for "
-                f"{owners[caption].name} only"
+                f"{path} and {owners[target]} would share the {what} {target.name}; writing it for "
+                f"{owners[target].name} only{hint}"
             )
             continue
-        owners[caption] = path
-    return {image: caption for caption, image in owners.items()}
+        owners[target] = path
+    return {image: target for target, image in owners.items()}
