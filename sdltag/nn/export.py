@@ -28,8 +28,15 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "principal_vectors"
 
 
-def export_onnx(model: torch.nn.Module, input_spec: InputSpec, path: Path, opset: int = ONNX_OPSET) -> None:
-    """Trace ``model`` (images -> (B, M, d)) to ONNX with a dynamic batch dimension."""
+def export_onnx(
+    model: torch.nn.Module,
+    input_spec: InputSpec,
+    path: Path,
+    opset: int = ONNX_OPSET,
+    output_names: tuple[str, ...] = (OUTPUT_NAME,),
+) -> None:
+    """Trace ``model`` (images -> (B, M, d), or one tensor per name of ``output_names``) to ONNX with a dynamic
+    batch dimension."""
     model = model.eval()
     dummy = torch.zeros(2, 3, input_spec.height, input_spec.width)
     with warnings.catch_warnings(), torch.no_grad():
@@ -39,8 +46,8 @@ def export_onnx(model: torch.nn.Module, input_spec: InputSpec, path: Path, opset
             (dummy,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=list(output_names),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
             opset_version=opset,
             dynamo=False,
         )
