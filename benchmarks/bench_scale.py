@@ -37,22 +37,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_tag import WRAPPER  # noqa: E402  (the sdltag CLI as a child that reports its peak RSS)
+
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 QUERY = "beach"
 CHUNK = 1000  # photos generated per step (one seed each, so a resumed build makes the same ones)
 SHOWN = 64  # the best photos for the query are created as files (search checks only those it shows)
-WRAPPER = (
-    "import resource, sys\n"
-    "from sdltag.cli import app\n"
-    "sys.argv = ['sdltag'] + sys.argv[1:]\n"
-    "code = 0\n"
-    "try:\n    app()\nexcept SystemExit as exc:\n    code = exc.code or 0\n"
-    "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
-    "print('MAXRSS_KB', hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-    "sys.exit(code)\n"
-)
-
-
 MODEL = ROOT / "models" / "emoji"  # 7 x 384 (--model)
 
 
