@@ -26,25 +26,16 @@ from sdltag.nn.train import RuntimeOptions, TrainConfig, TrainingInterrupted, tr
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import HashEmbedder, Recorder, make_scenes  # noqa: E402
+from test_train_pretrained import lite_config  # noqa: E402
 
 OPTIONS = dict(workers=0, threads=2)
 
 
 def blocks_config(data: Path, out: Path, **overrides) -> TrainConfig:
-    settings = dict(
-        data=str(data),
-        out=str(out),
-        backbone="efficientnet_lite0",
-        image_size=64,
-        rows=3,
-        epochs=2,
-        batch_size=8,
-        lr=1e-2,
-        val_split=0.25,
-        train_blocks=2,
-    )
+    """The pretrained tests' settings (``lite_config``), training the last 2 blocks for 2 epochs."""
+    settings: dict = dict(freeze_backbone=False, epochs=2, train_blocks=2)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return lite_config(data, out, **settings)
 
 
 def _no_extraction(monkeypatch: pytest.MonkeyPatch) -> None:
