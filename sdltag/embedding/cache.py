@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -89,11 +88,6 @@ def _migration_1(conn: sqlite3.Connection) -> None:
 # A cache from before named steps has step 1's tables: the step only records itself there.
 MIGRATIONS = [(1, "create_vectors_and_weight_hashes", _migration_1)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
-
-
-def stderr_info(message: str) -> None:
-    """Default progress sink: one line on stderr, for the rare slow step (the one-time export)."""
-    print(f"sdltag: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
